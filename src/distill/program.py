@@ -45,11 +45,7 @@ class IntentClassificationModule(dspy.Module):
             # Bounded reasoning: the schema's maxLength becomes part of the server's grammar, so the
             # model cannot ramble into max_tokens and leave truncated JSON.
             bounded = Annotated[str, StringConstraints(max_length=max_reasoning_chars)]
-            self.classify = dspy.ChainOfThought(
-                signature,
-                rationale_field=dspy.OutputField(desc="Short step-by-step reasoning"),
-                rationale_field_type=bounded,
-            )
+            self.classify = dspy.ChainOfThought(signature, rationale_field_type=bounded)
         else:
             self.classify = dspy.Predict(signature)
 

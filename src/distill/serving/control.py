@@ -1,0 +1,137 @@
+"""Bring a Ray Serve config up from Python (non-blocking), wait until its OpenAI API answers, shut down.
+
+This does what `serve run <config>.yaml` does, through Ray's public API, so the notebook and the
+tests run the same YAML that users run. Secrets never go into the YAML: the variables named in
+`forward_env` are copied from this process's environment into Ray's job runtime_env at start time,
+and every application deployed from here inherits them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import httpx
+import yaml
+
+from distill.errors import DistillError
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a Serve config with Ray's own schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"serve config not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, reported in one line
+        raise DistillError(f"{p}: not a valid Ray Serve config: {e}") from None
+    return raw
+
+
+def _import_attr(path: str) -> Any:
+    module, sep, attr = path.partition(":")  # "pkg.module:attr", or Ray's older "pkg.module.attr"
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_application(import_path: str, args: dict[str, Any] | None) -> Any:
+    """An application from `import_path`: a builder called with `args`, or a bound application."""
+    from ray.serve import Application
+
+    target = _import_attr(import_path)
+    if isinstance(target, Application):
+        if args:
+            raise DistillError(f"{import_path} is an application, not a builder: it takes no args")
+        return target
+    return target(args or {})
+
+
+def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None) -> None:
+    """Start (or join) Ray with the named environment variables in the job's runtime_env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in forward_env if os.environ.get(k)}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env_vars} if env_vars else None}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] = ()) -> list[str]:
+    """Deploy every application of a Serve config without blocking; returns the application names."""
+    from ray import serve
+
+    cfg = load_serve_config(path)
+    ensure_ray(forward_env)
+    serve.start(http_options=cfg.get("http_options") or {}, proxy_location=cfg.get("proxy_location"))
+    names = []
+    for app in cfg["applications"]:
+        application = build_application(app["import_path"], app.get("args"))
+        serve.run(application, blocking=False, name=app["name"], route_prefix=app.get("route_prefix", "/"))
+        names.append(app["name"])
+    return names
+
+
+def wait_until_ready(
+    api_base: str, timeout_s: float = 180.0, config: str = "", api_key: str | None = None, models: Sequence[str] = ()
+) -> list[str]:
+    """Poll `GET {api_base}/models` until it lists `models` (or any model); return the served ids."""
+    deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{api_base.rstrip('/')}/models", headers=headers, timeout=10)
+            if r.status_code == 200:
+                ids = [m["id"] for m in r.json().get("data", [])]
+                if ids and all(m in ids for m in models):
+                    return ids
+                last = f"serving {ids}, waiting for {list(models)}"
+            else:
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(1.0)
+    raise DistillError(f"{config or api_base}: {api_base}/models did not become ready in {timeout_s:.0f}s; last: {last}")
+
+
+def shutdown(ray_too: bool = True) -> None:
+    """Tear down every Serve application (and Ray, if we started it)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if ray_too:
+            ray.shutdown()
+
+
+@contextmanager
+def serving(
+    path: str | os.PathLike[str],
+    api_base: str,
+    models: Sequence[str] = (),
+    forward_env: Sequence[str] = (),
+    timeout_s: float = 180.0,
+    api_key: str | None = None,
+) -> Iterator[list[str]]:
+    """`with serving(cfg, api_base): ...` -- up and ready inside, always torn down after."""
+    try:
+        start_serve_config(path, forward_env)
+        yield wait_until_ready(api_base, timeout_s, str(path), api_key, models)
+    finally:
+        shutdown()
