@@ -6,10 +6,11 @@ server compiles into a grammar: the model can then only ever answer one of the l
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import dspy
-from pydantic import StringConstraints
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
 
 from distill.data import normalize_label
 
@@ -34,6 +35,23 @@ def make_signature(labels: Sequence[str]) -> type[dspy.Signature]:
     )
 
 
+class _BoundedText(str):
+    max_chars = 400
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.str_schema(max_length=cls.max_chars)
+
+
+def bounded_text(max_chars: int) -> type[str]:
+    """A `str` type whose JSON schema carries `maxLength`.
+
+    DSPy builds the response schema from a field's bare annotation and drops `Annotated` metadata,
+    so the bound has to live in the type itself.
+    """
+    return type("str", (_BoundedText,), {"max_chars": max_chars, "__module__": __name__})
+
+
 class IntentClassificationModule(dspy.Module):
     """Classify a banking query into one of `labels`, directly or after a bounded reasoning step."""
 
@@ -44,8 +62,7 @@ class IntentClassificationModule(dspy.Module):
         if reasoning:
             # Bounded reasoning: the schema's maxLength becomes part of the server's grammar, so the
             # model cannot ramble into max_tokens and leave truncated JSON.
-            bounded = Annotated[str, StringConstraints(max_length=max_reasoning_chars)]
-            self.classify = dspy.ChainOfThought(signature, rationale_field_type=bounded)
+            self.classify = dspy.ChainOfThought(signature, rationale_field_type=bounded_text(max_reasoning_chars))
         else:
             self.classify = dspy.Predict(signature)
 

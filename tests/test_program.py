@@ -1,0 +1,48 @@
+"""The DSPy program's signature types the label as a Literal of exactly the labels in use."""
+
+from __future__ import annotations
+
+import typing
+
+import dspy
+import pytest
+
+from distill.config import load_config
+from distill.data import prepare_data
+from distill.program import IntentClassificationModule, ValidLabel, exact_match, make_signature
+
+
+def test_signature_label_type_is_the_labels_in_use(with_banking77) -> None:
+    labels = prepare_data(load_config("local_ci")).labels
+    sig = make_signature(labels)
+    assert sig.__name__ == "IntentClassification"
+    assert list(sig.input_fields) == ["text"] and list(sig.output_fields) == ["label"]
+    ann = sig.output_fields["label"].annotation
+    assert typing.get_origin(ann) is typing.Literal
+    assert list(typing.get_args(ann)) == labels
+
+
+def test_module_variants() -> None:
+    labels = ["card_arrival", "pending_top_up"]
+    plain = IntentClassificationModule(labels)
+    assert isinstance(plain.classify, dspy.Predict)
+    cot = IntentClassificationModule(labels, reasoning=True, max_reasoning_chars=120)
+    fields = cot.classify.predict.signature.output_fields
+    assert list(fields) == ["reasoning", "label"]
+    # the reasoning bound reaches the JSON schema the adapter sends (and so the server's grammar)
+    from dspy.adapters.json_adapter import _get_structured_outputs_response_format
+
+    schema = _get_structured_outputs_response_format(cot.classify.predict.signature).model_json_schema()
+    assert schema["properties"]["reasoning"]["maxLength"] == 120
+    assert schema["properties"]["label"]["enum"] == labels
+    with pytest.raises(ValueError):
+        make_signature([])
+
+
+def test_metrics() -> None:
+    ex = dspy.Example(text="q", label="Reverted_card_payment?").with_inputs("text")
+    assert exact_match(ex, dspy.Prediction(label="reverted_card_payment"))
+    assert not exact_match(ex, dspy.Prediction(label="card_arrival"))
+    assert not exact_match(ex, dspy.Prediction())
+    valid = ValidLabel(["card_arrival"])
+    assert valid(ex, dspy.Prediction(label="Card_Arrival")) and not valid(ex, dspy.Prediction(label="hacked"))
