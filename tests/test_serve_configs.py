@@ -60,7 +60,7 @@ def test_local_configs(path: str) -> None:
 def _secret_like(node, path=""):
     if isinstance(node, dict):
         for k, v in node.items():
-            if any(w in str(k).lower() for w in ("token", "secret", "password", "api_key")) and v:
+            if str(k).lower() in {"hf_token", "token", "secret", "password", "api_key", "authorization"} and v:
                 yield f"{path}.{k}"
             yield from _secret_like(v, f"{path}.{k}")
     elif isinstance(node, list):
