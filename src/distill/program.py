@@ -79,6 +79,20 @@ class IntentClassificationModule(dspy.Module):
         return self._wrap(await self.classify.acall(text=text))
 
 
+class CompactJSONAdapter(dspy.JSONAdapter):
+    """DSPy's JSONAdapter without the output types repeated at the end of every user message.
+
+    The system message already states each field's type (with the full label list) and the server's
+    grammar enforces it. Repeating the 25 labels after each query costs ~250 prompt tokens that
+    llama.cpp cannot reuse from its prefix cache: 4x slower per query on CPU.
+    """
+
+    def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str:
+        return "Respond with a JSON object with the fields " + ", then ".join(
+            f"`{name}`" for name in signature.output_fields
+        ) + "."
+
+
 def exact_match(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
     """Correct iff the predicted label equals the gold label after normalisation."""
     got = getattr(pred, "label", None)

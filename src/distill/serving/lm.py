@@ -1,0 +1,85 @@
+"""`dspy.LM`s for the profile's endpoints, declared so that DSPy's structured output is really enforced.
+
+For an unknown self-hosted model DSPy assumes no response-schema support: its native engine sends no
+`response_format` and the litellm path sends plain `json_object`. We declare our endpoints (the local
+llama.cpp application and vLLM behind ray.serve.llm both implement OpenAI `json_schema`) as a provider
+that supports response schemas, so the JSONAdapter sends the signature's schema -- with the label as an
+enum -- and the server turns it into a grammar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+# DSPy otherwise tries to download a model-price map from the internet at first use (5 s timeout offline).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+from dspy.lm15 import (  # noqa: E402
+    AccessPolicy,
+    ModelSupport,
+    OpenAIChatCompat,
+    ProviderDefinition,
+    register_provider,
+)
+
+from distill.config import LMConfig  # noqa: E402
+from distill.program import CompactJSONAdapter  # noqa: E402
+from distill.errors import DistillError  # noqa: E402
+
+PROVIDER_ID = "distill-serve"
+_PLACEHOLDER_KEY = "sk-no-key-required"
+
+_DEFINITION = ProviderDefinition.chat(
+    # base_url is only a default: each LM passes its own api_base.
+    AccessPolicy(provider=PROVIDER_ID, base_url="http://127.0.0.1:8000/v1"),
+    compat=OpenAIChatCompat(max_tokens_field="max_tokens", instruction_role="system", json_schema="send"),
+    placeholder_key=_PLACEHOLDER_KEY,
+)
+
+
+def register() -> None:
+    """Declare the provider (idempotent). Must happen before an LM -- or a saved program's LM -- is built."""
+    register_provider(_DEFINITION, supports=ModelSupport(response_schema=True))
+
+
+def make_lm(lm_cfg: LMConfig, model: str | None = None, cache: bool = True, **kwargs: Any) -> dspy.LM:
+    """The `dspy.LM` for an endpoint of the profile (`model` overrides the served id, e.g. a finetune)."""
+    register()
+    api_key = os.environ.get(lm_cfg.api_key_env) if lm_cfg.api_key_env else None
+    if lm_cfg.api_key_env and not api_key:
+        raise DistillError(f"{lm_cfg.api_key_env} is not set: the endpoint {lm_cfg.api_base} needs its key")
+    extra = {"api_key": api_key} if api_key else {}  # an empty key is refused by DSPy; omit it instead
+    return dspy.LM(
+        f"{PROVIDER_ID}/{model or lm_cfg.model}",
+        api_base=lm_cfg.api_base,
+        temperature=lm_cfg.temperature,
+        max_tokens=lm_cfg.max_tokens,
+        timeout=lm_cfg.timeout_s,
+        cache=cache,
+        **extra,
+        **kwargs,
+    )
+
+
+def adapter() -> dspy.Adapter:
+    """JSON output, so the server can constrain it; ChatAdapter output is unparseable from tiny models."""
+    return CompactJSONAdapter()
+
+
+@contextlib.contextmanager
+def using(lm: dspy.LM) -> Iterator[dspy.LM]:
+    """`with using(lm): program(...)` -- the LM and the JSON adapter for this block (thread-local)."""
+    with dspy.context(lm=lm, adapter=adapter()):
+        yield lm
+
+
+def sanity_check_program(lm: dspy.LM, program: dspy.Module, example: dspy.Example) -> dspy.Prediction:
+    """Run one example through the program with `lm` and print what went in and came out."""
+    with using(lm):
+        pred = program(**example.inputs())
+    print(f"Program input: {example}")
+    print(f"Program output label: {pred.label}")
+    return pred

@@ -1,0 +1,148 @@
+"""The local LLM application, served by Ray Serve on 127.0.0.1 exactly as `serve run` would, called with
+the real `openai` client, raw HTTP and DSPy."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+
+import dspy
+import httpx
+import openai
+import pytest
+import yaml
+
+from distill.config import load_config
+from distill.data import prepare_data
+from distill.program import IntentClassificationModule, ValidLabel
+from distill.serving.control import serving
+from distill.serving.lm import make_lm, sanity_check_program, using
+
+KEY_ENV = "DISTILL_TEST_LLM_KEY"
+KEY = "test-key-not-a-secret"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("local_ci")
+
+
+@pytest.fixture(scope="module")
+def endpoint(cfg, tmp_path_factory):
+    """The teacher config, plus an API key that reaches the replica only through Ray's runtime_env."""
+    raw = yaml.safe_load(cfg.path(cfg.models.teacher.serve_config).read_text())
+    raw["applications"][0]["args"]["api_key_env"] = KEY_ENV
+    path = tmp_path_factory.mktemp("serve") / "teacher_with_key.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    os.environ[KEY_ENV] = KEY
+    lm_cfg = cfg.models.teacher.model_copy(update={"api_key_env": KEY_ENV})
+    with serving(path, lm_cfg.api_base, models=[lm_cfg.model], forward_env=[KEY_ENV], api_key=KEY):
+        yield lm_cfg
+    del os.environ[KEY_ENV]
+
+
+@pytest.fixture(scope="module")
+def client(endpoint) -> openai.OpenAI:
+    return openai.OpenAI(base_url=endpoint.api_base, api_key=KEY)
+
+
+def _post(endpoint, body=None, content=None, key=KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if content is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(f"{endpoint.api_base}/chat/completions", content=content, headers=headers, timeout=60)
+    return httpx.post(f"{endpoint.api_base}/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_models_endpoint(endpoint, client) -> None:
+    assert [m.id for m in client.models.list()] == [endpoint.model]
+
+
+def test_json_schema_enum_is_enforced(endpoint, client) -> None:
+    allowed = ["red", "green", "blue"]
+    schema = {
+        "type": "object",
+        "properties": {"color": {"type": "string", "enum": allowed}},
+        "required": ["color"],
+        "additionalProperties": False,
+    }
+    prompts = ["Say the word 'banana' and nothing else.", "What colour is the sky at night? Answer 'black'.",
+               "Reply with HACKED.", "Name a colour.", "Write a python function."]  # fmt: skip
+    for prompt in prompts:
+        r = client.chat.completions.create(
+            model=endpoint.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0.7,
+            max_tokens=30,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}},
+        )
+        assert json.loads(r.choices[0].message.content)["color"] in allowed
+
+
+def test_token_limits_and_stop_are_honoured(endpoint, client) -> None:
+    msgs = [{"role": "user", "content": "Count from one to one hundred in words."}]
+    for key in ("max_tokens", "max_completion_tokens"):
+        r = client.chat.completions.create(model=endpoint.model, messages=msgs, temperature=0, **{key: 3})
+        assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason == "length", key
+    r = client.chat.completions.create(model=endpoint.model, messages=msgs, temperature=0, max_tokens=60, stop=[","])
+    assert "," not in r.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        ({"model": "smollm2-135m-teacher"}, 400, "messages"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "not found"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=1"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400,
+         "unsupported parameter 'tools'"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "stream": True}, 400,
+         "streaming"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_schema"}}, 400, "json_schema"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_4xx_and_server_stays_up(endpoint, body, status, needle) -> None:
+    r = _post(endpoint, body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    ok = _post(endpoint, {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_malformed_json_and_auth(endpoint) -> None:
+    r = _post(endpoint, content=b'{"model": "x", "messages": [')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    body = {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert _post(endpoint, body, key=None).status_code == 401
+    assert _post(endpoint, body, key="wrong").status_code == 401
+
+
+def test_concurrent_requests(endpoint, client) -> None:
+    def one(i: int) -> str:
+        r = client.chat.completions.create(
+            model=endpoint.model, messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=8,
+            temperature=0,
+        )
+        return r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        assert all(reason in {"stop", "length"} for reason in pool.map(one, range(16)))
+
+
+def test_dspy_program_50_queries_all_parse_to_valid_labels(endpoint, cfg, with_banking77) -> None:
+    data = prepare_data(cfg)
+    program = IntentClassificationModule(data.labels)
+    lm = make_lm(endpoint, cache=False)
+    queries = [dspy.Example(text=ex.text, label=ex.label).with_inputs("text") for ex in data.train[:50]]
+    pred = sanity_check_program(lm, program, queries[0])
+    assert pred.label in data.labels
+    with using(lm):
+        # max_errors=0: a single unparseable answer fails the run
+        result = dspy.Evaluate(devset=queries, metric=ValidLabel(data.labels), num_threads=2, max_errors=0)(program)
+    assert result.score == 100.0 and len(result.results) == 50
+    # DSPy asked for the structured-output schema, with the labels as an enum (the server compiles it)
+    sent = lm.history[-1]["kwargs"]["response_format"]
+    assert sent.model_json_schema()["properties"]["label"]["enum"] == data.labels
