@@ -37,6 +37,25 @@ def _cmd_check_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from distill.config import load_config
+    from distill.serving.control import forward_env_names, shutdown, start_serve_config, wait_until_ready
+
+    cfg = load_config(args.profile)
+    lm_cfg = getattr(cfg.models, args.role)
+    path = cfg.path(args.config or lm_cfg.serve_config)
+    try:
+        start_serve_config(path, forward_env=forward_env_names(cfg))
+        ids = wait_until_ready(lm_cfg.api_base, args.timeout, str(path))
+        print(f"serving {ids} at {lm_cfg.api_base} (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        shutdown()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from distill.pipeline import run
 
@@ -59,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("check-env", help="report what the profile needs from the environment", parents=[common])
     e.set_defaults(func=_cmd_check_env)
+
+    s = sub.add_parser("serve", help="bring up a serve config (the profile's teacher/student by default)", parents=[common])
+    s.add_argument("config", nargs="?", help="serve config YAML (default: the role's serve_config)")
+    s.add_argument("--role", choices=["teacher", "student"], default="teacher")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /v1/models")
+    s.set_defaults(func=_cmd_serve)
 
     r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
     r.set_defaults(func=_cmd_run)

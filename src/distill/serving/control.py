@@ -13,12 +13,15 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import httpx
 import yaml
 
 from distill.errors import DistillError
+
+if TYPE_CHECKING:
+    from distill.config import Config
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -53,6 +56,15 @@ def build_application(import_path: str, args: dict[str, Any] | None) -> Any:
             raise DistillError(f"{import_path} is an application, not a builder: it takes no args")
         return target
     return target(args or {})
+
+
+def forward_env_names(cfg: "Config") -> list[str]:
+    """Variables a profile's replicas need: its required secrets and the endpoints' key variables."""
+    names = list(cfg.required_env)
+    for lm in (cfg.models.teacher, cfg.models.student):
+        if lm.api_key_env and lm.api_key_env not in names:
+            names.append(lm.api_key_env)
+    return names
 
 
 def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None) -> None:
