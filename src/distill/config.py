@@ -66,6 +66,7 @@ class TeacherConfig(_Strict):
         description="Sentence-transformers model: '<package>:<dir in package>', a local dir, or a hub id.",
     )
     min_accuracy_gold: float = Field(0.65, ge=0.0, le=1.0, description="Quality gate on unseen gold labels.")
+    gate_size: int | None = Field(None, ge=1, description="Gold examples the gate scores (leave-one-out); null = all.")
     threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling.")
 
 
@@ -168,6 +169,8 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     if overrides:
         raw = _deep_merge(raw, overrides)
     raw.setdefault("name", path.stem)
+    if os.environ.get("DISTILL_ARTIFACTS_DIR"):  # e.g. tests and CI runs that must not touch ./artifacts
+        raw["artifacts_dir"] = os.environ["DISTILL_ARTIFACTS_DIR"]
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -60,14 +60,12 @@ def score_teacher(
     return TeacherScore(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds)
 
 
-def quality_gate(score: TeacherScore, floor: float) -> None:
-    console.print(
-        f"teacher accuracy on {score.n} unseen gold labels: [bold]{score.accuracy:.1%}[/] "
-        f"(valid {score.valid_rate:.1%}, floor {floor:.0%})"
-    )
-    if score.accuracy < floor:
+def quality_gate(accuracy: float, n: int, floor: float) -> None:
+    """Stop, with a clear message, when the teacher is below the profile's floor on unseen gold labels."""
+    console.print(f"teacher accuracy on {n} unseen gold labels: [bold]{accuracy:.1%}[/] (floor {floor:.0%})")
+    if accuracy < floor:
         raise TeacherQualityError(
-            f"teacher accuracy on unseen gold labels is {score.accuracy:.1%}, below the floor "
+            f"teacher accuracy on unseen gold labels is {accuracy:.1%}, below the floor "
             f"teacher.min_accuracy_gold={floor:.0%}: improve the teacher (strategy, k, model) before labeling"
         )
 

@@ -1,0 +1,167 @@
+"""Teacher labeling against the real local teacher endpoint: a real kill mid-run, then a resume that
+labels every query exactly once; SFT messages equal the student's inference prompt; curation counts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import dspy
+import pytest
+
+from distill.config import load_config
+from distill.curation import curate, normalize_text, sft_messages, to_sft
+from distill.data import prepare_data
+from distill.errors import DistillError
+from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
+from distill.program import IntentClassificationModule
+from distill.serving.control import serving
+from distill.serving.lm import adapter, make_lm
+from distill.teacher import GoldIndex, build_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+N_QUERIES = 24
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("local_ci")
+
+
+@pytest.fixture(scope="module")
+def data(cfg, banking77_dir):
+    os.environ["BANKING77_DIR"] = str(banking77_dir)
+    return prepare_data(cfg)
+
+
+@pytest.fixture(scope="module")
+def teacher_lm(cfg):
+    t = cfg.models.teacher
+    with serving(cfg.path(t.serve_config), t.api_base, models=[t.model]):
+        yield make_lm(t, cache=False)
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from distill.config import load_config
+    from distill.data import prepare_data
+    from distill.labeling import label_queries
+    from distill.serving.lm import make_lm
+    from distill.teacher import build_teacher
+
+    cfg = load_config("local_ci")
+    data = prepare_data(cfg)
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    label_queries(teacher, make_lm(cfg.models.teacher, cache=False), data.to_label[: int(sys.argv[2])],
+                  Path(sys.argv[1]), threads=2, fingerprint="t")
+    """
+)
+
+
+def test_killed_labeling_resumes_without_loss_or_duplicates(cfg, data, teacher_lm, tmp_path) -> None:
+    out = tmp_path / "labels"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(out), str(N_QUERIES)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    labels = out / "labels.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if labels.is_file() and len(labels.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"labeling ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)  # a real interruption, mid-run
+    proc.wait()
+    partial = read_records(labels)
+    assert 5 <= len(partial) < N_QUERIES
+
+    queries = data.to_label[:N_QUERIES]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    result = label_queries(teacher, teacher_lm, queries, out, threads=2, fingerprint="t")
+    records = read_records(labels)
+    ids = [r["id"] for r in records]
+    assert Counter(ids).most_common(1)[0][1] == 1  # nothing labeled twice
+    assert set(ids) == {query_id(i, q.text) for i, q in enumerate(queries)}  # nothing lost
+    assert result.new == N_QUERIES - len(partial) and result.failed == 0
+    assert all(r["label"] in data.labels for r in records)
+    # a third run has nothing left to do
+    assert label_queries(teacher, teacher_lm, queries, out, threads=2, fingerprint="t").new == 0
+
+
+def test_failed_calls_are_recorded_and_retried(cfg, data, tmp_path) -> None:
+    queries = data.to_label[:3]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    dead = make_lm(cfg.models.teacher.model_copy(update={"api_base": "http://127.0.0.1:9/v1", "timeout_s": 2}),
+                   cache=False, num_retries=0)
+    result = label_queries(teacher, dead, queries, tmp_path, threads=2, fingerprint="t")
+    assert (result.new, result.failed) == (0, 3)
+    assert len(read_records(tmp_path / "errors.jsonl")) == 3 and not read_records(tmp_path / "labels.jsonl")
+
+
+def test_changed_teacher_starts_a_new_labels_file(cfg, data, teacher_lm, tmp_path) -> None:
+    queries = data.to_label[:2]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    label_queries(teacher, teacher_lm, queries, tmp_path, fingerprint="a")
+    assert label_queries(teacher, teacher_lm, queries, tmp_path, fingerprint="b").new == 2
+    assert (tmp_path / "labels.a.jsonl").is_file()
+
+
+def test_sft_example_is_the_inference_prompt(cfg, data, teacher_lm) -> None:
+    program = IntentClassificationModule(data.labels)
+    text = data.to_label[0].text
+    with dspy.context(lm=teacher_lm, adapter=adapter()):
+        pred = program(text=text)  # zero-shot, as the student runs
+    sent = teacher_lm.history[-1]["messages"]
+    sft = sft_messages(program, adapter(), text, {"label": pred.label})
+    assert len(sft) == len(sent) + 1
+    for got, want in zip(sft[:-1], sent):
+        assert got == want
+    assert sft[-1]["role"] == "assistant"
+    assert adapter().parse(program.predictor.signature, sft[-1]["content"]) == {"label": pred.label}
+
+
+def test_teacher_leave_one_out_never_sees_its_own_label(cfg, data) -> None:
+    index = GoldIndex(data.gold, cfg.teacher.embedder)
+    q = data.gold[0]
+    assert index.nearest(q.text, 1)[0].text == q.text
+    assert all(ex.text != q.text for ex in index.nearest(q.text, 8, exclude_identical=True))
+
+
+def test_quality_gate() -> None:
+    quality_gate(0.70, 100, 0.65)
+    with pytest.raises(TeacherQualityError, match="below the floor"):
+        quality_gate(0.50, 100, 0.65)
+
+
+def test_curation_counts_and_sft_only_from_kept(data) -> None:
+    labels = data.labels
+    records = [
+        {"text": "Where is my card?", "label": "card_arrival"},
+        {"text": "where is my card", "label": "card_arrival"},  # near-exact duplicate
+        {"text": "WHERE IS MY CARD!!", "label": "card_arrival"},  # near-exact duplicate
+        {"text": "I want a refund", "label": "hacked"},  # invalid label
+        {"text": data.test[0].text.upper(), "label": data.test[0].label},  # in the test set
+        {"text": "My top-up is still pending", "label": "pending_top_up"},
+    ]
+    result = curate(records, labels, [ex.text for ex in data.test])
+    assert result.counts == {"input": 6, "invalid_label": 1, "duplicate": 2, "test_overlap": 1, "kept": 2}
+    assert [r["text"] for r in result.kept] == ["Where is my card?", "My top-up is still pending"]
+    assert normalize_text("Café, 100%!") == "cafe 100"
+    sft = to_sft(result.kept, IntentClassificationModule(labels), adapter())
+    assert len(sft) == 2 and all('"hacked"' not in m["content"] for ex in sft for m in ex["messages"])
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path) -> None:
+    p = tmp_path / "labels.jsonl"
+    p.write_text('{"id": "a"}\n{broken\n{"id": "b"}\n')
+    with pytest.raises(DistillError, match="corrupt"):
+        read_records(p)
+    p.write_text('{"id": "a"}\n{"id": "b", "te')  # torn last line: dropped and rewritten
+    assert [r["id"] for r in read_records(p)] == ["a"] and p.read_text() == '{"id": "a"}\n'
