@@ -45,7 +45,7 @@ def setup(cfg: Config) -> None:
     """Environment check and DSPy's LM cache inside the artifact directory (so re-runs reuse calls)."""
     checks = check_env(cfg)
     for c in checks:
-        console.print(c.line())
+        console.print(c.line(), markup=False)
     if bad := missing(checks):
         raise DistillError("environment incomplete: " + "; ".join(c.line() for c in bad))
     cfg.artifacts.mkdir(parents=True, exist_ok=True)
@@ -64,10 +64,16 @@ def data_stage(cfg: Config) -> Banking77Data:
     return data
 
 
+def prompt_fingerprint(cfg: Config, labels: list[str]) -> str:
+    """Changes whenever the prompt the program sends changes (adapter, signature, labels)."""
+    program = IntentClassificationModule(labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
+    return fingerprint(adapter().format(program.predictor.signature, [], {"text": ""}))
+
+
 def teacher_fingerprint(cfg: Config, data: Banking77Data) -> str:
     return fingerprint(
         cfg.teacher.model_dump(exclude={"threads", "min_accuracy_gold"}), cfg.models.teacher.model,
-        cfg.program.model_dump(), data.labels, [ex.text for ex in data.gold],
+        prompt_fingerprint(cfg, data.labels), [ex.text for ex in data.gold], [ex.text for ex in data.to_label],
     )
 
 

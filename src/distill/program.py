@@ -6,7 +6,7 @@ server compiles into a grammar: the model can then only ever answer one of the l
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_origin
 
 import dspy
 from pydantic import GetCoreSchemaHandler
@@ -94,6 +94,16 @@ class CompactJSONAdapter(dspy.JSONAdapter):
     grammar enforces it. Repeating the 25 labels after each query costs ~250 prompt tokens that
     llama.cpp cannot reuse from its prefix cache: 4x slower per query on CPU.
     """
+
+    def format_field_description(self, signature: type[dspy.Signature]) -> str:
+        # The output structure below already lists a Literal's allowed values once ("one of: ..."); the
+        # field list would repeat them as `Literal[...]`. Once is enough for the model and halves the
+        # system prompt -- which the student is finetuned on, so training is ~2x cheaper.
+        plain = signature
+        for name, field in signature.output_fields.items():
+            if get_origin(field.annotation) is Literal:
+                plain = plain.with_updated_fields(name, type_=str)
+        return super().format_field_description(plain)
 
     def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str:
         return "Respond with a JSON object with the fields " + ", then ".join(
