@@ -1,0 +1,71 @@
+"""The main job end to end on the smallest profile, then the notebook on the same artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from distill import pipeline
+from distill.config import load_config
+from distill.report import load_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, banking77_dir):
+    mp = pytest.MonkeyPatch()
+    art = tmp_path_factory.mktemp("artifacts") / "local_ci"
+    mp.setenv("DISTILL_ARTIFACTS_DIR", str(art))
+    mp.setenv("BANKING77_DIR", str(banking77_dir))
+    pipeline.run("local_ci")
+    yield art
+    mp.undo()
+
+
+def test_run_fills_the_report(artifacts) -> None:
+    cfg = load_config("local_ci")
+    assert cfg.artifacts == artifacts
+    report = load_report(cfg)
+    t = report["teacher"]
+    assert t["accuracy_gold"] >= cfg.teacher.min_accuracy_gold  # the gate passed, on a measured number
+    assert 0.0 <= t["accuracy_test"] <= 1.0 and t["test_size"] == cfg.data.test_size
+    assert t["valid_rate"] == 1.0  # grammar-constrained: every answer is a label
+    assert t["labeled"] == cfg.data.num_to_label and t["labels_per_s"] > 0
+    c = report["curation"]
+    assert c["input"] == cfg.data.num_to_label
+    assert c["kept"] == c["input"] - c["invalid_label"] - c["duplicate"] - c["test_overlap"]
+    assert c["devset"] == cfg.data.devset_size and c["optimizer_val"] == cfg.data.optimizer_val_size
+    sft = [json.loads(x) for x in (artifacts / "curated" / "sft.jsonl").read_text().splitlines()]
+    assert len(sft) == c["optimizer_train"] and all(ex["messages"][-1]["role"] == "assistant" for ex in sft)
+    png = (artifacts / "curated" / "label_distribution.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_current_stages(artifacts, capsys) -> None:
+    labels = artifacts / "labels" / "labels.jsonl"
+    before = (labels.stat().st_mtime_ns, labels.read_text())
+    cfg = load_config("local_ci")
+    pipeline.teacher_stage(cfg, pipeline.data_stage(cfg))
+    assert "teacher stage is current" in capsys.readouterr().out
+    assert (labels.stat().st_mtime_ns, labels.read_text()) == before  # no relabeling
+
+
+def test_readme_notebook_executes_on_the_same_artifacts(artifacts, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(artifacts))
+    labels = artifacts / "labels" / "labels.jsonl"
+    before = labels.stat().st_mtime_ns
+    nb = nbformat.read(ROOT / "README.ipynb", as_version=4)
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "README.ipynb needs exactly one cell tagged `parameters`"
+    # papermill's convention: injected values go in a cell right after the parameters cell
+    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell('PROFILE = "local_ci"'))
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = "".join(str(o.get("text", "")) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Program output label:" in outputs and "teacher stage is current" in outputs
+    assert labels.stat().st_mtime_ns == before
+    nbformat.write(nb, tmp_path / "README.executed.ipynb")
