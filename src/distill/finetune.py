@@ -1,0 +1,264 @@
+"""Student LoRA finetune: TRL's SFTTrainer + PEFT inside a Ray Train TorchTrainer.
+
+The same function runs on 2 CPU cores (`local`: SmolLM2 loaded from its GGUF, dequantised by
+transformers) and on GPUs (`cluster`: Llama-3.2-1B from the hub). Loss is on the assistant turn only:
+the SFT records are converted to TRL's conversational prompt/completion form. Recipes live in
+`configs/training/lora/*.yaml`.
+
+`python -m distill.finetune --job job.json` is the entrypoint a Ray job runs (see `distill.jobs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import ConfigError, DistillError
+from distill.models import ModelSource
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSpec(_Strict):
+    gguf: ModelSource | None = None
+    hub_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "BaseModelSpec":
+        if (self.gguf is None) == (self.hub_id is None):
+            raise ValueError("model: give exactly one of 'gguf' or 'hub_id'")
+        return self
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str]
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    attn_implementation: str | None = None
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 0
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class Recipe(_Strict):
+    model: BaseModelSpec
+    lora: LoraSpec
+    training: TrainingSpec
+    scaling: ScalingSpec = ScalingSpec()
+
+
+class TrainJob(_Strict):
+    """Everything one finetune needs; serialised to JSON for the Ray job."""
+
+    recipe: Recipe
+    train_file: str
+    output_dir: str = Field(..., description="Ray Train storage (local dir, or s3://... on a cluster).")
+    name: str = "lora"
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"training recipe not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{p}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+
+
+# --- inside the Ray Train workers -----------------------------------------------------------------
+
+
+def load_base(spec: BaseModelSpec, training: TrainingSpec) -> tuple[Any, Any]:
+    """Model and tokenizer; a GGUF is dequantised to fp32 (CPU) by transformers' GGUF loader."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if training.bf16 else torch.float32}
+    if training.attn_implementation:
+        kwargs["attn_implementation"] = training.attn_implementation
+    if spec.gguf is not None:
+        path = spec.gguf.resolve()
+        src, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        src, extra = spec.hub_id, {}
+    tokenizer = AutoTokenizer.from_pretrained(src, **extra)
+    model = AutoModelForCausalLM.from_pretrained(src, **extra, **kwargs)
+    if spec.gguf is not None:
+        # The GGUF weights are already dequantised to plain tensors; only the quantizer marker remains,
+        # and it makes Trainer refuse to train (and save_pretrained refuse to save). Drop it.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def to_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
+    """{"messages": [..., assistant]} -> TRL's conversational prompt/completion (loss on the completion)."""
+    messages = record["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("each SFT record must end with the assistant turn")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+ADAPTER_SUBDIR = "adapter"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import datasets
+    import torch
+    import ray.train
+    from peft import LoraConfig
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from trl import SFTConfig, SFTTrainer
+
+    job = TrainJob.model_validate(config)
+    t, lora = job.recipe.training, job.recipe.lora
+    if not job.recipe.scaling.use_gpu:  # Ray pins OMP threads to 1 unless told otherwise
+        torch.set_num_threads(max(1, int(job.recipe.scaling.cpus_per_worker)))
+    model, tokenizer = load_base(job.recipe.model, t)
+    ds = datasets.load_dataset("json", data_files=job.train_file, split="train")
+    ds = ds.map(to_prompt_completion, remove_columns=ds.column_names)
+    ctx = ray.train.get_context()
+    args = SFTConfig(
+        # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
+        output_dir=tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="linear",
+        logging_steps=t.logging_steps,
+        max_length=t.max_length,
+        completion_only_loss=True,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=t.bf16,
+        use_cpu=not job.recipe.scaling.use_gpu,
+        seed=t.seed,
+        save_strategy="epoch",  # RayTrainReportCallback turns each save into a Ray Train checkpoint
+        save_only_model=True,
+        report_to="none",
+        dataset_num_proc=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[RayTrainReportCallback()],
+    )
+    trainer = prepare_trainer(trainer)
+    started = time.perf_counter()
+    trainer.train()
+    metrics = {
+        "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "examples": len(ds),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    # The final adapter and the loss history as the run's last checkpoint (rank 0 writes it).
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ctx.get_world_rank() == 0:
+            trainer.model.save_pretrained(Path(tmp) / ADAPTER_SUBDIR)
+            (Path(tmp) / "train_result.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --- on the driver (the Ray job) --------------------------------------------------------------------
+
+
+def run_training(job: TrainJob) -> dict[str, Any]:
+    """Fit the TorchTrainer; returns the metrics and where the final adapter checkpoint is."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not Path(job.train_file).is_file():
+        raise DistillError(f"training data not found: {job.train_file}")
+    s = job.recipe.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.model_dump(),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=RunConfig(storage_path=job.output_dir, name=job.name),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise DistillError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        metrics = json.loads((Path(ckpt) / "train_result.json").read_text())
+    adapter_dir = Path(result.checkpoint.path) / ADAPTER_SUBDIR
+    out: dict[str, Any] = {"adapter_dir": str(adapter_dir), "wall_seconds": round(time.perf_counter() - started, 1),
+                           **metrics}
+    if job.recipe.model.gguf is not None:  # local: llama.cpp serves base GGUF + a GGUF LoRA adapter
+        from distill.lora_gguf import export_lora_to_gguf
+
+        out["adapter_gguf"] = str(export_lora_to_gguf(adapter_dir, Path(job.output_dir) / "adapter.gguf",
+                                                      job.recipe.model.gguf.resolve()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one LoRA finetune (the Ray job's entrypoint).")
+    ap.add_argument("--job", required=True, help="TrainJob as JSON")
+    ap.add_argument("--result", required=True, help="where to write the result JSON")
+    args = ap.parse_args(argv)
+    try:
+        job = TrainJob.model_validate_json(Path(args.job).read_text())
+    except (OSError, ValidationError) as e:
+        print(f"error: bad finetune job {args.job}: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_training(job)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.result).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_history"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
