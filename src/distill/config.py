@@ -70,6 +70,17 @@ class TeacherConfig(_Strict):
     threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling.")
 
 
+class FinetuneConfig(_Strict):
+    recipe: str = Field(..., description="configs/training/lora/<recipe>.yaml")
+    job_config: str = "configs/job.yaml"
+    address: str | None = Field(None, description="Ray dashboard address for jobs; null: start a local Ray.")
+    python: str | None = Field(None, description="The job's interpreter; null: this one (local).")
+    finetuned_model: str = Field(..., description="The id the finetuned student is served under.")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (small profiles).")
+    epochs: float | None = Field(None, gt=0, description="Overrides the recipe's epochs.")
+    timeout_s: float = Field(3600, gt=0)
+
+
 class ModelsConfig(_Strict):
     teacher: LMConfig
     student: LMConfig
@@ -84,6 +95,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     program: ProgramConfig = ProgramConfig()
     teacher: TeacherConfig = TeacherConfig()
+    finetune: FinetuneConfig
     models: ModelsConfig
     required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
 

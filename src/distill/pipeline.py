@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ console = Console()
 
 # Stages that are not built yet are listed, never faked.
 PENDING_STAGES = [
-    "LoRA finetune of the student as a Ray job (issue 5)",
     "evaluation and BootstrapFewShotWithRandomSearch (issue 6)",
     "serving /classify_intent (issue 7)",
 ]
@@ -175,6 +175,62 @@ def load_splits(cfg: Config) -> dict[str, list[dspy.Example]]:
     }
 
 
+def finetune_stage(cfg: Config) -> dict[str, Any]:
+    """LoRA-finetune the student on the SFT data as a Ray job, through DSPy's `LM.finetune`."""
+    import yaml
+
+    from distill.provider import RayJobProvider
+    from distill.serving.control import ensure_ray, shutdown
+
+    console.rule("finetune the student (Ray job)")
+    ft = cfg.finetune
+    sft_path = cfg.artifacts / "curated" / "sft.jsonl"
+    if not sft_path.is_file():
+        raise DistillError("no SFT data yet: run the curation stage first")
+    out = cfg.artifacts / "finetune"
+    overrides = {"training": {k: v for k, v in (("max_steps", ft.max_steps), ("epochs", ft.epochs)) if v is not None}}
+    fp = fingerprint(sft_path.read_text(), cfg.path(ft.recipe).read_text(), overrides, ft.finetuned_model)
+    done = load_report(cfg).get("finetune", {})
+    if done.get("fingerprint") == fp and Path(done.get("serve_config", "/nonexistent")).is_file():
+        console.print(f"finetune is current ({done['model']}, adapter {done['adapter']}); skipped")
+        return done
+
+    address = ft.address or os.environ.get("RAY_ADDRESS")
+    started_ray = address is None
+    try:
+        if started_ray:  # a local Ray with its job server; the job's trainer uses both cores
+            address = "http://" + ensure_ray(dashboard=True)
+        student = make_lm(cfg.models.student, provider=RayJobProvider())
+        job = student.finetune(
+            train_data=read_jsonl(sft_path), train_data_format=None,
+            train_kwargs={
+                "recipe": str(cfg.path(ft.recipe)), "overrides": overrides, "output_dir": str(out),
+                "job_config": str(cfg.path(ft.job_config)), "address": address, "python": ft.python,
+                "finetuned_model": ft.finetuned_model, "timeout_s": ft.timeout_s,
+            },
+        )
+        finetuned = job.result()  # raises if the job failed
+    finally:
+        if started_ray:
+            shutdown()
+    result = job.train_kwargs["result"]
+    # The student application, now serving the base student and the finetuned one (base GGUF + adapter).
+    serve_cfg = yaml.safe_load(cfg.path(cfg.models.student.serve_config).read_text())
+    models = serve_cfg["applications"][0]["args"]["models"]
+    base = next(m for m in models if m["name"] == cfg.models.student.model)
+    models[:] = [base, {**base, "name": ft.finetuned_model, "lora_path": result.get("adapter_gguf")}]
+    serve_path = out / "serve_student.yaml"
+    serve_path.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
+    losses = result.get("loss_history") or [None]
+    return update_report(cfg, "finetune", {
+        "fingerprint": fp, "model": finetuned.model.split("/", 1)[-1], "adapter": result.get("adapter_gguf") or
+        result["adapter_dir"], "serve_config": str(serve_path), "wall_seconds": result["wall_seconds"],
+        "train_seconds": result.get("train_seconds"), "examples": result.get("examples"),
+        "epochs": result.get("epochs"), "steps": result.get("steps"), "first_loss": losses[0], "last_loss": losses[-1],
+        "recipe": ft.recipe,
+    })["finetune"]
+
+
 def run(profile: str | None = None) -> Config:
     cfg = load_config(profile)
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
@@ -182,6 +238,7 @@ def run(profile: str | None = None) -> Config:
     data = data_stage(cfg)
     teacher_stage(cfg, data)
     curation_stage(cfg, data)
+    finetune_stage(cfg)
     console.rule("not run yet")
     for stage in PENDING_STAGES:
         console.print(f"[yellow]not implemented yet[/]: {stage}")

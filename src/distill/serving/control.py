@@ -68,20 +68,30 @@ def forward_env_names(cfg: "Config") -> list[str]:
     return names
 
 
-def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None) -> None:
-    """Start (or join) Ray with the named environment variables in the job's runtime_env."""
+def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None, dashboard: bool = False) -> str:
+    """Start (or join) Ray with the named environment variables in the job's runtime_env.
+
+    Returns the dashboard address ("" without one); the dashboard hosts Ray's job server.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        if dashboard:
+            raise DistillError("Ray is already running in this process without a job server; call shutdown() first")
+        return ""
     env_vars = {k: os.environ[k] for k in forward_env if os.environ.get(k)}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env_vars} if env_vars else None}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": dashboard, "runtime_env": {"env_vars": env_vars} if env_vars else None,
+    }
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
     address = os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
     elif num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
+    ctx = ray.init(**kwargs)
+    return ctx.dashboard_url or ""
 
 
 def _port_in_use(host: str, port: int) -> bool:
