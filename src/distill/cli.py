@@ -56,6 +56,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown()
 
 
+def _cmd_finetune_job(args: argparse.Namespace) -> int:
+    from distill.finetune import job_main
+
+    return job_main(args.job, args.result)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from distill.pipeline import run
 
@@ -84,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", choices=["teacher", "student"], default="teacher")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /v1/models")
     s.set_defaults(func=_cmd_serve)
+
+    f = sub.add_parser("finetune-job", help="run one LoRA finetune (what the Ray job executes)")
+    f.add_argument("--job", required=True, help="TrainJob JSON")
+    f.add_argument("--result", required=True, help="where to write the result JSON")
+    f.set_defaults(func=_cmd_finetune_job)
 
     r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
     r.set_defaults(func=_cmd_run)

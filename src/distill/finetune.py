@@ -5,12 +5,11 @@ transformers) and on GPUs (`cluster`: Llama-3.2-1B from the hub). Loss is on the
 the SFT records are converted to TRL's conversational prompt/completion form. Recipes live in
 `configs/training/lora/*.yaml`.
 
-`python -m distill.finetune --job job.json` is the entrypoint a Ray job runs (see `distill.jobs`).
+`python -m distill finetune-job --job job.json --result out.json` is what the Ray job runs (configs/job.yaml).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -240,25 +239,22 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run one LoRA finetune (the Ray job's entrypoint).")
-    ap.add_argument("--job", required=True, help="TrainJob as JSON")
-    ap.add_argument("--result", required=True, help="where to write the result JSON")
-    args = ap.parse_args(argv)
+def job_main(job_path: str, result_path: str) -> int:
+    """The Ray job's entrypoint (`python -m distill finetune-job ...`): run one finetune, write the result.
+
+    Run through the `distill` CLI rather than as `python -m distill.finetune`, so that the training
+    function is pickled by reference to this module, not by value from `__main__`.
+    """
     try:
-        job = TrainJob.model_validate_json(Path(args.job).read_text())
+        job = TrainJob.model_validate_json(Path(job_path).read_text())
     except (OSError, ValidationError) as e:
-        print(f"error: bad finetune job {args.job}: {e}", file=sys.stderr)
+        print(f"error: bad finetune job {job_path}: {e}", file=sys.stderr)
         return 2
     try:
         result = run_training(job)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Path(args.result).write_text(json.dumps(result, indent=2))
+    Path(result_path).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "loss_history"}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from distill.errors import DistillError
-
-if TYPE_CHECKING:  # heavy imports only for type checkers; the functions import lazily
-    import torch
 
 __all__ = ["LogitComparison", "compare_logits", "export_lora_to_gguf", "permute_qk_rows"]
 
@@ -181,11 +179,9 @@ def export_lora_to_gguf(peft_adapter_dir: str | Path, out_path: str | Path, base
 
 
 def _pattern_value(pattern: dict[str, Any] | None, module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern: keys match a module name suffix (or a regex); first match wins."""
-    import re
-
+    """PEFT's rank_pattern/alpha_pattern lookup (as peft.utils.other.get_pattern_key): first key matching."""
     for key, value in (pattern or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return float(value)
     return default
 
@@ -197,38 +193,45 @@ def _pattern_value(pattern: dict[str, Any] | None, module: str, default: float) 
 
 @dataclass(frozen=True)
 class LogitComparison:
-    """Max absolute differences of the last-token logits, taken over all prompts and the whole vocabulary.
+    """How far llama.cpp + GGUF adapter is from the PEFT model, relative to how far the two bases are apart.
 
-    `hf_*` are transformers fp32 logits (dequantised base, PEFT adapter enabled/disabled), `cpp_*` are
-    llama.cpp logits (Q4_1 base, with/without the GGUF adapter). The llama.cpp base is quantised while
-    transformers runs dequantised fp32 weights, so even base-vs-base differs: `base_floor` is that
-    reference floor.
+    All measures are per prompt (one entry per prompt, same order) and are the root-mean-square over the
+    vocabulary of a difference of last-token logits. RMS rather than max-abs: a single outlier logit of
+    a quantised base dominates a max-abs measure and hides a wrong adapter (see `max_abs_*` for those).
 
-    * `adapter_diff`   = max |cpp_adapter - hf_adapter|  -- should be about `base_floor`;
-    * `base_floor`     = max |cpp_base - hf_base|        -- numerical floor of the comparison;
-    * `adapter_effect` = max |cpp_adapter - cpp_base|    -- the adapter must visibly change llama.cpp;
-    * `hf_effect`      = max |hf_adapter - hf_base|      -- what the adapter does in transformers;
-    * `delta_diff`     = max |(cpp_adapter - cpp_base) - (hf_adapter - hf_base)| -- the adapter's effect
-      as seen by each runtime; quantisation noise mostly cancels, so this is the sharpest check.
+    * `adapter_diff[i]`   = RMS(cpp_adapter - hf_adapter)
+    * `base_floor[i]`     = RMS(cpp_base - hf_base): the reference floor. llama.cpp runs the (e.g. Q4_1)
+      quantised base while transformers runs dequantised fp32 weights, so even without an adapter they
+      differ; a correct adapter adds error of the same order (its own tensors are exported exactly).
+    * `adapter_effect[i]` = RMS(cpp_adapter - cpp_base): what the adapter changes in llama.cpp.
+    * `hf_effect[i]`      = RMS(hf_adapter - hf_base): what the adapter changes in transformers.
+
+    `hf_*` come from the PEFT model in eval mode, fp32, with the adapter enabled / disabled; `cpp_*` from
+    llama.cpp on the base GGUF with / without the adapter GGUF. The same token ids feed both.
     """
 
-    adapter_diff: float
-    base_floor: float
-    adapter_effect: float
-    hf_effect: float
-    delta_diff: float
+    adapter_diff: tuple[float, ...]
+    base_floor: tuple[float, ...]
+    adapter_effect: tuple[float, ...]
+    hf_effect: tuple[float, ...]
+    max_abs_adapter_diff: float  # max |cpp_adapter - hf_adapter| over all prompts and the vocabulary
+    max_abs_base_floor: float  # max |cpp_base - hf_base| over all prompts and the vocabulary
 
-    def agrees(self, margin: float = 0.5, rel_delta: float = 0.25) -> bool:
-        """The stated tolerance.
+    def tolerance(self, factor: float = 2.5, atol: float = 0.02) -> tuple[float, ...]:
+        """Per prompt: the largest acceptable `adapter_diff`, `factor * base_floor + atol`."""
+        return tuple(factor * f + atol for f in self.base_floor)
 
-        The adapter export is correct when (1) llama.cpp+adapter is no further from PEFT than the base
-        floor plus `margin` logits, (2) the adapter's effect in llama.cpp matches its effect in transformers
-        to within `rel_delta` of its size, and (3) the effect is real (larger than the floor).
+    def agrees(self, factor: float = 2.5, atol: float = 0.02) -> bool:
+        """The stated tolerance, checked per prompt.
+
+        (1) `adapter_diff <= factor * base_floor + atol`: the exported adapter adds no more error than the
+        base's quantisation already causes (a correct export measures ~0.4-1.6x the floor on Q4_1 and
+        ~1x on an F32 copy of the base, where the floor is ~0.005), and (2) `adapter_effect` exceeds that
+        same tolerance, so the adapter visibly changes llama.cpp's logits and (1) is not vacuous.
         """
-        return (
-            self.adapter_diff <= self.base_floor + margin
-            and self.delta_diff <= rel_delta * self.hf_effect
-            and self.adapter_effect > self.base_floor
+        tol = self.tolerance(factor, atol)
+        return all(d <= t for d, t in zip(self.adapter_diff, tol)) and all(
+            e > t for e, t in zip(self.adapter_effect, tol)
         )
 
 
@@ -243,17 +246,19 @@ def _hf_last_logits(model: Any, token_ids: list[list[int]]) -> list[np.ndarray]:
     return rows
 
 
-def _cpp_last_logits(model_path: Path, lora_path: Path | None, token_ids: list[list[int]]) -> list[np.ndarray]:
+def _cpp_last_logits(
+    model_path: Path, lora_path: Path | None, token_ids: list[list[int]], n_threads: int
+) -> list[np.ndarray]:
     from llama_cpp import Llama
 
     n_ctx = max(64, max(len(t) for t in token_ids) + 8)
     llm = Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
-                n_batch=n_ctx, n_threads=1, logits_all=True, seed=0, verbose=False)
+                n_batch=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
     try:
         rows = []
         for ids in token_ids:
             llm.reset()
-            llm.eval(ids)
+            llm.eval(ids)  # llama-cpp-python keeps logits in `scores` only with logits_all=True
             rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
         return rows
     finally:
@@ -266,13 +271,17 @@ def compare_logits(
     peft_model: Any,
     tokenizer: Any,
     prompts: list[str],
+    *,
+    n_threads: int = 1,
 ) -> LogitComparison:
-    """Compare last-token logits of `peft_model` (transformers) and llama.cpp with `adapter_gguf`.
+    """Compare last-token logits of `peft_model` (transformers) with llama.cpp + `adapter_gguf`.
 
-    The prompts are tokenised once with `tokenizer` and the same token ids are fed to both runtimes. The
-    PEFT model is run in eval mode in fp32 with the adapter enabled and (via `disable_adapter()`) disabled;
-    llama.cpp is run on `base_gguf` with and without the adapter. See `LogitComparison` for the measures
-    and `LogitComparison.agrees` for the tolerance.
+    The prompts are tokenised once with `tokenizer` (no special tokens added) and the same ids are fed to
+    both runtimes. `peft_model` (a PeftModel) is put in eval mode and fp32 and run with the adapter enabled
+    and, via `disable_adapter()`, disabled; llama.cpp runs `base_gguf` with and without the adapter.
+    `n_threads` is llama.cpp's thread count (1 by default: ggml's spinning workers are very slow when
+    the cores are oversubscribed, and a 135M model on a few short prompts needs no more).
+    See `LogitComparison` for the measures and `LogitComparison.agrees` for the tolerance.
     """
     if not prompts:
         raise DistillError("compare_logits needs at least one prompt")
@@ -282,24 +291,27 @@ def compare_logits(
 
     was_training = peft_model.training
     peft_model.eval()
+    peft_model.float()
     try:
-        peft_model.float()
         hf_adapter = _hf_last_logits(peft_model, token_ids)
         with peft_model.disable_adapter():
             hf_base = _hf_last_logits(peft_model, token_ids)
     finally:
         peft_model.train(was_training)
-    cpp_base = _cpp_last_logits(Path(base_gguf), None, token_ids)
-    cpp_adapter = _cpp_last_logits(Path(base_gguf), Path(adapter_gguf), token_ids)
+    cpp_base = _cpp_last_logits(Path(base_gguf), None, token_ids, n_threads)
+    cpp_adapter = _cpp_last_logits(Path(base_gguf), Path(adapter_gguf), token_ids, n_threads)
 
-    def maxdiff(x: list[np.ndarray], y: list[np.ndarray]) -> float:
+    def rms(x: list[np.ndarray], y: list[np.ndarray]) -> tuple[float, ...]:
+        return tuple(float(np.sqrt(np.mean(np.square(a - b, dtype=np.float64)))) for a, b in zip(x, y))
+
+    def max_abs(x: list[np.ndarray], y: list[np.ndarray]) -> float:
         return float(max(np.abs(a - b).max() for a, b in zip(x, y)))
 
     return LogitComparison(
-        adapter_diff=maxdiff(cpp_adapter, hf_adapter),
-        base_floor=maxdiff(cpp_base, hf_base),
-        adapter_effect=maxdiff(cpp_adapter, cpp_base),
-        hf_effect=maxdiff(hf_adapter, hf_base),
-        delta_diff=maxdiff([a - b for a, b in zip(cpp_adapter, cpp_base)],
-                           [a - b for a, b in zip(hf_adapter, hf_base)]),
+        adapter_diff=rms(cpp_adapter, hf_adapter),
+        base_floor=rms(cpp_base, hf_base),
+        adapter_effect=rms(cpp_adapter, cpp_base),
+        hf_effect=rms(hf_adapter, hf_base),
+        max_abs_adapter_diff=max_abs(cpp_adapter, hf_adapter),
+        max_abs_base_floor=max_abs(cpp_base, hf_base),
     )
