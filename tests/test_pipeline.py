@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from nbclient import NotebookClient
 
 from distill import pipeline
@@ -46,12 +47,40 @@ def test_run_fills_the_report(artifacts) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_finetune_ran_as_a_ray_job_and_llama_cpp_serves_the_adapter(artifacts) -> None:
+    from peft import PeftModel
+
+    from distill.finetune import load_base, load_recipe
+    from distill.lora_gguf import compare_logits
+
+    cfg = load_config("local_ci")
+    ft = load_report(cfg)["finetune"]
+    assert ft["steps"] == cfg.finetune.max_steps and ft["examples"] == load_report(cfg)["curation"]["sft_examples"]
+    assert ft["last_loss"] < ft["first_loss"]  # a few real LoRA steps on the teacher's labels
+    result = json.loads((artifacts / "finetune" / "result.json").read_text())
+    recipe = load_recipe(cfg.path(cfg.finetune.recipe))
+    model, tok = load_base(recipe.model, recipe.training)
+    peft = PeftModel.from_pretrained(model, result["adapter_dir"])
+    sft = [json.loads(x) for x in (artifacts / "curated" / "sft.jsonl").read_text().splitlines()][:3]
+    prompts = [tok.apply_chat_template(ex["messages"][:-1], tokenize=False, add_generation_prompt=True) for ex in sft]
+    cmp = compare_logits(recipe.model.gguf.resolve(), ft["adapter"], peft, tok, prompts)
+    # Tolerance (LogitComparison.agrees): per prompt, RMS(llama.cpp+adapter - PEFT) <= 2.5 x the RMS gap
+    # between the Q4_1 base in llama.cpp and its fp32 dequantisation in transformers + 0.02, while the
+    # adapter moves llama.cpp's logits by more than that.
+    assert cmp.agrees(), cmp
+    served = yaml.safe_load(Path(ft["serve_config"]).read_text())["applications"][0]["args"]["models"]
+    assert [m["name"] for m in served] == [cfg.models.student.model, cfg.finetune.finetuned_model]
+    assert served[1]["lora_path"] == ft["adapter"]
+
+
 def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     labels = artifacts / "labels" / "labels.jsonl"
     before = (labels.stat().st_mtime_ns, labels.read_text())
     cfg = load_config("local_ci")
     pipeline.teacher_stage(cfg, pipeline.data_stage(cfg))
     assert "teacher stage is current" in capsys.readouterr().out
+    pipeline.finetune_stage(cfg)
+    assert "finetune is current" in capsys.readouterr().out
     assert (labels.stat().st_mtime_ns, labels.read_text()) == before  # no relabeling
 
 

@@ -84,9 +84,11 @@ def export_lora_to_gguf(peft_adapter_dir: str | Path, out_path: str | Path, base
     from safetensors.numpy import load_file
 
     adapter_dir, out_path, base_gguf = Path(peft_adapter_dir), Path(out_path), Path(base_gguf)
-    for f in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS, base_gguf):
+    for f in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS):
         if not f.is_file():
-            raise DistillError(f"missing file {f} (expected a PEFT adapter saved with save_pretrained)")
+            raise DistillError(f"missing {f}: expected a PEFT LoRA adapter written by save_pretrained()")
+    if not base_gguf.is_file():
+        raise DistillError(f"base GGUF {base_gguf} not found")
 
     cfg: dict[str, Any] = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -98,6 +100,24 @@ def export_lora_to_gguf(peft_adapter_dir: str | Path, out_path: str | Path, base
         raise DistillError(f"{adapter_dir}: LoRA bias terms (lora_bias=true) are not supported")
     if cfg.get("modules_to_save"):
         raise DistillError(f"{adapter_dir}: modules_to_save={cfg['modules_to_save']} is not supported")
+
+    # --- pair up lora_A / lora_B per module -------------------------------------------------------------
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        module, sep, kind = key.rpartition(".lora_")
+        if not sep or kind not in ("A.weight", "B.weight"):
+            raise DistillError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A/lora_B weights of "
+                               f"{sorted(SUPPORTED_MODULES)} are supported)")
+        pairs.setdefault(module.removeprefix(_PEFT_PREFIX), {})[kind[0]] = value
+    if not pairs:
+        raise DistillError(f"{adapter_dir / ADAPTER_WEIGHTS} contains no LoRA tensors")
+
+    for module, ab in pairs.items():
+        if module.rsplit(".", 1)[-1] not in SUPPORTED_MODULES:
+            raise DistillError(f"unsupported LoRA target module {module!r}: supported are {sorted(SUPPORTED_MODULES)}")
+        if set(ab) != {"A", "B"}:
+            raise DistillError(f"{adapter_dir}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
 
     # --- base model facts, from the GGUF metadata -------------------------------------------------------
     reader = gguf.GGUFReader(base_gguf)
@@ -112,27 +132,11 @@ def export_lora_to_gguf(peft_adapter_dir: str | Path, out_path: str | Path, base
     base_shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}  # ggml order (ne0, ne1)
     name_map = gguf.get_tensor_name_map(arch, n_blocks)
 
-    # --- pair up lora_A / lora_B per module -------------------------------------------------------------
-    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        module, sep, kind = key.rpartition(".lora_")
-        if not sep or kind not in ("A.weight", "B.weight"):
-            raise DistillError(f"{adapter_dir}: unexpected tensor {key!r} (only lora_A/lora_B weights of "
-                               f"{sorted(SUPPORTED_MODULES)} are supported)")
-        pairs.setdefault(module.removeprefix(_PEFT_PREFIX), {})[kind[0]] = value
-    if not pairs:
-        raise DistillError(f"{adapter_dir / ADAPTER_WEIGHTS} contains no LoRA tensors")
-
     alpha = float(cfg["lora_alpha"])
     default_r = int(cfg["r"])
     out: list[tuple[str, np.ndarray]] = []
     for module, ab in sorted(pairs.items()):
         short = module.rsplit(".", 1)[-1]
-        if short not in SUPPORTED_MODULES:
-            raise DistillError(f"unsupported LoRA target module {module!r}: supported are {sorted(SUPPORTED_MODULES)}")
-        if set(ab) != {"A", "B"}:
-            raise DistillError(f"{adapter_dir}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
         gguf_name = name_map.get_name(module)
         if gguf_name is None:
             raise DistillError(f"module {module!r} has no {arch_name} GGUF tensor name")
@@ -166,7 +170,7 @@ def export_lora_to_gguf(peft_adapter_dir: str | Path, out_path: str | Path, base
     writer = gguf.GGUFWriter(out_path, arch_name)  # writes general.architecture
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(default_r))  # BROKEN
     for name, data in out:
         writer.add_tensor(name, np.ascontiguousarray(data))
     try:
