@@ -181,10 +181,14 @@ class Banking77Data:
     test: list[dspy.Example]  # the real test set, or the profile's stratified subset of it
     gold: list[dspy.Example]  # the few hand labels we are allowed to use
     unlabeled: list[dspy.Example]  # labels stripped: the pool the teacher labels from
+    full_test: list[dspy.Example] = field(default_factory=list)  # all test rows of the labels in use
     num_to_label: int | None = None
     source: str = ""
-    full_test_size: int = 0
     label_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def full_test_size(self) -> int:
+        return len(self.full_test)
 
     @property
     def to_label(self) -> list[dspy.Example]:
@@ -219,9 +223,9 @@ def prepare_data(cfg: Config) -> Banking77Data:
         test=test_used,
         gold=gold,
         unlabeled=unlabeled,
+        full_test=test,
         num_to_label=cfg.data.num_to_label,
         source=source,
-        full_test_size=len(test),
         label_counts={lab: counts[lab] for lab in labels},
     )
 

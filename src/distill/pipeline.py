@@ -18,7 +18,15 @@ from rich.console import Console
 
 from distill.config import Config, load_config
 from distill.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
-from distill.data import Banking77Data, make_example, prepare_data, read_jsonl, save_data, split_devset_and_optimizer_sets, write_jsonl
+from distill.data import (
+    Banking77Data,
+    make_example,
+    prepare_data,
+    read_jsonl,
+    save_data,
+    split_devset_and_optimizer_sets,
+    write_jsonl,
+)
 from distill.env import check_env, missing
 from distill.errors import DistillError
 from distill.labeling import label_queries, quality_gate, read_records, score_teacher
@@ -136,8 +144,8 @@ def curation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
     records = read_records(cfg.artifacts / "labels" / "labels.jsonl")
     if not records:
         raise DistillError("no teacher labels yet: run the teacher stage first")
-    test_texts = [ex.text for ex in prepare_data_full_test(cfg, data)]
-    result = curate(records, data.labels, test_texts)
+    # Decontaminate against the whole test set, not only the profile's subset of it.
+    result = curate(records, data.labels, [ex.text for ex in data.full_test])
     print_curation(result)
     out = cfg.artifacts / "curated"
     plot = plot_label_distribution(result.label_counts, out / "label_distribution.png")
@@ -157,22 +165,6 @@ def curation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
         **result.counts, "devset": len(dev), "optimizer_train": len(train), "optimizer_val": len(val),
         "sft_examples": len(sft), "label_counts": result.label_counts,
     })["curation"]
-
-
-def prepare_data_full_test(cfg: Config, data: Banking77Data) -> list[dspy.Example]:
-    """Decontaminate against the whole test set, not only the profile's subset."""
-    if data.full_test_size == len(data.test):
-        return data.test
-    full = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_size": None})})
-    return prepare_data(full).test
-
-
-def load_splits(cfg: Config) -> dict[str, list[dspy.Example]]:
-    out = cfg.artifacts / "curated"
-    return {
-        name: [make_example(r["text"], r["label"]) for r in read_jsonl(out / f"{name}.jsonl")]
-        for name in ("devset", "optimizer_train", "optimizer_val")
-    }
 
 
 def finetune_stage(cfg: Config) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def forward_env_names(cfg: "Config") -> list[str]:
     return names
 
 
-def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None, dashboard: bool = False) -> str:
+def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
     """Start (or join) Ray with the named environment variables in the job's runtime_env.
 
     Returns the dashboard address ("" without one); the dashboard hosts Ray's job server.
@@ -85,11 +85,8 @@ def ensure_ray(forward_env: Sequence[str] = (), num_cpus: int | None = None, das
     }
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        kwargs["address"] = address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    if os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = os.environ["RAY_ADDRESS"]
     ctx = ray.init(**kwargs)
     return ctx.dashboard_url or ""
 
