@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import dspy
 import httpx
 from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from rich.console import Console

@@ -20,7 +20,6 @@ import dspy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from distill.config import Config
 from distill.errors import DistillError
 from distill.program import ValidLabel, exact_match
 from distill.serving.lm import using
