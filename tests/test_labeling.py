@@ -165,3 +165,11 @@ def test_corrupt_middle_line_is_an_error(tmp_path) -> None:
         read_records(p)
     p.write_text('{"id": "a"}\n{"id": "b", "te')  # torn last line: dropped and rewritten
     assert [r["id"] for r in read_records(p)] == ["a"] and p.read_text() == '{"id": "a"}\n'
+
+
+def test_sft_for_a_reasoning_program_carries_the_reasoning(data) -> None:
+    program = IntentClassificationModule(data.labels, reasoning=True, max_reasoning_chars=200)
+    rec = {"text": "where is my card?", "label": "card_arrival", "reasoning": "The customer awaits a card."}
+    (ex,) = to_sft([rec], program, adapter())
+    parsed = adapter().parse(program.predictor.signature, ex["messages"][-1]["content"])
+    assert parsed == {"reasoning": rec["reasoning"], "label": "card_arrival"}

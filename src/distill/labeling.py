@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import dspy
 from rich.console import Console
@@ -112,7 +112,6 @@ def label_queries(
     out_dir: Path,
     threads: int = 2,
     fingerprint: str = "",
-    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> LabelingResult:
     """Label every query once into `out_dir/labels.jsonl`, resuming from what is already there."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +159,8 @@ def label_queries(
                 try:
                     pred, seconds = fut.result()
                     rec = {"id": qid, "text": q.text, "label": pred.label, "latency_s": round(seconds, 3)}
+                    if "reasoning" in pred:  # ChainOfThought programs: the SFT assistant turn needs it
+                        rec["reasoning"] = pred.reasoning
                     out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     out.flush()
                     new += 1
@@ -169,8 +170,6 @@ def label_queries(
                     err.flush()
                     failed += 1
                 progress.advance(task)
-                if on_record is not None:
-                    on_record(rec)
         except BaseException:
             for f in futures:
                 f.cancel()
