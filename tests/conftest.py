@@ -21,3 +21,23 @@ def banking77_dir() -> Path:
 def with_banking77(monkeypatch: pytest.MonkeyPatch, banking77_dir: Path) -> Path:
     monkeypatch.setenv("BANKING77_DIR", str(banking77_dir))
     return banking77_dir
+
+
+@pytest.fixture(scope="session")
+def pipeline_artifacts(tmp_path_factory: pytest.TempPathFactory, banking77_dir: Path) -> Path:
+    """The main job run once on the smallest profile (`local_ci`), in a temporary artifact directory.
+
+    Shared by the pipeline, notebook and serving tests (~10 min on 2 cores); the environment it sets is
+    undone right after the run, so tests that need it set it again.
+    """
+    from distill import pipeline
+
+    art = tmp_path_factory.mktemp("artifacts") / "local_ci"
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("DISTILL_ARTIFACTS_DIR", str(art))
+        mp.setenv("BANKING77_DIR", str(banking77_dir))
+        pipeline.run("local_ci")
+    finally:
+        mp.undo()
+    return art

@@ -17,15 +17,11 @@ from distill.report import load_report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, banking77_dir):
-    mp = pytest.MonkeyPatch()
-    art = tmp_path_factory.mktemp("artifacts") / "local_ci"
-    mp.setenv("DISTILL_ARTIFACTS_DIR", str(art))
-    mp.setenv("BANKING77_DIR", str(banking77_dir))
-    pipeline.run("local_ci")
-    yield art
-    mp.undo()
+@pytest.fixture
+def artifacts(pipeline_artifacts, banking77_dir, monkeypatch):
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(pipeline_artifacts))
+    monkeypatch.setenv("BANKING77_DIR", str(banking77_dir))
+    return pipeline_artifacts
 
 
 def test_run_fills_the_report(artifacts) -> None:
@@ -73,15 +69,52 @@ def test_finetune_ran_as_a_ray_job_and_llama_cpp_serves_the_adapter(artifacts) -
     assert served[1]["lora_path"] == ft["adapter"]
 
 
+def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None:
+    cfg = load_config("local_ci")
+    report = load_report(cfg)
+    ev = report["eval"]
+    for split in ("devset", "testset"):
+        assert set(ev[split]) == {"base", "finetuned"}
+        for kind in ev[split].values():
+            assert set(kind) == {"vanilla", "bfrs"} and all(0.0 <= v <= 1.0 for v in kind.values())
+    best = ev["best"]
+    assert best["test_score"] == max(v for kind in ev["testset"].values() for v in kind.values())
+    assert best["test_score"] == ev["testset"][best["kind"]][best["variant"]]
+    # every score is a measured number: it is the share of correct rows in that variant's predictions
+    for split, n in (("devset", cfg.data.devset_size), ("testset", cfg.data.test_size)):
+        for kind, variants in ev[split].items():
+            for variant, score in variants.items():
+                rows = [json.loads(x) for x in (artifacts / "eval" / "predictions" / split /
+                                                f"{kind}_{variant}.jsonl").read_text().splitlines()]
+                assert len(rows) == n and round(sum(r["correct"] for r in rows) / n, 4) == score
+    for name in ("devset", "testset", "confusion"):
+        assert Path(ev["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    params = json.loads((artifacts / "deploy_params.json").read_text())
+    assert params["model"] == best["model"] and len(params["labels"]) == cfg.data.top_n_labels
+    assert (cfg.root / params["program_path"]).is_file()
+    for who in ("teacher", "student_best"):
+        assert report["latency"][who]["p50_s"] > 0 and report["latency"][who]["n"] == cfg.evaluation.latency_queries
+        assert report["cost"][who]["prompt_tokens_per_query"] > 100
+        assert report["cost"][who]["completion_tokens_per_query"] > 0
+
+
 def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     labels = artifacts / "labels" / "labels.jsonl"
-    before = (labels.stat().st_mtime_ns, labels.read_text())
+    adapter = artifacts / "finetune" / "adapter.gguf"
+    programs = sorted((artifacts / "eval" / "programs").glob("*_bfrs.json"))
+    before = (labels.stat().st_mtime_ns, labels.read_text(), adapter.stat().st_mtime_ns,
+              [p.stat().st_mtime_ns for p in programs])
     cfg = load_config("local_ci")
-    pipeline.teacher_stage(cfg, pipeline.data_stage(cfg))
+    data = pipeline.data_stage(cfg)
+    pipeline.teacher_stage(cfg, data)
     assert "teacher stage is current" in capsys.readouterr().out
     pipeline.finetune_stage(cfg)
     assert "finetune is current" in capsys.readouterr().out
-    assert (labels.stat().st_mtime_ns, labels.read_text()) == before  # no relabeling
+    pipeline.evaluation_stage(cfg, data)
+    assert "evaluation is current" in capsys.readouterr().out
+    after = (labels.stat().st_mtime_ns, labels.read_text(), adapter.stat().st_mtime_ns,
+             [p.stat().st_mtime_ns for p in programs])
+    assert after == before  # no relabeling, no retraining, no re-optimization
 
 
 def test_readme_notebook_executes_on_the_same_artifacts(artifacts, monkeypatch, tmp_path) -> None:
@@ -101,4 +134,5 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, monkeypatch, 
         for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "Program output label:" in outputs and "teacher stage is current" in outputs, outputs[-3000:]
+    assert "finetune is current" in outputs and "evaluation is current" in outputs, outputs[-3000:]
     assert labels.stat().st_mtime_ns == before

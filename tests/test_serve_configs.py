@@ -8,11 +8,14 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from distill.serving.app import ProgramAppArgs
 from distill.serving.llm import LLMAppArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = ["serve_70B.yaml", "serve_1B.yaml"]
 LOCAL_CONFIGS = ["configs/serve_local_teacher.yaml", "configs/serve_local_student.yaml"]
+DEPLOY_CONFIGS = ["local_deploy_dspy.yaml", "configs/deploy/cluster_deploy_dspy.yaml",
+                  "configs/deploy/program_service.yaml"]
 
 
 def llm_config_class():
@@ -57,6 +60,25 @@ def test_local_configs(path: str) -> None:
             assert m.source.resolve().is_file()
 
 
+@pytest.mark.parametrize("path", DEPLOY_CONFIGS)
+def test_deploy_configs_serve_the_program_and_name_their_llm(path: str) -> None:
+    apps = {a["import_path"]: a for a in _apps(path)}
+    program = ProgramAppArgs.model_validate(apps["distill.serving.app:build_app"]["args"])
+    assert program.api_key_env  # a key is honoured when the environment sets one
+    if path == "configs/deploy/program_service.yaml":  # alone: the LLM service's URL/key from the environment
+        assert len(apps) == 1 and program.llm_api_base_env and program.llm_api_key_env
+        assert apps["distill.serving.app:build_app"]["route_prefix"] == "/"
+        return
+    assert apps["distill.serving.app:build_app"]["route_prefix"] == "/classify_intent"
+    assert program.llm_api_base.startswith("http://127.0.0.1:8000/")
+    if path == "local_deploy_dspy.yaml":
+        llm = LLMAppArgs.model_validate(apps["distill.serving.llm:build_app"]["args"])
+        assert any(m.lora_path for m in llm.models)  # the finetuned student: base GGUF + adapter
+    else:
+        assert apps["ray.serve.llm:build_openai_app"]["args"]["llm_configs"] == [
+            "model_config/meta-llama--Llama-3_2-1B-Instruct.yaml"]
+
+
 def _secret_like(node, path=""):
     if isinstance(node, dict):
         for k, v in node.items():
@@ -69,6 +91,6 @@ def _secret_like(node, path=""):
 
 
 def test_no_secrets_in_configs() -> None:
-    files = [*CLUSTER_CONFIGS, *LOCAL_CONFIGS, *(str(x.relative_to(ROOT)) for x in (ROOT / "model_config").glob("*.yaml"))]
+    files = [*CLUSTER_CONFIGS, *LOCAL_CONFIGS, *DEPLOY_CONFIGS, *(str(x.relative_to(ROOT)) for x in (ROOT / "model_config").glob("*.yaml"))]
     for p in files:
         assert not list(_secret_like(yaml.safe_load((ROOT / p).read_text()))), p

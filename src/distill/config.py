@@ -81,6 +81,28 @@ class FinetuneConfig(_Strict):
     timeout_s: float = Field(3600, gt=0)
 
 
+class BFRSConfig(_Strict):
+    """BootstrapFewShotWithRandomSearch's search space (the original template used 3 / 3 / 6)."""
+
+    max_bootstrapped_demos: int = Field(3, ge=0)
+    max_labeled_demos: int = Field(3, ge=0)
+    num_candidate_programs: int = Field(6, ge=1, description="Random candidates, on top of DSPy's 3 baselines.")
+
+
+class EvaluationConfig(_Strict):
+    threads: int = Field(2, ge=1, description="Concurrent student calls in dspy.Evaluate and BFRS.")
+    max_errors: int = Field(5, ge=0, description="Failed calls tolerated per evaluation before it stops.")
+    latency_queries: int = Field(20, ge=1, description="Test queries timed one by one for the latency/cost block.")
+    bfrs: BFRSConfig = BFRSConfig()
+
+
+class ServingConfig(_Strict):
+    deploy_config: str = Field("local_deploy_dspy.yaml", description="Multi-app Serve config: program + LLM.")
+    url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
+    sample_queries: int = Field(10, ge=1, description="Test queries the serving stage sends over HTTP.")
+    timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz.")
+
+
 class ModelsConfig(_Strict):
     teacher: LMConfig
     student: LMConfig
@@ -96,6 +118,8 @@ class Config(_Strict):
     program: ProgramConfig = ProgramConfig()
     teacher: TeacherConfig = TeacherConfig()
     finetune: FinetuneConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    serving: ServingConfig = ServingConfig()
     models: ModelsConfig
     required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
 

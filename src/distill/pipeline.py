@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,15 @@ from distill.data import (
 )
 from distill.env import check_env, missing
 from distill.errors import DistillError
+from distill.evaluation import (
+    evaluate_and_prompt_optimize,
+    load_program,
+    measure_calls,
+    run_testset_evaluation,
+    write_deploy_params,
+)
 from distill.labeling import label_queries, quality_gate, read_records, score_teacher
+from distill.plots import plot_confusion_matrix, plot_variant_scores
 from distill.program import IntentClassificationModule
 from distill.report import load_report, update_report
 from distill.serving.control import forward_env_names, serving
@@ -37,12 +47,6 @@ from distill.serving.lm import adapter, make_lm
 from distill.teacher import GoldIndex, build_teacher
 
 console = Console()
-
-# Stages that are not built yet are listed, never faked.
-PENDING_STAGES = [
-    "evaluation and BootstrapFewShotWithRandomSearch (issue 6)",
-    "serving /classify_intent (issue 7)",
-]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -94,7 +98,8 @@ def teacher_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
     if measured.get("fingerprint") != fp:
         measured = {}
     n_done = len(read_records(labels_dir / "labels.jsonl")) if _labels_current(labels_dir, fp) else 0
-    if "accuracy_test" in measured and n_done == len(queries):
+    latency_current = load_report(cfg).get("latency", {}).get("teacher", {}).get("fingerprint") == fp
+    if "accuracy_test" in measured and n_done == len(queries) and latency_current:
         quality_gate(measured["accuracy_gold"], measured["n_gold"], floor)
         console.print(f"teacher stage is current: {n_done} labels in {labels_dir / 'labels.jsonl'}; skipped")
         return measured
@@ -123,6 +128,9 @@ def teacher_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
                 "test_size": test.n, "test_queries_per_s": round(test.per_s, 3),
             })
         result = label_queries(teacher, lm, queries, labels_dir, threads=cfg.teacher.threads, fingerprint=fp)
+        if not latency_current:  # the same test queries the best student is timed on later
+            calls = measure_calls(teacher, make_lm(t, cache=False), data.test[: cfg.evaluation.latency_queries])
+            _record_calls(cfg, "teacher", {**calls, "model": t.model, "fingerprint": fp})
     values: dict[str, Any] = {"labeled": result.labeled, "to_label": len(queries), "failed_last_run": result.failed}
     if result.new:
         values["labels_per_s"] = round(result.new / result.seconds, 3)
@@ -131,6 +139,16 @@ def teacher_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
         raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
                            f"{labels_dir / 'errors.jsonl'}); run the teacher stage again to retry them")
     return report["teacher"]
+
+
+def _record_calls(cfg: Config, who: str, calls: dict[str, Any]) -> None:
+    """Latency per call into `latency`, tokens per query into `cost`, under the same name."""
+    tokens = {k: calls.pop(k) for k in ("prompt_tokens_per_query", "completion_tokens_per_query")}
+    update_report(cfg, "latency", {who: calls})
+    update_report(cfg, "cost", {who: {**tokens, "model": calls["model"]}})
+    console.print(f"{who} ({calls['model']}): p50 {calls['p50_s']:.3f} s per call, "
+                  f"{tokens['prompt_tokens_per_query']:.0f} prompt + {tokens['completion_tokens_per_query']:.0f} "
+                  f"completion tokens per query")
 
 
 def _labels_current(labels_dir: Path, fp: str) -> bool:
@@ -223,6 +241,174 @@ def finetune_stage(cfg: Config) -> dict[str, Any]:
     })["finetune"]
 
 
+def evaluation_fingerprint(cfg: Config, data: Banking77Data) -> str:
+    curated = cfg.artifacts / "curated"
+    return fingerprint(
+        prompt_fingerprint(cfg, data.labels), load_report(cfg).get("finetune", {}).get("fingerprint"),
+        [(curated / f"{n}.jsonl").read_text() for n in ("devset", "optimizer_train", "optimizer_val")],
+        [ex.text for ex in data.test], cfg.evaluation.model_dump(exclude={"threads", "max_errors"}),
+        cfg.models.student.model, cfg.program.model_dump(), cfg.seed,
+    )
+
+
+def evaluation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
+    """Base and finetuned student, zero-shot and BFRS-optimized: devset, test set, best, plots, deploy params."""
+    console.rule("evaluation and prompt optimization (BootstrapFewShotWithRandomSearch)")
+    finetuned = load_report(cfg).get("finetune", {})
+    serve_config = Path(finetuned.get("serve_config", "/nonexistent"))
+    curated = cfg.artifacts / "curated"
+    if not serve_config.is_file() or not (curated / "devset.jsonl").is_file():
+        raise DistillError("no finetuned student yet: run the curation and finetune stages first")
+    out, ev, st = cfg.artifacts / "eval", cfg.evaluation, cfg.models.student
+    fp = evaluation_fingerprint(cfg, data)
+    done = load_report(cfg).get("eval", {})
+    if done.get("fingerprint") == fp and deploy_params_path(cfg).is_file() and all(
+        Path(p).is_file() for p in done.get("plots", {}).values()
+    ):
+        b = done["best"]
+        console.print(f"evaluation is current: best {b['kind']} {b['variant']} ({b['model']}) "
+                      f"{b['test_score']:.1%} on the test set; skipped")
+        return done
+
+    dev, train, val = (
+        [make_example(r["text"], r["label"]) for r in read_jsonl(curated / f"{n}.jsonl")]
+        for n in ("devset", "optimizer_train", "optimizer_val")
+    )
+    kinds = {"base": st.model, "finetuned": finetuned["model"]}
+    program_kw = {"reasoning": cfg.program.reasoning, "max_reasoning_chars": cfg.program.max_reasoning_chars}
+    bfrs = ev.bfrs.model_dump()
+    opt_fp = {k: fingerprint(m, finetuned.get("fingerprint") if k == "finetuned" else None, bfrs, cfg.seed,
+                             prompt_fingerprint(cfg, data.labels), [ex.text for ex in train + val],
+                             [ex.label for ex in train + val])
+              for k, m in kinds.items()}
+    started = time.perf_counter()
+    with serving(serve_config, st.api_base, models=list(kinds.values()), forward_env=forward_env_names(cfg)):
+        lms = {k: make_lm(st, model=m) for k, m in kinds.items()}
+        dev_scores, variants = evaluate_and_prompt_optimize(
+            lms, data.labels, dev, train, val, out, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw)
+        best_path, best_model, best_score, test_scores = run_testset_evaluation(
+            lms, variants, data.labels, data.test, out, ev.threads, ev.max_errors, dev_scores, **program_kw)
+        best = next(v for v in variants if str(v.program_path) == best_path)
+        calls = measure_calls(load_program(best_path, data.labels, **program_kw),
+                              make_lm(st, model=best_model, cache=False), data.test[: ev.latency_queries])
+    _record_calls(cfg, "student_best", {**calls, "model": best_model, "variant": f"{best.kind} {best.variant}"})
+
+    teacher = load_report(cfg).get("teacher", {})
+    plots = {
+        "devset": plot_variant_scores(dev_scores, out / "devset_scores.png",
+                                      f"Synthetic devset ({len(dev)} teacher-labeled queries)",
+                                      teacher.get("accuracy_gold"), "teacher on gold (leave-one-out)"),
+        "testset": plot_variant_scores(test_scores, out / "testset_scores.png",
+                                       f"Test set ({len(data.test)} queries)", teacher.get("accuracy_test"), "teacher"),
+    }
+    preds = read_jsonl(out / "predictions" / "testset" / f"{best.kind}_{best.variant}.jsonl")
+    plots["confusion"] = plot_confusion_matrix(
+        [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
+        f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
+    write_deploy_params(deploy_params_path(cfg), model=best_model, program_path=best_path, labels=data.labels,
+                        variant=best.variant, kind=best.kind, score=best_score, **program_kw)
+    console.print(f"best: [bold]{best.kind} {best.variant}[/] ({best_model}) {best_score:.1%} on the test set -> "
+                  f"{deploy_params_path(cfg)}")
+    return update_report(cfg, "eval", {
+        "fingerprint": fp, "devset": dev_scores, "testset": test_scores,
+        "best": {"kind": best.kind, "variant": best.variant, "model": best_model, "program_path": best_path,
+                 "test_score": best_score, "devset_score": dev_scores[best.kind][best.variant]},
+        "sizes": {"devset": len(dev), "testset": len(data.test), "optimizer_train": len(train),
+                  "optimizer_val": len(val)},
+        "bfrs": bfrs, "plots": {k: str(v) for k, v in plots.items()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    })["eval"]
+
+
+def deploy_params_path(cfg: Config) -> Path:
+    """The profile's deploy parameters: best model id, saved program, labels (read by the serving app)."""
+    return cfg.artifacts / "deploy_params.json"
+
+
+def deploy_config(cfg: Config) -> Path:
+    """The profile's multi-app Serve config with this run's artifact paths filled in."""
+    import yaml
+
+    from distill.serving.control import load_serve_config
+
+    raw = load_serve_config(cfg.path(cfg.serving.deploy_config))
+    adapter_path = load_report(cfg).get("finetune", {}).get("adapter")
+    for app in raw["applications"]:
+        if app["import_path"] == "distill.serving.app:build_app":
+            app["args"]["deploy_params"] = str(deploy_params_path(cfg))
+        elif app["import_path"] == "distill.serving.llm:build_app" and adapter_path:
+            for m in app["args"]["models"]:
+                if m.get("lora_path"):
+                    m["lora_path"] = adapter_path
+    out = cfg.artifacts / "deploy_dspy.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _program_app_env(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Variables the program app reads (forwarded to its replicas) and the client's auth header."""
+    import yaml
+
+    names: list[str] = []
+    headers: dict[str, str] = {}
+    for app in yaml.safe_load(path.read_text())["applications"]:
+        if app["import_path"] == "distill.serving.app:build_app":
+            args = app.get("args", {})
+            names += [args[k] for k in ("api_key_env", "llm_api_key_env", "llm_api_base_env") if args.get(k)]
+            key = os.environ.get(args.get("api_key_env") or "")
+            if key:
+                headers = {"Authorization": f"Bearer {key}"}
+    return names, headers
+
+
+def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) -> dict[str, Any]:
+    """Deploy the program and its LLM as one Serve deployment and classify test queries over HTTP.
+
+    With `keep_running` (the notebook) the deployment stays up for you to query; `shutdown()` ends it.
+    On any failure it is torn down before the error propagates.
+    """
+    import httpx
+
+    from distill.serving.control import shutdown, start_serve_config, wait_until_healthy
+
+    console.rule("serving: POST /classify_intent")
+    params_path = deploy_params_path(cfg)
+    if not params_path.is_file():
+        raise DistillError("no deploy params yet: run the evaluation stage first")
+    params = json.loads(params_path.read_text())
+    path = deploy_config(cfg)
+    env_names, headers = _program_app_env(path)
+    url = cfg.serving.url
+    try:
+        start_serve_config(path, forward_env=[*forward_env_names(cfg), *env_names])
+        health = wait_until_healthy(f"{url}/healthz", cfg.serving.timeout_s, headers)
+        rows = []
+        with httpx.Client(timeout=120, headers=headers) as client:
+            for ex in data.test[: cfg.serving.sample_queries]:
+                r = client.post(url, json={"query": ex.text})
+                body = r.json()
+                rows.append({"status": r.status_code, "label": body.get("label"), "gold": ex.label,
+                             "latency_ms": body.get("latency_ms")})
+    except BaseException:
+        shutdown()
+        raise
+    if not keep_running:
+        shutdown()
+    ok = [r for r in rows if r["status"] == 200]
+    labels = set(params["labels"])
+    summary = {
+        "url": url, "config": str(path), "model": health.get("model"), "queries": len(rows), "ok": len(ok),
+        "valid_share": round(sum(r["label"] in labels for r in ok) / max(1, len(rows)), 4),
+        "accuracy": round(sum(r["label"] == r["gold"] for r in ok) / max(1, len(rows)), 4),
+        "p50_latency_ms": statistics.median(r["latency_ms"] for r in ok) if ok else None,
+    }
+    for r in rows[:5]:
+        console.print(f"  {r['status']} {r['label']!s:45} (true: {r['gold']}, {r['latency_ms']} ms)", markup=False)
+    console.print(f"{summary['ok']}/{summary['queries']} answered over HTTP, valid labels {summary['valid_share']:.0%}, "
+                  f"accuracy {summary['accuracy']:.0%}" + (f"; still serving at {url}" if keep_running else ""))
+    return update_report(cfg, "serving", summary)["serving"]
+
+
 def run(profile: str | None = None) -> Config:
     cfg = load_config(profile)
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
@@ -231,7 +417,6 @@ def run(profile: str | None = None) -> Config:
     teacher_stage(cfg, data)
     curation_stage(cfg, data)
     finetune_stage(cfg)
-    console.rule("not run yet")
-    for stage in PENDING_STAGES:
-        console.print(f"[yellow]not implemented yet[/]: {stage}")
+    evaluation_stage(cfg, data)
+    serving_stage(cfg, data)
     return cfg

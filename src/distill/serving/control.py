@@ -141,6 +141,22 @@ def wait_until_ready(
     raise DistillError(f"{config or api_base}: {api_base}/models did not become ready in {timeout_s:.0f}s; last: {last}")
 
 
+def wait_until_healthy(url: str, timeout_s: float = 180.0, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll `GET {url}` (a health endpoint) until it answers 200; return its JSON body."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, headers=headers or {}, timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(1.0)
+    raise DistillError(f"{url} did not become healthy in {timeout_s:.0f}s; last: {last}")
+
+
 def shutdown(ray_too: bool = True) -> None:
     """Tear down every Serve application (and Ray, if we started it)."""
     import ray

@@ -11,6 +11,7 @@ the replica's event loop stays free; throughput scales with `num_replicas`.
 
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -201,6 +202,14 @@ def grammar_for(fmt: ResponseFormat | None):  # noqa: ANN201
         raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
 
 
+def resolve_path(path: str) -> str:
+    """A relative path in a Serve config is taken from the project root, not the replica's cwd."""
+    from distill.config import project_root
+
+    p = os.path.expanduser(path)
+    return p if os.path.isabs(p) else str(project_root() / p)
+
+
 class LlamaCppEngine:
     """The models of one replica, each a `llama_cpp.Llama` with its own lock. Usable without Ray."""
 
@@ -213,7 +222,7 @@ class LlamaCppEngine:
         for m in args.models:
             self.llamas[m.name] = Llama(
                 model_path=str(m.source.resolve()),
-                lora_path=m.lora_path,
+                lora_path=resolve_path(m.lora_path) if m.lora_path else None,
                 n_ctx=m.n_ctx,
                 n_threads=args.n_threads,
                 n_threads_batch=args.n_threads,
@@ -269,7 +278,7 @@ class LlamaCppServer:
 
     def _authorize(self, authorization: str | None) -> None:
         key = os.environ.get(self.args.api_key_env) if self.args.api_key_env else None
-        if key and authorization != f"Bearer {key}":
+        if key and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            type_="authentication_error")
 

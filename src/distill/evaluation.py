@@ -1,0 +1,258 @@
+"""Evaluation and prompt optimization of the student: base/finetuned x zero-shot/BFRS-optimized.
+
+`evaluate_and_prompt_optimize` scores the four variants on the synthetic devset (the teacher's labels)
+and optimizes each model's prompt with `BootstrapFewShotWithRandomSearch` (trained on the optimizer
+trainset, selected on the optimizer valset); every program is saved as JSON with `Module.save` and an
+optimized program whose inputs did not change is loaded instead of recompiled.
+`run_testset_evaluation` scores the same variants on the real test set and picks the best, as the
+original notebook did. LM calls go through DSPy's cache (inside the artifact directory), so a re-run
+costs little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import dspy
+from rich.console import Console
+
+from distill.data import write_jsonl
+from distill.errors import DistillError
+from distill.program import IntentClassificationModule, ValidLabel, exact_match
+from distill.serving.lm import register, using
+
+console = Console()
+
+VARIANTS = ("vanilla", "bfrs")  # zero-shot, and BootstrapFewShotWithRandomSearch-optimized
+
+
+@dataclass
+class EvalResult:
+    score: float  # accuracy, 0-1
+    valid_rate: float  # share of answers that are one of the labels (a failed call is invalid)
+    n: int
+    seconds: float
+    predictions: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class Variant:
+    kind: str  # "base" | "finetuned"
+    variant: str  # "vanilla" | "bfrs"
+    model: str  # the served model id
+    program_path: Path
+
+
+def evaluate(
+    program: dspy.Module,
+    lm: dspy.LM,
+    examples: Sequence[dspy.Example],
+    labels: Sequence[str],
+    threads: int,
+    max_errors: int,
+    predictions_path: Path | None = None,
+    name: str = "",
+) -> EvalResult:
+    """`dspy.Evaluate` with exact match; per-example predictions are kept (and written as JSONL)."""
+    valid = ValidLabel(labels)
+    t0 = time.perf_counter()
+    try:
+        with using(lm):
+            result = dspy.Evaluate(
+                devset=list(examples), metric=exact_match, num_threads=threads, display_progress=True,
+                max_errors=max_errors,
+            )(program)
+    except Exception as e:  # noqa: BLE001 - dspy raises a bare Exception once max_errors is exceeded
+        raise DistillError(f"evaluating {name or lm.model} failed ({type(e).__name__}: {e}); more than "
+                           f"{max_errors} calls errored -- is the endpoint {lm.kwargs.get('api_base')} healthy?") from e
+    seconds = time.perf_counter() - t0
+    predictions = [
+        {"text": ex.text, "label": ex.label, "predicted": getattr(pred, "label", None) if pred is not None else None,
+         "correct": bool(score)}
+        for ex, pred, score in result.results
+    ]
+    n_valid = sum(1 for ex, pred, _ in result.results if pred is not None and valid(ex, pred))
+    if predictions_path is not None:
+        write_jsonl(predictions_path, predictions)
+    out = EvalResult(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds, predictions)
+    console.print(f"{name}: [bold]{out.score:.1%}[/] on {out.n} (valid {out.valid_rate:.0%}, {seconds:.0f} s)")
+    return out
+
+
+def new_program(labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400) -> IntentClassificationModule:
+    return IntentClassificationModule(labels, reasoning, max_reasoning_chars)
+
+
+def load_program(
+    path: str | Path, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400
+) -> IntentClassificationModule:
+    """A program saved with `Module.save` (its demos and instructions) on a freshly built module."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"saved program not found: {p}")
+    register()  # the saved state may reference our provider's LMs
+    program = new_program(labels, reasoning, max_reasoning_chars)
+    try:
+        program.load(str(p))
+    except Exception as e:  # noqa: BLE001 - json/KeyError/ValueError from a foreign or corrupt file
+        raise DistillError(f"{p}: not a saved IntentClassificationModule ({type(e).__name__}: {e})") from None
+    return program
+
+
+def optimize(
+    program: dspy.Module,
+    lm: dspy.LM,
+    trainset: Sequence[dspy.Example],
+    valset: Sequence[dspy.Example],
+    bfrs: Mapping[str, Any],
+    threads: int,
+    max_errors: int,
+) -> dspy.Module:
+    """BootstrapFewShotWithRandomSearch: demos bootstrapped from the trainset, candidates picked on the valset."""
+    from dspy.teleprompt import BootstrapFewShotWithRandomSearch
+
+    optimizer = BootstrapFewShotWithRandomSearch(
+        metric=exact_match, num_threads=threads, max_errors=max_errors, **bfrs,
+    )
+    with using(lm):
+        return optimizer.compile(program, trainset=list(trainset), valset=list(valset))
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluate_and_prompt_optimize(
+    models: Mapping[str, dspy.LM],
+    labels: Sequence[str],
+    devset: Sequence[dspy.Example],
+    trainset: Sequence[dspy.Example],
+    valset: Sequence[dspy.Example],
+    out_dir: Path,
+    bfrs: Mapping[str, Any],
+    threads: int = 2,
+    max_errors: int = 5,
+    fingerprints: Mapping[str, str] | None = None,
+    reasoning: bool = False,
+    max_reasoning_chars: int = 400,
+) -> tuple[dict[str, dict[str, float]], list[Variant]]:
+    """Devset scores {kind: {"vanilla": x, "bfrs": y}} of each model, and the saved programs.
+
+    `fingerprints[kind]` identifies everything an optimized program depends on; a saved program with the
+    same fingerprint is loaded instead of recompiled.
+    """
+    programs_dir = out_dir / "programs"
+    programs_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = programs_dir / "meta.json"
+    meta = _meta(meta_path)
+    scores: dict[str, dict[str, float]] = {}
+    variants: list[Variant] = []
+    for kind, lm in models.items():
+        model = lm.model.split("/", 1)[-1]
+        vanilla = new_program(labels, reasoning, max_reasoning_chars)
+        vanilla_path = programs_dir / f"{kind}_vanilla.json"
+        vanilla.save(str(vanilla_path))
+        bfrs_path = programs_dir / f"{kind}_bfrs.json"
+        fp = (fingerprints or {}).get(kind)
+        if fp is not None and meta.get(kind) == fp and bfrs_path.is_file():
+            console.print(f"{kind}: optimized program is current ({bfrs_path}); loaded, not recompiled")
+            optimized = load_program(bfrs_path, labels, reasoning, max_reasoning_chars)
+        else:
+            console.rule(f"BootstrapFewShotWithRandomSearch: {kind} student ({model})")
+            optimized = optimize(new_program(labels, reasoning, max_reasoning_chars), lm, trainset, valset, bfrs,
+                                 threads, max_errors)
+            optimized.save(str(bfrs_path))
+            meta[kind] = fp
+            meta_path.write_text(json.dumps(meta, indent=2))
+        scores[kind] = {}
+        for variant, program, path in (("vanilla", vanilla, vanilla_path), ("bfrs", optimized, bfrs_path)):
+            result = evaluate(program, lm, devset, labels, threads, max_errors,
+                              out_dir / "predictions" / "devset" / f"{kind}_{variant}.jsonl", f"devset {kind} {variant}")
+            scores[kind][variant] = round(result.score, 4)
+            variants.append(Variant(kind, variant, model, path))
+    return scores, variants
+
+
+def choose_best(test_scores: Mapping[str, Mapping[str, float]],
+                dev_scores: Mapping[str, Mapping[str, float]] | None = None) -> tuple[str, str]:
+    """(kind, variant) with the highest test score; ties go to the higher devset score, then the first listed."""
+    candidates = [(kind, variant) for kind in test_scores for variant in test_scores[kind]]
+    if not candidates:
+        raise DistillError("no evaluated variants to choose from")
+    dev = dev_scores or {}
+    return max(candidates, key=lambda kv: (test_scores[kv[0]][kv[1]], dev.get(kv[0], {}).get(kv[1], 0.0)))
+
+
+def run_testset_evaluation(
+    models: Mapping[str, dspy.LM],
+    variants: Sequence[Variant],
+    labels: Sequence[str],
+    testset: Sequence[dspy.Example],
+    out_dir: Path,
+    threads: int = 2,
+    max_errors: int = 5,
+    dev_scores: Mapping[str, Mapping[str, float]] | None = None,
+    reasoning: bool = False,
+    max_reasoning_chars: int = 400,
+) -> tuple[str, str, float, dict[str, dict[str, float]]]:
+    """Score every variant on the test set; `(best_program_path, best_model, best_score, test_scores)`."""
+    scores: dict[str, dict[str, float]] = {}
+    for v in variants:
+        program = load_program(v.program_path, labels, reasoning, max_reasoning_chars)
+        result = evaluate(program, models[v.kind], testset, labels, threads, max_errors,
+                          out_dir / "predictions" / "testset" / f"{v.kind}_{v.variant}.jsonl",
+                          f"testset {v.kind} {v.variant}")
+        scores.setdefault(v.kind, {})[v.variant] = round(result.score, 4)
+    kind, variant = choose_best(scores, dev_scores)
+    best = next(v for v in variants if (v.kind, v.variant) == (kind, variant))
+    return str(best.program_path), best.model, scores[kind][variant], scores
+
+
+def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Example]) -> dict[str, Any]:
+    """Latency per call (sequential, one at a time) and tokens per query of `program` on `lm`.
+
+    Pass an LM built with `cache=False`: a cached answer measures nothing.
+    """
+    if lm.cache:
+        raise DistillError("measure_calls needs an LM without cache (make_lm(..., cache=False))")
+    times = []
+    with using(lm), dspy.track_usage() as usage:
+        for ex in examples:
+            t0 = time.perf_counter()
+            program(**ex.inputs())
+            times.append(time.perf_counter() - t0)
+    totals = usage.get_total_tokens().get(lm.model, {})
+    n = len(examples)
+    ordered = sorted(times)
+    return {
+        "n": n,
+        "p50_s": round(statistics.median(times), 4),
+        "p95_s": round(ordered[min(n - 1, int(0.95 * n))], 4),
+        "prompt_tokens_per_query": round(totals.get("prompt_tokens", 0) / n, 1),
+        "completion_tokens_per_query": round(totals.get("completion_tokens", 0) / n, 1),
+    }
+
+
+def write_deploy_params(path: Path, *, model: str, program_path: str, labels: Sequence[str], variant: str, kind: str,
+                        score: float, reasoning: bool, max_reasoning_chars: int) -> Path:
+    """What the serving application loads: the best model id, its saved program and the labels in use."""
+    from distill.config import project_root
+
+    program = Path(program_path).resolve()
+    with contextlib.suppress(ValueError):  # inside the checkout: relative, so the checkout can move
+        program = program.relative_to(project_root())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
+        "model": model, "program_path": str(program), "labels": list(labels),
+        "variant": variant, "kind": kind, "test_score": score,
+        "program": {"reasoning": reasoning, "max_reasoning_chars": max_reasoning_chars},
+    }, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,81 @@
+"""Evaluation charts (matplotlib, Agg backend): variant scores per split, and the best variant's confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI, `make demo`, Ray workers; the notebook shows the PNG inline
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+VARIANT_NAMES = {"vanilla": "zero-shot", "bfrs": "BFRS-optimized"}
+
+
+def plot_variant_scores(
+    scores: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    title: str,
+    reference: float | None = None,
+    reference_label: str = "teacher",
+) -> Path:
+    """Grouped bars, one group per model ("base", "finetuned"), one bar per variant; scores in 0-1."""
+    models = list(scores)
+    variants = list(dict.fromkeys(v for m in models for v in scores[m]))
+    x = np.arange(len(models))
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, variant in enumerate(variants):
+        values = [100 * scores[m].get(variant, np.nan) for m in models]
+        bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, values, width, label=VARIANT_NAMES.get(variant, variant))
+        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    if reference is not None:
+        ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1)
+        ax.text(len(models) - 0.5, 100 * reference, f"{reference_label} {100 * reference:.1f}%", ha="right",
+                va="bottom", fontsize=8)
+    ax.set_xticks(x, [f"{m} student" for m in models])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(
+    gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str], path: str | Path, title: str
+) -> Path:
+    """Rows: true label; columns: predicted label (answers outside `labels` are counted as 'invalid')."""
+    index = {label: i for i, label in enumerate(labels)}
+    n = len(labels)
+    matrix = np.zeros((n, n + 1), dtype=int)
+    for g, p in zip(gold, predicted, strict=True):
+        matrix[index[g], index.get(p, n) if p is not None else n] += 1
+    columns = list(labels) + ["invalid"]
+    if not matrix[:, n].any():
+        matrix, columns = matrix[:, :n], list(labels)
+    size = max(6.0, 0.32 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(matrix):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                    color="white" if v > matrix.max() / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
