@@ -1,4 +1,4 @@
-# Two ways in:  `make demo` (set up, then run the main job on the local profile)
+# Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the test suite)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -39,7 +39,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	@echo "setup done: $(VENV)"
 
 demo: setup
-	$(PY) -m distill run --profile $(PROFILE)
+	$(PY) -m distill notebook --profile $(PROFILE)
 
 test: setup
 	$(PY) -m pytest

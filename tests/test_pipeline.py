@@ -8,7 +8,6 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from nbclient import NotebookClient
 
 from distill import pipeline
 from distill.config import load_config
@@ -117,17 +116,14 @@ def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     assert after == before  # no relabeling, no retraining, no re-optimization
 
 
-def test_readme_notebook_executes_on_the_same_artifacts(artifacts, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(artifacts))
-    labels = artifacts / "labels" / "labels.jsonl"
-    before = labels.stat().st_mtime_ns
-    nb = nbformat.read(ROOT / "README.ipynb", as_version=4)
-    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1, "README.ipynb needs exactly one cell tagged `parameters`"
-    # papermill's convention: injected values go in a cell right after the parameters cell
-    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell('PROFILE = "local_ci"'))
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    nbformat.write(nb, tmp_path / "README.executed.ipynb")
+def test_readme_notebook_executes_on_the_same_artifacts(artifacts, tmp_path) -> None:
+    """The notebook top to bottom on the artifacts of the run above: every stage is current and skipped."""
+    from distill.notebook import execute_notebook
+
+    labels, adapter = artifacts / "labels" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
+    before = (labels.stat().st_mtime_ns, adapter.stat().st_mtime_ns)
+    out = execute_notebook("local_ci", output=tmp_path / "README.executed.ipynb", timeout_s=900)
+    nb = nbformat.read(out, as_version=4)
     # stream output, and rich's console output (display data in a kernel)
     outputs = "".join(
         str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
@@ -135,4 +131,8 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, monkeypatch, 
     )
     assert "Program output label:" in outputs and "teacher stage is current" in outputs, outputs[-3000:]
     assert "finetune is current" in outputs and "evaluation is current" in outputs, outputs[-3000:]
-    assert labels.stat().st_mtime_ns == before
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 4
+    assert (labels.stat().st_mtime_ns, adapter.stat().st_mtime_ns) == before  # no relabeling, no retraining
+    report = load_report(load_config("local_ci"))
+    assert report["serving"]["ok"] == report["serving"]["queries"] and report["serving"]["valid_share"] == 1.0
+    assert report["run"]["versions"]["dspy"] and report["run"]["sizes"]["num_to_label"] == 60

@@ -69,6 +69,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_notebook(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.notebook import execute_notebook
+    from distill.pipeline import print_summary
+    from distill.report import load_report
+
+    profile = args.profile or load_config(None).name
+    out = execute_notebook(profile, args.notebook, args.output, args.timeout)
+    print(f"executed notebook: {out}")
+    print_summary(load_report(load_config(profile)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -98,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
     r.set_defaults(func=_cmd_run)
+
+    n = sub.add_parser("notebook", help="execute README.ipynb headlessly (make demo), then print the summary",
+                       parents=[common])
+    n.add_argument("--notebook", default=None, help="default: README.ipynb at the project root")
+    n.add_argument("--output", default=None, help="default: <artifacts>/README.executed.ipynb")
+    n.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
+    n.set_defaults(func=_cmd_notebook)
     return p
 
 

@@ -53,8 +53,13 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+_run_started: float | None = None
+
+
 def setup(cfg: Config) -> None:
     """Environment check and DSPy's LM cache inside the artifact directory (so re-runs reuse calls)."""
+    global _run_started
+    _run_started = time.time()
     checks = check_env(cfg)
     for c in checks:
         console.print(c.line(), markup=False)
@@ -361,6 +366,11 @@ def _program_app_env(path: Path) -> tuple[list[str], dict[str, str]]:
     return names, headers
 
 
+def client_headers(cfg: Config) -> dict[str, str]:
+    """The Authorization header a client of the profile's program app sends (if its key is set)."""
+    return _program_app_env(cfg.path(cfg.serving.deploy_config))[1]
+
+
 def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) -> dict[str, Any]:
     """Deploy the program and its LLM as one Serve deployment and classify test queries over HTTP.
 
@@ -386,7 +396,7 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
         with httpx.Client(timeout=120, headers=headers) as client:
             for ex in data.test[: cfg.serving.sample_queries]:
                 r = client.post(url, json={"query": ex.text})
-                body = r.json()
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
                 rows.append({"status": r.status_code, "label": body.get("label"), "gold": ex.label,
                              "latency_ms": body.get("latency_ms")})
     except BaseException:
@@ -409,6 +419,63 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
     return update_report(cfg, "serving", summary)["serving"]
 
 
+def finish_run(cfg: Config) -> dict[str, Any]:
+    """Write the report's `run` block (wall time since `setup`, sizes, versions) and print the summary."""
+    import importlib.metadata as md
+
+    values: dict[str, Any] = {
+        "profile": cfg.name,
+        "sizes": {**cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision"}),
+                  "finetune_max_steps": cfg.finetune.max_steps, "bfrs": cfg.evaluation.bfrs.model_dump()},
+        "versions": {d: md.version(d) for d in ("dspy", "ray", "llama_cpp_python", "torch", "transformers", "peft",
+                                                 "trl")},
+    }
+    if _run_started is not None:
+        values["wall_seconds"] = round(time.time() - _run_started, 1)
+    report = update_report(cfg, "run", values)
+    print_summary(report)
+    return report["run"]
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The headline numbers of a report as one table."""
+    from rich.table import Table
+
+    t, c, f, e, r = (report.get(k, {}) for k in ("teacher", "curation", "finetune", "eval", "run"))
+    lat, cost, srv = report.get("latency", {}), report.get("cost", {}), report.get("serving", {})
+
+    def pct(x: Any) -> str:
+        return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+    table = Table(title=f"distill run summary ({r.get('profile', '?')})", show_header=False)
+    rows = [
+        ("teacher accuracy: gold (leave-one-out) / test", f"{pct(t.get('accuracy_gold'))} / {pct(t.get('accuracy_test'))}"),
+        ("labeled -> kept after curation", f"{t.get('labeled', '-')} -> {c.get('kept', '-')}"),
+        ("finetune: steps, loss first -> last, wall",
+         f"{f.get('steps', '-')}, {f.get('first_loss', 0):.3f} -> {f.get('last_loss', 0):.3f}, {f.get('wall_seconds', '-')} s"
+         if f else "-"),
+    ]
+    for split in ("devset", "testset"):
+        for kind, variants in e.get(split, {}).items():
+            rows.append((f"{split}: {kind} student zero-shot / BFRS",
+                         f"{pct(variants.get('vanilla'))} / {pct(variants.get('bfrs'))}"))
+    if b := e.get("best"):
+        rows.append(("best variant (test set)", f"{b['kind']} {b['variant']} ({b['model']}) {pct(b['test_score'])}"))
+    for who in ("teacher", "student_best"):
+        if who in lat:
+            rows.append((f"{who}: p50 per call, tokens/query (prompt + completion)",
+                         f"{lat[who]['p50_s']:.3f} s, {cost.get(who, {}).get('prompt_tokens_per_query', '-')} + "
+                         f"{cost.get(who, {}).get('completion_tokens_per_query', '-')}"))
+    if srv:
+        rows.append(("served /classify_intent: ok, valid labels, accuracy",
+                     f"{srv['ok']}/{srv['queries']}, {pct(srv['valid_share'])}, {pct(srv['accuracy'])}"))
+    if "wall_seconds" in r:
+        rows.append(("wall time", f"{r['wall_seconds'] / 60:.1f} min"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
 def run(profile: str | None = None) -> Config:
     cfg = load_config(profile)
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
@@ -419,4 +486,5 @@ def run(profile: str | None = None) -> Config:
     finetune_stage(cfg)
     evaluation_stage(cfg, data)
     serving_stage(cfg, data)
+    finish_run(cfg)
     return cfg

@@ -84,6 +84,25 @@ class UpstreamError(Exception):
 api = FastAPI(title="distill intent classifier", description="POST /classify_intent {'query': '...'}")
 
 
+class _ExactPrefix:
+    """Route a request for exactly the route prefix (`POST /classify_intent`) to the app's "/".
+
+    Otherwise Starlette answers it with a 307 redirect to `/classify_intent/`, which many clients do not
+    follow for a POST; a route with an empty path is not allowed in a Serve ingress.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/", "raw_path": scope.get("raw_path", b"").rstrip(b"/") + b"/"}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_ExactPrefix)
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message, **extra})
 
@@ -199,8 +218,10 @@ class IntentClassifierApp:
                 "labels": len(c.labels)}
         return JSONResponse(status_code=200 if llm == "up" else 503, content=body)
 
+    # At route_prefix /classify_intent, POST /classify_intent reaches "/" (see _ExactPrefix); deployed
+    # alone at route "/", the same handler answers POST /classify_intent.
     @api.post("/")
-    @api.post("/classify_intent")  # the same handler when the app is deployed alone at route "/"
+    @api.post("/classify_intent")
     async def classify_intent(self, body: ClassifyRequest, authorization: str | None = Header(None)) -> Any:
         if (denied := self._authorize(authorization)) is not None:
             return denied
