@@ -79,6 +79,10 @@ class FinetuneConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (small profiles).")
     epochs: float | None = Field(None, gt=0, description="Overrides the recipe's epochs.")
     timeout_s: float = Field(3600, gt=0)
+    adapter_storage: str | None = Field(
+        None, description="Cluster: copy the adapter to <this>/<adapter name> (s3://, gs://, file://) for ray.serve.llm.")
+    model_config_path: str | None = Field(
+        None, description="The student's LLMConfig YAML whose dynamic_lora_loading_path is set to adapter_storage.")
 
 
 class BFRSConfig(_Strict):

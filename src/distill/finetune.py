@@ -44,6 +44,9 @@ class LoraSpec(_Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str]
+    # Adapt only the top N decoder layers: backpropagation then stops there, so a step costs ~forward +
+    # N/L of the backward. null: every layer.
+    top_layers: int | None = Field(None, ge=1)
 
 
 class TrainingSpec(_Strict):
@@ -137,6 +140,15 @@ def to_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
 ADAPTER_SUBDIR = "adapter"
 
 
+def _top_layers(model: Any, n: int | None) -> list[int] | None:
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    if n > total:
+        raise DistillError(f"lora.top_layers={n}, but the model has {total} layers")
+    return list(range(total - n, total))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import datasets
     import torch
@@ -182,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM", layers_to_transform=_top_layers(model, lora.top_layers),
         ),
         callbacks=[RayTrainReportCallback()],
     )

@@ -229,6 +229,14 @@ def finetune_stage(cfg: Config) -> dict[str, Any]:
         if started_ray:
             shutdown()
     result = job.train_kwargs["result"]
+    published = None
+    if ft.adapter_storage:  # cluster: where ray.serve.llm loads the adapter from
+        from distill.publish import adapter_name, point_model_config, publish_adapter
+
+        published = publish_adapter(result["adapter_dir"], ft.adapter_storage, adapter_name(ft.finetuned_model))
+        if ft.model_config_path and point_model_config(cfg.path(ft.model_config_path), ft.adapter_storage):
+            console.print(f"{ft.model_config_path}: dynamic_lora_loading_path -> {ft.adapter_storage}")
+        console.print(f"adapter published to {published}")
     # The student application, now serving the base student and the finetuned one (base GGUF + adapter).
     serve_cfg = yaml.safe_load(cfg.path(cfg.models.student.serve_config).read_text())
     models = serve_cfg["applications"][0]["args"]["models"]
@@ -242,7 +250,7 @@ def finetune_stage(cfg: Config) -> dict[str, Any]:
         result["adapter_dir"], "serve_config": str(serve_path), "wall_seconds": result["wall_seconds"],
         "train_seconds": result.get("train_seconds"), "examples": result.get("examples"),
         "epochs": result.get("epochs"), "steps": result.get("steps"), "first_loss": losses[0], "last_loss": losses[-1],
-        "recipe": ft.recipe,
+        "recipe": ft.recipe, "published": published,
     })["finetune"]
 
 
