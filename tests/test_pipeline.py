@@ -136,3 +136,19 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, tmp_path) -> 
     report = load_report(load_config("local_ci"))
     assert report["serving"]["ok"] == report["serving"]["queries"] and report["serving"]["valid_share"] == 1.0
     assert report["run"]["versions"]["dspy"] and report["run"]["sizes"]["num_to_label"] == 60
+
+
+def test_only_the_evaluation_section_after_a_restart_reuses_the_artifacts(artifacts, tmp_path) -> None:
+    from distill.notebook import execute_notebook
+
+    labels, adapter = artifacts / "labels" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
+    programs = sorted((artifacts / "eval" / "programs").glob("*.json"))
+    before = [p.stat().st_mtime_ns for p in (labels, adapter, *programs)]
+    out = execute_notebook("local_ci", output=tmp_path / "eval_only.ipynb", timeout_s=600, sections=["Evaluation"])
+    nb = nbformat.read(out, as_version=4)
+    headings = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"]
+    assert headings == ["## Set-up", "## Data", "## Evaluation and prompt optimization"]
+    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                   for c in nb.cells for o in c.get("outputs", []))
+    assert "evaluation is current" in text
+    assert [p.stat().st_mtime_ns for p in (labels, adapter, *programs)] == before  # nothing relabeled/retrained

@@ -76,7 +76,7 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
     from distill.report import load_report
 
     profile = args.profile or load_config(None).name
-    out = execute_notebook(profile, args.notebook, args.output, args.timeout)
+    out = execute_notebook(profile, args.notebook, args.output, args.timeout, args.section or None)
     print(f"executed notebook: {out}")
     print_summary(load_report(load_config(profile)))
     return 0
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--notebook", default=None, help="default: README.ipynb at the project root")
     n.add_argument("--output", default=None, help="default: <artifacts>/README.executed.ipynb")
     n.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
+    n.add_argument("--section", action="append", help="run only this section (repeatable; set-up and data always run)")
     n.set_defaults(func=_cmd_notebook)
     return p
 

@@ -179,6 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         max_length=t.max_length,
         completion_only_loss=True,
         gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no gradient on the inputs, so with `top_layers` the backward
+        # pass (and the recomputation) still stops at the lowest adapted layer.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=t.bf16,
         use_cpu=not job.recipe.scaling.use_gpu,
         seed=t.seed,

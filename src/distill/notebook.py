@@ -8,10 +8,40 @@ from pathlib import Path
 from distill.errors import DistillError
 
 
+ALWAYS = ("Set-up", "Data")  # every section needs the profile and the data object
+
+
+def select_sections(cells: list, sections: list[str]) -> list:
+    """The parameters cell and the cells of the named sections (a `## <name>` heading up to the next one).
+
+    Set-up and Data always run: every later section uses their `cfg` and `data`.
+    """
+    wanted = [w.lower() for w in (*ALWAYS, *sections)]
+    keep, current, found = [], None, set()
+    for cell in cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            title = cell.source[3:].splitlines()[0].lower()
+            current = next((w for w in wanted if title.startswith(w)), None)
+            if current:
+                found.add(current)
+        if current or "parameters" in cell.metadata.get("tags", []):
+            keep.append(cell)
+    if missing := [w for w in wanted if w not in found]:
+        raise DistillError(f"no notebook section starting with {missing}")
+    return keep
+
+
 def execute_notebook(
-    profile: str, notebook: str | Path | None = None, output: str | Path | None = None, timeout_s: float = 3600
+    profile: str,
+    notebook: str | Path | None = None,
+    output: str | Path | None = None,
+    timeout_s: float = 3600,
+    sections: list[str] | None = None,
 ) -> Path:
-    """Run every cell with `PROFILE = profile`; returns the executed notebook's path (written even on failure)."""
+    """Run the notebook (or only `sections`) with `PROFILE = profile`; returns the executed notebook's path.
+
+    The executed notebook is written even when a cell fails.
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -22,6 +52,8 @@ def execute_notebook(
     src = Path(notebook) if notebook else project_root() / "README.ipynb"
     out = Path(output) if output else cfg.artifacts / "README.executed.ipynb"
     nb = nbformat.read(src, as_version=4)
+    if sections:
+        nb.cells = select_sections(nb.cells, sections)
     params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     if len(params) != 1:
         raise DistillError(f"{src} needs exactly one cell tagged 'parameters' (found {len(params)})")

@@ -481,7 +481,7 @@ def print_summary(report: dict[str, Any]) -> None:
         rows.append(("wall time", f"{r['wall_seconds'] / 60:.1f} min"))
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
+    Console(width=max(console.width, 110)).print(table)
 
 
 def run(profile: str | None = None) -> Config:
