@@ -418,7 +418,7 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
         "url": url, "config": str(path), "model": health.get("model"), "queries": len(rows), "ok": len(ok),
         "valid_share": round(sum(r["label"] in labels for r in ok) / max(1, len(rows)), 4),
         "accuracy": round(sum(r["label"] == r["gold"] for r in ok) / max(1, len(rows)), 4),
-        "p50_latency_ms": statistics.median(r["latency_ms"] for r in ok) if ok else None,
+        "p50_latency_ms": round(statistics.median(r["latency_ms"] for r in ok), 1) if ok else None,
     }
     for r in rows[:5]:
         console.print(f"  {r['status']} {r['label']!s:45} (true: {r['gold']}, {r['latency_ms']} ms)", markup=False)

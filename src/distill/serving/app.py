@@ -12,7 +12,6 @@ enforces it, and an answer outside them is a 502, never passed on.
 # No `from __future__ import annotations` here: Ray Serve's ingress must see real types to parse bodies.
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from ray import serve
+
+from distill.serving.common import authorized, parse_app_args
 
 logger = logging.getLogger("ray.serve")
 
@@ -196,8 +197,7 @@ class IntentClassifierApp:
         self.classifier = Classifier(self.args)
 
     def _authorize(self, authorization: str | None) -> JSONResponse | None:
-        key = os.environ.get(self.args.api_key_env) if self.args.api_key_env else None
-        if key and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
+        if not authorized(authorization, self.args.api_key_env):
             return _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
         return None
 
@@ -243,10 +243,7 @@ class IntentClassifierApp:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve builder (`import_path: distill.serving.app:build_app`)."""
-    try:
-        parsed = ProgramAppArgs.model_validate(args)
-    except ValidationError as e:
-        raise ValueError(f"invalid args for distill.serving.app:build_app: {e}") from None
+    parsed = parse_app_args(ProgramAppArgs, args, "distill.serving.app:build_app")
     return IntentClassifierApp.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,

@@ -11,7 +11,6 @@ the replica's event loop stays free; throughput scales with `num_replicas`.
 
 
 import asyncio
-import hmac
 import json
 import os
 import time
@@ -22,10 +21,11 @@ from typing import Any, Literal
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from distill.models import ModelSource
+from distill.serving.common import authorized, parse_app_args
 
 # --- configuration ------------------------------------------------------------------------------
 
@@ -277,8 +277,7 @@ class LlamaCppServer:
         self.engine = LlamaCppEngine(self.args)
 
     def _authorize(self, authorization: str | None) -> None:
-        key = os.environ.get(self.args.api_key_env) if self.args.api_key_env else None
-        if key and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
+        if not authorized(authorization, self.args.api_key_env):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            type_="authentication_error")
 
@@ -297,10 +296,7 @@ class LlamaCppServer:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve builder (`import_path: distill.serving.llm:build_app`)."""
-    try:
-        parsed = LLMAppArgs.model_validate(args)
-    except ValidationError as e:
-        raise ValueError(f"invalid args for distill.serving.llm:build_app: {e}") from None
+    parsed = parse_app_args(LLMAppArgs, args, "distill.serving.llm:build_app")
     return LlamaCppServer.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,
