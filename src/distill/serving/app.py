@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from ray import serve
 
-from distill.serving.common import authorized, parse_app_args
+from distill.serving.common import authorized, describe_validation_errors, parse_app_args
 
 logger = logging.getLogger("ray.serve")
 
@@ -110,18 +110,9 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    msgs = []
-    for e in exc.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        if e.get("type") == "json_invalid":
-            msgs.append("request body is not valid JSON")
-        elif e.get("type") == "extra_forbidden":
-            msgs.append(f"unknown field '{where}' (send {{\"query\": \"...\"}})")
-        elif e.get("type") == "missing":
-            msgs.append(f"missing field '{where}' (send {{\"query\": \"...\"}})")
-        else:
-            msgs.append(f"{where}: {e.get('msg')}")
-    return _error(422, "; ".join(msgs) or "invalid request")
+    message, _ = describe_validation_errors(list(exc.errors()), unknown="unknown field '{}' (send {{\"query\": ...}})",
+                                            missing="missing field '{}' (send {{\"query\": ...}})")
+    return _error(422, message)
 
 
 @api.exception_handler(Exception)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from distill.models import ModelSource
-from distill.serving.common import authorized, parse_app_args
+from distill.serving.common import authorized, describe_validation_errors, parse_app_args
 
 # --- configuration ------------------------------------------------------------------------------
 
@@ -141,30 +141,13 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param}})
 
 
-def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
-    msgs, param = [], None
-    for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        key = ".".join(loc)
-        if e.get("type") == "json_invalid":
-            msgs.append(f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
-            continue
-        param = param or key or None
-        if e.get("type") == "extra_forbidden":
-            msgs.append(f"unsupported parameter '{key}'")
-        elif e.get("type") == "missing":
-            msgs.append(f"missing required parameter '{key}'")
-        else:
-            msgs.append(f"{key or 'body'}: {e.get('msg')}")
-    return "; ".join(msgs) or "invalid request", param
-
-
 api = FastAPI(title="distill llama.cpp OpenAI server")
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = describe_validation_errors(list(exc.errors()))
+    message, param = describe_validation_errors(
+        list(exc.errors()), unknown="unsupported parameter '{}'", missing="missing required parameter '{}'")
     return error_response(400, message, param=param)
 
 
