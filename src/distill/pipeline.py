@@ -7,13 +7,14 @@ a one-line message, so sections can be re-run alone after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import dspy
 from rich.console import Console
@@ -295,7 +296,8 @@ def evaluation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
                              [ex.label for ex in train + val])
               for k, m in kinds.items()}
     started = time.perf_counter()
-    with serving(serve_config, st.api_base, models=list(kinds.values()), forward_env=forward_env_names(cfg)):
+    with _lm_cache(cfg.artifacts / "dspy_cache_eval" / str(finetuned.get("fingerprint")), cfg.artifacts / "dspy_cache"), \
+            serving(serve_config, st.api_base, models=list(kinds.values()), forward_env=forward_env_names(cfg)):
         lms = {k: make_lm(st, model=m) for k, m in kinds.items()}
         dev_scores, variants = evaluate_and_prompt_optimize(
             lms, data.labels, dev, train, val, out, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw)
@@ -331,6 +333,20 @@ def evaluation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
         "bfrs": bfrs, "plots": {k: str(v) for k, v in plots.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
     })["eval"]
+
+
+@contextlib.contextmanager
+def _lm_cache(path: Path, restore: Path) -> Iterator[None]:
+    """DSPy's LM cache in `path` for this block, then `restore`.
+
+    DSPy keys its cache on the model id and the request, not on the weights behind the id: a retrained
+    adapter is served under the same id, so the evaluation keeps one cache per finetune (by fingerprint).
+    """
+    dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(path))
+    try:
+        yield
+    finally:
+        dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(restore))
 
 
 def deploy_params_path(cfg: Config) -> Path:
