@@ -98,8 +98,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     program_args = next(a for a in deploy_cfg["applications"] if a["import_path"] == "distill.serving.app:build_app")
     params = load_deploy_params(program_args["args"]["deploy_params"])
     labels = set(params.labels)
-    program = load_program(ROOT / params.program_path if not Path(params.program_path).is_absolute()
-                           else params.program_path, params.labels, **params.program)
+    program = load_program(params.program_path, params.labels, **params.program.model_dump())
     predictor = program.predictor
     schema = _get_structured_outputs_response_format(predictor.signature).model_json_schema()
     fmt = {"type": "json_schema", "json_schema": {"name": "DSPyProgramOutputs", "schema": schema, "strict": True}}

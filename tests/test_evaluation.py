@@ -9,7 +9,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from distill.errors import DistillError
-from distill.evaluation import choose_best, load_program, new_program, write_deploy_params
+from distill.evaluation import choose_best, load_program, write_deploy_params
+from distill.program import IntentClassificationModule
 from distill.plots import plot_confusion_matrix, plot_variant_scores
 
 LABELS = ["card_arrival", "pending_top_up", "cash_withdrawal_charge"]
@@ -47,7 +48,7 @@ def test_plots_are_valid_pngs(tmp_path) -> None:
 
 
 def test_saved_program_round_trips_its_demos(tmp_path) -> None:
-    program = new_program(LABELS)
+    program = IntentClassificationModule(LABELS)
     program.predictor.demos = [dspy.Example(text="where is my card?", label="card_arrival").with_inputs("text")]
     path = tmp_path / "p.json"
     program.save(str(path))

@@ -133,8 +133,7 @@ class Config(_Strict):
 
     def path(self, p: str | os.PathLike[str]) -> Path:
         """Resolve a config path: absolute stays, relative is taken from the project root."""
-        q = Path(os.path.expanduser(str(p)))
-        return q if q.is_absolute() else self.root / q
+        return resolve_path(p)
 
     @property
     def artifacts(self) -> Path:
@@ -151,6 +150,12 @@ def project_root() -> Path:
         if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
             return parent
     return Path.cwd()
+
+
+def resolve_path(p: str | os.PathLike[str]) -> Path:
+    """Absolute stays; relative is taken from the project root (not the cwd of a job or a replica)."""
+    q = Path(os.path.expanduser(str(p)))
+    return q if q.is_absolute() else project_root() / q
 
 
 def config_path(profile: str) -> Path:

@@ -85,10 +85,6 @@ def evaluate(
     return out
 
 
-def new_program(labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400) -> IntentClassificationModule:
-    return IntentClassificationModule(labels, reasoning, max_reasoning_chars)
-
-
 def load_program(
     path: str | Path, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400
 ) -> IntentClassificationModule:
@@ -97,7 +93,7 @@ def load_program(
     if not p.is_file():
         raise DistillError(f"saved program not found: {p}")
     register()  # the saved state may reference our provider's LMs
-    program = new_program(labels, reasoning, max_reasoning_chars)
+    program = IntentClassificationModule(labels, reasoning, max_reasoning_chars)
     try:
         program.load(str(p))
     except Exception as e:  # noqa: BLE001 - json/KeyError/ValueError from a foreign or corrupt file
@@ -155,7 +151,7 @@ def evaluate_and_prompt_optimize(
     variants: list[Variant] = []
     for kind, lm in models.items():
         model = lm.model.split("/", 1)[-1]
-        vanilla = new_program(labels, reasoning, max_reasoning_chars)
+        vanilla = IntentClassificationModule(labels, reasoning, max_reasoning_chars)
         vanilla_path = programs_dir / f"{kind}_vanilla.json"
         vanilla.save(str(vanilla_path))
         bfrs_path = programs_dir / f"{kind}_bfrs.json"
@@ -165,7 +161,7 @@ def evaluate_and_prompt_optimize(
             optimized = load_program(bfrs_path, labels, reasoning, max_reasoning_chars)
         else:
             console.rule(f"BootstrapFewShotWithRandomSearch: {kind} student ({model})")
-            optimized = optimize(new_program(labels, reasoning, max_reasoning_chars), lm, trainset, valset, bfrs,
+            optimized = optimize(IntentClassificationModule(labels, reasoning, max_reasoning_chars), lm, trainset, valset, bfrs,
                                  threads, max_errors)
             optimized.save(str(bfrs_path))
             meta[kind] = fp

@@ -406,10 +406,11 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
     from distill.serving.control import shutdown, start_serve_config, wait_until_healthy
 
     console.rule("serving: POST /classify_intent")
-    params_path = deploy_params_path(cfg)
-    if not params_path.is_file():
+    from distill.serving.app import load_deploy_params
+
+    if not deploy_params_path(cfg).is_file():
         raise DistillError("no deploy params yet: run the evaluation stage first")
-    params = json.loads(params_path.read_text())
+    labels = set(load_deploy_params(deploy_params_path(cfg)).labels)
     path = deploy_config(cfg)
     env_names, headers = _program_app_env(path)
     url = cfg.serving.url
@@ -429,7 +430,6 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
     if not keep_running:
         shutdown()
     ok = [r for r in rows if r["status"] == 200]
-    labels = set(params["labels"])
     summary = {
         "url": url, "config": str(path), "model": health.get("model"), "queries": len(rows), "ok": len(ok),
         "valid_share": round(sum(r["label"] in labels for r in ok) / max(1, len(rows)), 4),

@@ -17,7 +17,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,13 +56,20 @@ class ProgramAppArgs(BaseModel):
         return self
 
 
+class ProgramParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reasoning: bool = False
+    max_reasoning_chars: int = 400
+
+
 class DeployParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    program_path: str
+    program_path: str  # absolute once loaded by `load_deploy_params`
     labels: list[str] = Field(..., min_length=2)
-    program: dict[str, Any] = Field(default_factory=dict)
+    program: ProgramParams = ProgramParams()
 
 
 class ClassifyRequest(BaseModel):
@@ -121,21 +127,18 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-def _resolve(path: str) -> Path:
-    from distill.config import project_root
-
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else project_root() / p
-
-
 def load_deploy_params(path: str | os.PathLike[str]) -> DeployParams:
-    p = _resolve(str(path))
+    """The evaluation stage's deploy params; relative paths (in them, and `path`) are from the project root."""
+    from distill.config import resolve_path
+
+    p = resolve_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"deploy params not found: {p} (run the evaluation stage first)")
     try:
-        return DeployParams.model_validate(json.loads(p.read_text()))
+        params = DeployParams.model_validate(json.loads(p.read_text()))
     except (json.JSONDecodeError, ValidationError) as e:
         raise ValueError(f"{p}: not valid deploy params: {e}") from None
+    return params.model_copy(update={"program_path": str(resolve_path(params.program_path))})
 
 
 class Classifier:
@@ -149,9 +152,7 @@ class Classifier:
         self.args = args
         self.params = load_deploy_params(args.deploy_params)
         self.labels = frozenset(self.params.labels)
-        self.program = load_program(_resolve(self.params.program_path), self.params.labels,
-                                    **{k: v for k, v in self.params.program.items()
-                                       if k in ("reasoning", "max_reasoning_chars")})
+        self.program = load_program(self.params.program_path, self.params.labels, **self.params.program.model_dump())
         api_base = args.llm_api_base or os.environ.get(args.llm_api_base_env or "")
         if not api_base:
             raise ValueError(f"{args.llm_api_base_env} is not set: the LLM service's URL comes from it")

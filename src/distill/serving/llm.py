@@ -12,7 +12,6 @@ the replica's event loop stays free; throughput scales with `num_replicas`.
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from functools import lru_cache
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from distill.config import resolve_path
 from distill.models import ModelSource
 from distill.serving.common import authorized, describe_validation_errors, parse_app_args
 
@@ -185,14 +185,6 @@ def grammar_for(fmt: ResponseFormat | None):  # noqa: ANN201
         raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
 
 
-def resolve_path(path: str) -> str:
-    """A relative path in a Serve config is taken from the project root, not the replica's cwd."""
-    from distill.config import project_root
-
-    p = os.path.expanduser(path)
-    return p if os.path.isabs(p) else str(project_root() / p)
-
-
 class LlamaCppEngine:
     """The models of one replica, each a `llama_cpp.Llama` with its own lock. Usable without Ray."""
 
@@ -205,7 +197,7 @@ class LlamaCppEngine:
         for m in args.models:
             self.llamas[m.name] = Llama(
                 model_path=str(m.source.resolve()),
-                lora_path=resolve_path(m.lora_path) if m.lora_path else None,
+                lora_path=str(resolve_path(m.lora_path)) if m.lora_path else None,
                 n_ctx=m.n_ctx,
                 n_threads=args.n_threads,
                 n_threads_batch=args.n_threads,
