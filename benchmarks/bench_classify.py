@@ -31,10 +31,9 @@ from rich.table import Table
 
 from distill.config import load_config
 from distill.data import prepare_data
-from distill.evaluation import load_program
-from distill.serving.app import load_deploy_params
+from distill.program import DeployParams
 from distill.serving.control import serving
-from distill.serving.lm import adapter
+from distill.lm import adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ABUSE = [
@@ -96,9 +95,9 @@ class _HTTPStatus(Exception):
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     deploy_cfg = yaml.safe_load((ROOT / args.config).read_text())
     program_args = next(a for a in deploy_cfg["applications"] if a["import_path"] == "distill.serving.app:build_app")
-    params = load_deploy_params(program_args["args"]["deploy_params"])
+    params = DeployParams.load(program_args["args"]["deploy_params"])
     labels = set(params.labels)
-    program = load_program(params.program_path, params.labels, **params.program.model_dump())
+    program = params.load_program()
     predictor = program.predictor
     schema = _get_structured_outputs_response_format(predictor.signature).model_json_schema()
     fmt = {"type": "json_schema", "json_schema": {"name": "DSPyProgramOutputs", "schema": schema, "strict": True}}

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from distill.config import load_config
 from distill.data import prepare_data
-from distill.program import CompactJSONAdapter, make_signature
+from distill.lm import CompactJSONAdapter
+from distill.program import make_signature
 from distill.serving.control import serving
 from distill.serving.llm import LLMAppArgs, LlamaCppEngine, ChatCompletionRequest
 from distill.serving.control import load_serve_config

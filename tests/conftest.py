@@ -28,11 +28,13 @@ def pipeline_artifacts(tmp_path_factory: pytest.TempPathFactory, banking77_dir: 
     """The main job run once on the smallest profile (`local_ci`), in a temporary artifact directory.
 
     Shared by the pipeline, notebook and serving tests (~10 min on 2 cores); the environment it sets is
-    undone right after the run, so tests that need it set it again.
+    undone right after the run, so tests that need it set it again. DISTILL_TEST_ARTIFACTS names a
+    directory to keep between test sessions while developing: current stages are then skipped.
     """
     from distill import pipeline
 
-    art = tmp_path_factory.mktemp("artifacts") / "local_ci"
+    keep = os.environ.get("DISTILL_TEST_ARTIFACTS")
+    art = Path(keep) if keep else tmp_path_factory.mktemp("artifacts") / "local_ci"
     mp = pytest.MonkeyPatch()
     try:
         mp.setenv("DISTILL_ARTIFACTS_DIR", str(art))

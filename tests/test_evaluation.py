@@ -9,8 +9,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from distill.errors import DistillError
-from distill.evaluation import choose_best, load_program, write_deploy_params
-from distill.program import IntentClassificationModule
+from distill.evaluation import choose_best
+from distill.program import DeployParams, IntentClassificationModule, ProgramParams, load_program
 from distill.plots import plot_confusion_matrix, plot_variant_scores
 
 LABELS = ["card_arrival", "pending_top_up", "cash_withdrawal_charge"]
@@ -66,9 +66,22 @@ def test_loading_a_missing_or_foreign_program_is_a_clear_error(tmp_path) -> None
         load_program(bad, LABELS)
 
 
-def test_deploy_params_name_the_model_program_and_labels(tmp_path) -> None:
-    path = write_deploy_params(tmp_path / "deploy_params.json", model="m", program_path=str(tmp_path / "p.json"),
-                               labels=LABELS, variant="bfrs", kind="finetuned", score=0.5, reasoning=False,
-                               max_reasoning_chars=400)
-    params = json.loads(path.read_text())
-    assert params["model"] == "m" and params["labels"] == LABELS and params["program_path"].endswith("p.json")
+def test_deploy_params_round_trip_through_one_model(tmp_path) -> None:
+    program = tmp_path / "p.json"
+    IntentClassificationModule(LABELS).save(str(program))
+    written = DeployParams(model="m", program_path=str(program), labels=LABELS, variant="bfrs", kind="finetuned",
+                           test_score=0.5, program=ProgramParams(reasoning=False, max_reasoning_chars=300))
+    path = written.save(tmp_path / "deploy_params.json")
+    read = DeployParams.load(path)
+    assert read == written  # outside the checkout the program path stays absolute
+    assert read.load_program().labels == LABELS
+
+
+def test_deploy_params_reject_unknown_keys_and_missing_files(tmp_path) -> None:
+    path = tmp_path / "deploy_params.json"
+    path.write_text(json.dumps({"model": "m", "program_path": "p.json", "labels": LABELS, "variant": "bfrs",
+                                "kind": "base", "test_score": 0.1, "modle": "typo"}))
+    with pytest.raises(ValueError, match="modle"):
+        DeployParams.load(path)
+    with pytest.raises(FileNotFoundError, match="run the evaluation stage first"):
+        DeployParams.load(tmp_path / "missing.json")

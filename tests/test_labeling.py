@@ -22,7 +22,7 @@ from distill.errors import DistillError
 from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
 from distill.program import IntentClassificationModule
 from distill.serving.control import serving
-from distill.serving.lm import adapter, make_lm
+from distill.lm import adapter, make_lm
 from distill.teacher import GoldIndex, build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,6 @@ KILLABLE = textwrap.dedent(
     from distill.config import load_config
     from distill.data import prepare_data
     from distill.labeling import label_queries
-    from distill.serving.lm import make_lm
     from distill.teacher import build_teacher
 
     cfg = load_config("local_ci")

@@ -17,7 +17,7 @@ from distill.config import load_config
 from distill.data import prepare_data
 from distill.program import IntentClassificationModule, ValidLabel
 from distill.serving.control import serving
-from distill.serving.lm import make_lm, sanity_check_program, using
+from distill.lm import make_lm, sanity_check_program, using
 
 KEY_ENV = "DISTILL_TEST_LLM_KEY"
 KEY = "test-key-not-a-secret"

@@ -97,8 +97,8 @@ def test_missing_or_wrong_key_is_a_401(deployment) -> None:
 
 def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_artifacts) -> None:
     """The optimized programs, loaded from JSON, answer as they did in the evaluation (temperature 0)."""
-    from distill.evaluation import load_program
-    from distill.serving.lm import make_lm, using
+    from distill.lm import make_lm, using
+    from distill.program import load_program
 
     cfg = load_config("local_ci")
     report = json.loads((pipeline_artifacts / "report.json").read_text())

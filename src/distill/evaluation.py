@@ -11,7 +11,6 @@ costs little.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import time
@@ -24,13 +23,10 @@ from rich.console import Console
 
 from distill.data import write_jsonl
 from distill.errors import DistillError
-from distill.program import IntentClassificationModule, ValidLabel, exact_match
-from distill.serving.lm import register, using
+from distill.lm import using
+from distill.program import IntentClassificationModule, ValidLabel, exact_match, load_program
 
 console = Console()
-
-VARIANTS = ("vanilla", "bfrs")  # zero-shot, and BootstrapFewShotWithRandomSearch-optimized
-
 
 @dataclass
 class EvalResult:
@@ -83,22 +79,6 @@ def evaluate(
     out = EvalResult(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds, predictions)
     console.print(f"{name}: [bold]{out.score:.1%}[/] on {out.n} (valid {out.valid_rate:.0%}, {seconds:.0f} s)")
     return out
-
-
-def load_program(
-    path: str | Path, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400
-) -> IntentClassificationModule:
-    """A program saved with `Module.save` (its demos and instructions) on a freshly built module."""
-    p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"saved program not found: {p}")
-    register()  # the saved state may reference our provider's LMs
-    program = IntentClassificationModule(labels, reasoning, max_reasoning_chars)
-    try:
-        program.load(str(p))
-    except Exception as e:  # noqa: BLE001 - json/KeyError/ValueError from a foreign or corrupt file
-        raise DistillError(f"{p}: not a saved IntentClassificationModule ({type(e).__name__}: {e})") from None
-    return program
 
 
 def optimize(
@@ -233,22 +213,3 @@ def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Exa
         "prompt_tokens_per_query": round(totals.get("prompt_tokens", 0) / n, 1),
         "completion_tokens_per_query": round(totals.get("completion_tokens", 0) / n, 1),
     }
-
-
-def write_deploy_params(path: Path, *, model: str, program_path: str, labels: Sequence[str], variant: str, kind: str,
-                        score: float, reasoning: bool, max_reasoning_chars: int) -> Path:
-    """What the serving application loads: the best model id, its saved program and the labels in use."""
-    from distill.config import project_root
-
-    program = Path(program_path).resolve()
-    with contextlib.suppress(ValueError):  # inside the checkout: relative, so the checkout can move
-        program = program.relative_to(project_root())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({
-        "model": model, "program_path": str(program), "labels": list(labels),
-        "variant": variant, "kind": kind, "test_score": score,
-        "program": {"reasoning": reasoning, "max_reasoning_chars": max_reasoning_chars},
-    }, indent=2))
-    tmp.replace(path)
-    return path

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill.errors import DistillError
 from distill.program import ValidLabel, exact_match
-from distill.serving.lm import using
+from distill.lm import using
 
 console = Console()
 

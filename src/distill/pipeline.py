@@ -34,17 +34,15 @@ from distill.env import check_env, missing
 from distill.errors import DistillError
 from distill.evaluation import (
     evaluate_and_prompt_optimize,
-    load_program,
     measure_calls,
     run_testset_evaluation,
-    write_deploy_params,
 )
+from distill.lm import adapter, make_lm
 from distill.labeling import label_queries, quality_gate, read_records, score_teacher
 from distill.plots import plot_confusion_matrix, plot_variant_scores
-from distill.program import IntentClassificationModule
+from distill.program import DeployParams, IntentClassificationModule, ProgramParams, load_program
 from distill.report import load_report, update_report
 from distill.serving.control import forward_env_names, serving
-from distill.serving.lm import adapter, make_lm
 from distill.teacher import GoldIndex, build_teacher
 
 console = Console()
@@ -320,8 +318,8 @@ def evaluation_stage(cfg: Config, data: Banking77Data) -> dict[str, Any]:
     plots["confusion"] = plot_confusion_matrix(
         [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
         f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
-    write_deploy_params(deploy_params_path(cfg), model=best_model, program_path=best_path, labels=data.labels,
-                        variant=best.variant, kind=best.kind, score=best_score, **program_kw)
+    DeployParams(model=best_model, program_path=best_path, labels=data.labels, variant=best.variant, kind=best.kind,
+                 test_score=best_score, program=ProgramParams(**program_kw)).save(deploy_params_path(cfg))
     console.print(f"best: [bold]{best.kind} {best.variant}[/] ({best_model}) {best_score:.1%} on the test set -> "
                   f"{deploy_params_path(cfg)}")
     return update_report(cfg, "eval", {
@@ -406,11 +404,9 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
     from distill.serving.control import shutdown, start_serve_config, wait_until_healthy
 
     console.rule("serving: POST /classify_intent")
-    from distill.serving.app import load_deploy_params
-
     if not deploy_params_path(cfg).is_file():
         raise DistillError("no deploy params yet: run the evaluation stage first")
-    labels = set(load_deploy_params(deploy_params_path(cfg)).labels)
+    labels = set(DeployParams.load(deploy_params_path(cfg)).labels)
     path = deploy_config(cfg)
     env_names, headers = _program_app_env(path)
     url = cfg.serving.url

@@ -1,4 +1,5 @@
-"""The DSPy program: an intent-classification signature whose label is a `Literal` of the labels in use.
+"""The DSPy program: an intent-classification signature whose label is a `Literal` of the labels in use,
+its module, its metrics, saving/loading it, and the deploy parameters that name the program in service.
 
 Typing the label as a `Literal` is what lets the JSON adapter send a schema with an enum, which the
 server compiles into a grammar: the model can then only ever answer one of the labels.
@@ -6,13 +7,19 @@ server compiles into a grammar: the model can then only ever answer one of the l
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, get_origin
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 import dspy
-from pydantic import GetCoreSchemaHandler
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
 from pydantic_core import core_schema
 
+from distill.config import project_root, resolve_path
 from distill.data import normalize_label
+from distill.errors import DistillError
+from distill.lm import register
 
 INSTRUCTIONS = (
     "As part of a bank's customer-support triage system, classify the intent of a customer's message "
@@ -87,30 +94,6 @@ class IntentClassificationModule(dspy.Module):
         return self._wrap(await self.classify.acall(text=text, **extra))
 
 
-class CompactJSONAdapter(dspy.JSONAdapter):
-    """DSPy's JSONAdapter without the output types repeated at the end of every user message.
-
-    The system message already states each field's type (with the full label list) and the server's
-    grammar enforces it. Repeating the 25 labels after each query costs ~250 prompt tokens that
-    llama.cpp cannot reuse from its prefix cache: 4x slower per query on CPU.
-    """
-
-    def format_field_description(self, signature: type[dspy.Signature]) -> str:
-        # The output structure below already lists a Literal's allowed values once ("one of: ..."); the
-        # field list would repeat them as `Literal[...]`. Once is enough for the model and halves the
-        # system prompt -- which the student is finetuned on, so training is ~2x cheaper.
-        plain = signature
-        for name, field in signature.output_fields.items():
-            if get_origin(field.annotation) is Literal:
-                plain = plain.with_updated_fields(name, type_=str)
-        return super().format_field_description(plain)
-
-    def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str:
-        return "Respond with a JSON object with the fields " + ", then ".join(
-            f"`{name}`" for name in signature.output_fields
-        ) + "."
-
-
 def exact_match(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
     """Correct iff the predicted label equals the gold label after normalisation."""
     got = getattr(pred, "label", None)
@@ -126,3 +109,71 @@ class ValidLabel:
     def __call__(self, example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
         got = getattr(pred, "label", None)
         return got is not None and normalize_label(got) in self.labels
+
+
+def load_program(
+    path: str | Path, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400
+) -> IntentClassificationModule:
+    """A program saved with `Module.save` (its demos and instructions) on a freshly built module."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"saved program not found: {p}")
+    register()  # the saved state may reference our provider's LMs
+    program = IntentClassificationModule(labels, reasoning, max_reasoning_chars)
+    try:
+        program.load(str(p))
+    except Exception as e:  # noqa: BLE001 - json/KeyError/ValueError from a foreign or corrupt file
+        raise DistillError(f"{p}: not a saved IntentClassificationModule ({type(e).__name__}: {e})") from None
+    return program
+
+
+class ProgramParams(BaseModel):
+    """How the saved program's module is built (it must match the one that was saved)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reasoning: bool = False
+    max_reasoning_chars: int = 400
+
+
+class DeployParams(BaseModel):
+    """`deploy_params.json`: the best model id, its saved program and the labels -- written by the
+    evaluation stage, read by the serving application. One model for writer and reader."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    program_path: str  # relative to the project root when inside it; absolute once loaded
+    labels: list[str] = Field(..., min_length=2)
+    variant: str
+    kind: str
+    test_score: float
+    program: ProgramParams = ProgramParams()
+
+    def save(self, path: Path) -> Path:
+        """Write atomically; a program path inside the checkout is stored relative, so the checkout can move."""
+        program = Path(self.program_path).resolve()
+        try:
+            program = program.relative_to(project_root())
+        except ValueError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_copy(update={"program_path": str(program)}).model_dump_json(indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "DeployParams":
+        """Relative paths (`path`, and the program path in it) are taken from the project root."""
+        p = resolve_path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"deploy params not found: {p} (run the evaluation stage first)")
+        try:
+            params = cls.model_validate(json.loads(p.read_text()))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise ValueError(f"{p}: not valid deploy params: {e}") from None
+        return params.model_copy(update={"program_path": str(resolve_path(params.program_path))})
+
+    def load_program(self) -> IntentClassificationModule:
+        return load_program(self.program_path, self.labels, **self.program.model_dump())

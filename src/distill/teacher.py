@@ -12,14 +12,15 @@ import importlib.metadata as md
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import dspy
 import numpy as np
 
 from distill.config import Config, TeacherConfig
 from distill.errors import DistillError
-from distill.program import CompactJSONAdapter, IntentClassificationModule
+from distill.lm import CandidateJSONAdapter
+from distill.program import IntentClassificationModule
 
 
 def resolve_embedder(spec: str) -> str:
@@ -67,20 +68,6 @@ class GoldIndex:
             if len(out) == k:
                 break
         return out
-
-
-class CandidateJSONAdapter(CompactJSONAdapter):
-    """Formats prompts with every label (so the long system prompt stays identical and prefix-cached)
-    but asks the server to constrain the answer to `candidates` only."""
-
-    def __init__(self, candidates: Sequence[str]) -> None:
-        super().__init__()
-        self.candidates = tuple(candidates)
-
-    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[dspy.Signature]) -> None:
-        # DSPy 3.4 builds the response schema here from the signature's output types.
-        narrowed = signature.with_updated_fields("label", type_=Literal[self.candidates])  # type: ignore[valid-type]
-        super()._prepare_response_format(lm, lm_kwargs, narrowed)
 
 
 class RetrievalTeacher(dspy.Module):

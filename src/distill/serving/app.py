@@ -12,7 +12,6 @@ enforces it, and an answer outside them is a 502, never passed on.
 # No `from __future__ import annotations` here: Ray Serve's ingress must see real types to parse bodies.
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -23,9 +22,12 @@ import httpx
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from ray import serve
 
+from distill.config import LMConfig
+from distill.lm import make_lm, using
+from distill.program import DeployParams
 from distill.serving.common import authorized, describe_validation_errors, parse_app_args
 
 logger = logging.getLogger("ray.serve")
@@ -54,22 +56,6 @@ class ProgramAppArgs(BaseModel):
         if (self.llm_api_base is None) == (self.llm_api_base_env is None):
             raise ValueError("give exactly one of 'llm_api_base' or 'llm_api_base_env'")
         return self
-
-
-class ProgramParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    reasoning: bool = False
-    max_reasoning_chars: int = 400
-
-
-class DeployParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    program_path: str  # absolute once loaded by `load_deploy_params`
-    labels: list[str] = Field(..., min_length=2)
-    program: ProgramParams = ProgramParams()
 
 
 class ClassifyRequest(BaseModel):
@@ -127,32 +113,14 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-def load_deploy_params(path: str | os.PathLike[str]) -> DeployParams:
-    """The evaluation stage's deploy params; relative paths (in them, and `path`) are from the project root."""
-    from distill.config import resolve_path
-
-    p = resolve_path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"deploy params not found: {p} (run the evaluation stage first)")
-    try:
-        params = DeployParams.model_validate(json.loads(p.read_text()))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise ValueError(f"{p}: not valid deploy params: {e}") from None
-    return params.model_copy(update={"program_path": str(resolve_path(params.program_path))})
-
-
 class Classifier:
     """The saved program + its LM; usable without Ray (the deployment wraps one)."""
 
     def __init__(self, args: ProgramAppArgs) -> None:
-        from distill.config import LMConfig
-        from distill.evaluation import load_program
-        from distill.serving.lm import make_lm
-
         self.args = args
-        self.params = load_deploy_params(args.deploy_params)
+        self.params = DeployParams.load(args.deploy_params)
         self.labels = frozenset(self.params.labels)
-        self.program = load_program(self.params.program_path, self.params.labels, **self.params.program.model_dump())
+        self.program = self.params.load_program()
         api_base = args.llm_api_base or os.environ.get(args.llm_api_base_env or "")
         if not api_base:
             raise ValueError(f"{args.llm_api_base_env} is not set: the LLM service's URL comes from it")
@@ -164,8 +132,6 @@ class Classifier:
         self.pool = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="dspy")
 
     def predict(self, query: str) -> str:
-        from distill.serving.lm import using
-
         try:
             with using(self.lm):
                 label = self.program(text=query).label
