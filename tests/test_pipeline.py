@@ -50,11 +50,11 @@ def test_finetune_ran_as_a_ray_job_and_llama_cpp_serves_the_adapter(artifacts) -
 
     cfg = load_config("local_ci")
     ft = load_report(cfg)["finetune"]
-    assert ft["steps"] == cfg.finetune.max_steps and ft["examples"] == load_report(cfg)["curation"]["sft_examples"]
+    assert ft["steps"] == cfg.finetune.training["max_steps"] and ft["examples"] == load_report(cfg)["curation"]["sft_examples"]
     assert ft["last_loss"] < ft["first_loss"]  # a few real LoRA steps on the teacher's labels
     result = json.loads((artifacts / "finetune" / "result.json").read_text())
     recipe = load_recipe(cfg.path(cfg.finetune.recipe))
-    model, tok = load_base(recipe.model, recipe.training)
+    model, tok = load_base(recipe.model)
     peft = PeftModel.from_pretrained(model, result["adapter_dir"])
     sft = [json.loads(x) for x in (artifacts / "curated" / "sft.jsonl").read_text().splitlines()][:3]
     prompts = [tok.apply_chat_template(ex["messages"][:-1], tokenize=False, add_generation_prompt=True) for ex in sft]

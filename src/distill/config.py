@@ -76,13 +76,12 @@ class FinetuneConfig(_Strict):
     address: str | None = Field(None, description="Ray dashboard address for jobs; null: start a local Ray.")
     python: str | None = Field(None, description="The job's interpreter; null: this one (local).")
     finetuned_model: str = Field(..., description="The id the finetuned student is served under.")
-    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (small profiles).")
-    epochs: float | None = Field(None, gt=0, description="Overrides the recipe's epochs.")
+    # The one place a run's length is set (num_train_epochs, max_steps, ...): TRL SFTConfig arguments,
+    # laid over the recipe's `training:` section.
+    training: dict[str, Any] = Field(default_factory=dict, description="SFTConfig arguments over the recipe's.")
     timeout_s: float = Field(3600, gt=0)
     adapter_storage: str | None = Field(
-        None, description="Cluster: copy the adapter to <this>/<adapter name> (s3://, gs://, file://) for ray.serve.llm.")
-    model_config_path: str | None = Field(
-        None, description="The student's LLMConfig YAML whose dynamic_lora_loading_path is set to adapter_storage.")
+        None, description="Cluster: copy the adapter to <this>/<adapter name> (s3://, gs://) for ray.serve.llm.")
 
 
 class BFRSConfig(_Strict):
@@ -117,7 +116,6 @@ class Config(_Strict):
     name: str = Field("", description="Config name (file stem); filled in by the loader.")
     artifacts_dir: str
     seed: int = 0
-    threads: int = Field(2, ge=1)
     data: DataConfig = DataConfig()
     program: ProgramConfig = ProgramConfig()
     teacher: TeacherConfig = TeacherConfig()

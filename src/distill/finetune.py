@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,6 +31,9 @@ class _Strict(BaseModel):
 class BaseModelSpec(_Strict):
     gguf: ModelSource | None = None
     hub_id: str | None = None
+    # How the weights are loaded (transformers' from_pretrained); mixed precision is SFTConfig's `bf16`.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: str | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "BaseModelSpec":
@@ -49,19 +52,31 @@ class LoraSpec(_Strict):
     top_layers: int | None = Field(None, ge=1)
 
 
-class TrainingSpec(_Strict):
-    epochs: float = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    per_device_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=16)
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    attn_implementation: str | None = None
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    logging_steps: int = Field(1, ge=1)
-    seed: int = 0
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
+# Set by the job itself, never by a recipe: where HF writes scratch checkpoints, and the hooks that turn
+# its saves into Ray Train checkpoints and keep the loss on the answer only.
+MANAGED_SFT_ARGS = {
+    "output_dir": None, "completion_only_loss": True, "save_strategy": "epoch", "save_only_model": True,
+    "report_to": "none", "dataset_num_proc": 1,
+}
+
+
+def sft_config(training: dict[str, Any], output_dir: str, use_cpu: bool) -> Any:
+    """TRL's `SFTConfig` from a recipe's `training:` section, passed through as its own keyword arguments."""
+    from trl import SFTConfig
+
+    if clash := sorted(set(training) & set(MANAGED_SFT_ARGS)):
+        raise ConfigError(f"training: {clash} are set by the finetune job, not the recipe")
+    kwargs = {**MANAGED_SFT_ARGS, **training, "output_dir": output_dir, "use_cpu": use_cpu}
+    if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in training:
+        # Non-reentrant checkpointing needs no gradient on the inputs, so with `top_layers` the backward
+        # pass (and the recomputation) still stops at the lowest adapted layer.
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    try:
+        return SFTConfig(**kwargs)
+    except TypeError as e:  # an unknown keyword: name it
+        raise ConfigError(f"training: not an SFTConfig argument ({e})") from None
+    except ValueError as e:
+        raise ConfigError(f"training: SFTConfig refused it: {e}") from None
 
 
 class ScalingSpec(_Strict):
@@ -73,7 +88,7 @@ class ScalingSpec(_Strict):
 class Recipe(_Strict):
     model: BaseModelSpec
     lora: LoraSpec
-    training: TrainingSpec
+    training: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig keyword arguments.")
     scaling: ScalingSpec = ScalingSpec()
 
 
@@ -86,30 +101,39 @@ class TrainJob(_Strict):
     name: str = "lora"
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | Path, training: dict[str, Any] | None = None) -> Recipe:
+    """A recipe, with the profile's `finetune.training` (e.g. max_steps) over its `training:` section.
+
+    `training` is validated by constructing TRL's SFTConfig from it, so a misspelt argument fails here,
+    on the driver, before a job is submitted.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"training recipe not found: {p}")
     raw = yaml.safe_load(p.read_text()) or {}
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
+    raw["training"] = {**(raw.get("training") or {}), **(training or {})}
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
+        # CPU here: the hardware checks belong to the job's machine, the argument names to the recipe.
+        sft_config(recipe.training, tempfile.mkdtemp(prefix="distill-check-"), use_cpu=True)
     except ValidationError as e:
         raise ConfigError(f"{p}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return recipe
 
 
 # --- inside the Ray Train workers -----------------------------------------------------------------
 
 
-def load_base(spec: BaseModelSpec, training: TrainingSpec) -> tuple[Any, Any]:
-    """Model and tokenizer; a GGUF is dequantised to fp32 (CPU) by transformers' GGUF loader."""
+def load_base(spec: BaseModelSpec) -> tuple[Any, Any]:
+    """Model and tokenizer; a GGUF is dequantised by transformers' GGUF loader."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if training.bf16 else torch.float32}
-    if training.attn_implementation:
-        kwargs["attn_implementation"] = training.attn_implementation
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.dtype)}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
     if spec.gguf is not None:
         path = spec.gguf.resolve()
         src, extra = str(path.parent), {"gguf_file": path.name}
@@ -155,41 +179,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from peft import LoraConfig
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     job = TrainJob.model_validate(config)
-    t, lora = job.recipe.training, job.recipe.lora
+    lora = job.recipe.lora
     if not job.recipe.scaling.use_gpu:  # Ray pins OMP threads to 1 unless told otherwise
         torch.set_num_threads(max(1, int(job.recipe.scaling.cpus_per_worker)))
-    model, tokenizer = load_base(job.recipe.model, t)
+    model, tokenizer = load_base(job.recipe.model)
     ds = datasets.load_dataset("json", data_files=job.train_file, split="train")
     ds = ds.map(to_prompt_completion, remove_columns=ds.column_names)
     ctx = ray.train.get_context()
-    args = SFTConfig(
-        # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
-        output_dir=tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="linear",
-        logging_steps=t.logging_steps,
-        max_length=t.max_length,
-        completion_only_loss=True,
-        gradient_checkpointing=t.gradient_checkpointing,
-        # Non-reentrant checkpointing needs no gradient on the inputs, so with `top_layers` the backward
-        # pass (and the recomputation) still stops at the lowest adapted layer.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        bf16=t.bf16,
-        use_cpu=not job.recipe.scaling.use_gpu,
-        seed=t.seed,
-        save_strategy="epoch",  # RayTrainReportCallback turns each save into a Ray Train checkpoint
-        save_only_model=True,
-        report_to="none",
-        dataset_num_proc=1,
-    )
+    # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
+    args = sft_config(job.recipe.training, tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"),
+                      use_cpu=not job.recipe.scaling.use_gpu)
     trainer = SFTTrainer(
         model=model,
         args=args,

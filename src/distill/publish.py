@@ -1,20 +1,15 @@
 """Publish a finetuned LoRA adapter where the cluster's LLM serving loads it from.
 
 `ray.serve.llm` loads LoRA adapters only from object storage: a model id `<base>:<name>` is read from
-`<dynamic_lora_loading_path>/<name>`. The finetune stage copies the adapter there (any pyarrow
-filesystem URI: s3://, gs://, or file:// for a shared disk) and points the student's LLMConfig at it,
-as the original template's finetune step did.
+`<dynamic_lora_loading_path>/<name>`. The finetune stage copies the adapter there (a pyarrow filesystem
+URI: s3:// or gs://) and `distill.deploy` points the templated student LLMConfig at it.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from distill.errors import DistillError
-
-_LORA_PATH = re.compile(r"^(\s*dynamic_lora_loading_path:\s*)(\S+)(.*)$", re.MULTILINE)
-
 
 def adapter_name(finetuned_model: str) -> str:
     """`meta-llama/Llama-3.2-1B-Instruct:distill-lora` -> `distill-lora` (the id ray.serve.llm routes on)."""
@@ -40,15 +35,3 @@ def publish_adapter(adapter_dir: str | Path, storage_uri: str, name: str) -> str
     except (OSError, ValueError) as e:  # pyarrow's errors for bad URIs, credentials, permissions
         raise DistillError(f"could not publish the adapter to {storage_uri}: {e}") from None
     return f"{storage_uri.rstrip('/')}/{name}"
-
-
-def point_model_config(path: str | Path, storage_uri: str) -> bool:
-    """Set `lora_config.dynamic_lora_loading_path` in an LLMConfig YAML (comments kept); True if changed."""
-    p = Path(path)
-    text = p.read_text()
-    if not _LORA_PATH.search(text):
-        raise DistillError(f"{p} has no lora_config.dynamic_lora_loading_path to point at {storage_uri}")
-    new = _LORA_PATH.sub(lambda m: f"{m.group(1)}{storage_uri.rstrip('/')}{m.group(3)}", text, count=1)
-    if new != text:
-        p.write_text(new)
-    return new != text

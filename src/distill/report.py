@@ -1,34 +1,159 @@
-"""The run report, `<artifacts>/report.json`: every stage writes its measured numbers into its own block."""
+"""The run report, `<artifacts>/report.json`, assembled from the stages' manifests.
+
+Nothing is merged across runs: each section is one stage's whole manifest, and a section whose upstream
+manifests have changed since it was computed is left out (it is stale until that stage runs again).
+`python -m distill report --markdown` prints the measured table the README shows.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from distill.config import Config
+from rich.console import Console
+from rich.table import Table
 
-_lock = threading.Lock()
+from distill.config import Config
+from distill.stages.base import Manifest, fingerprint, read_manifest, write_manifest
+from distill.stages.curation import CurationManifest
+from distill.stages.data import DataManifest
+from distill.stages.evaluation import EvalManifest
+from distill.stages.finetune import FinetuneManifest
+from distill.stages.serving import ServingManifest
+from distill.stages.teacher import TeacherManifest
+
+console = Console()
+
+# In pipeline order: a stage only reads stages above it.
+MANIFESTS: dict[str, type[Manifest]] = {
+    "data": DataManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
+    "eval": EvalManifest, "serving": ServingManifest,
+}
+VERSIONS = ("dspy", "ray", "llama_cpp_python", "torch", "transformers", "peft", "trl")
+
+
+class RunManifest(Manifest):
+    """The pipeline run: profile, sizes, versions, wall time (set-up excluded) and set-up time."""
+
+    profile: str
+    sizes: dict[str, Any]
+    versions: dict[str, str]
+    setup_seconds: float | None = None
 
 
 def report_path(cfg: Config) -> Path:
     return cfg.artifacts / "report.json"
 
 
-def load_report(cfg: Config) -> dict[str, Any]:
+def current_manifests(cfg: Config) -> dict[str, Manifest]:
+    """Each stage's manifest whose recorded upstream fingerprints match the upstream manifests on disk."""
+    out: dict[str, Manifest] = {}
+    for name, model in MANIFESTS.items():
+        m = read_manifest(cfg.artifacts / name / "manifest.json", model)
+        if m is not None and all(up in out and out[up].fingerprint == fp for up, fp in m.inputs.items()):
+            out[name] = m
+    run = read_manifest(cfg.artifacts / "run" / "manifest.json", RunManifest)
+    if run is not None and all(up in out and out[up].fingerprint == fp for up, fp in run.inputs.items()):
+        out["run"] = run
+    return out
+
+
+def assemble_report(cfg: Config) -> dict[str, Any]:
+    manifests = current_manifests(cfg)
+    report: dict[str, Any] = {name: m.model_dump(mode="json") for name, m in manifests.items()}
+    # Latency and cost side by side: the teacher and the best student, timed on the same test queries.
+    calls = {who: report[stage]["calls"] for who, stage in (("teacher", "teacher"), ("student_best", "eval"))
+             if stage in report}
+    tokens = ("prompt_tokens_per_query", "completion_tokens_per_query")
+    if calls:
+        report["latency"] = {who: {k: v for k, v in c.items() if k not in tokens} for who, c in calls.items()}
+        report["cost"] = {who: {k: v for k, v in c.items() if k in (*tokens, "model")} for who, c in calls.items()}
+    return report
+
+
+def write_report(cfg: Config) -> dict[str, Any]:
+    """Assemble the report from the manifests and write it atomically."""
+    report = assemble_report(cfg)
     p = report_path(cfg)
-    return json.loads(p.read_text()) if p.is_file() else {}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    tmp.replace(p)
+    return report
 
 
-def update_report(cfg: Config, section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Merge `values` into `report[section]` and write the file atomically."""
-    with _lock:
-        report = load_report(cfg)
-        report.setdefault(section, {}).update(values)
-        p = report_path(cfg)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-        tmp.replace(p)
-        return report
+def load_report(cfg: Config) -> dict[str, Any]:
+    """The report as the manifests on disk give it now."""
+    return assemble_report(cfg)
+
+
+def finish_run(cfg: Config, started: float | None, setup_seconds: float | None = None) -> dict[str, Any]:
+    """Write the run manifest (wall time since `started`, sizes, versions) and the report."""
+    stages = {name: m.fingerprint for name, m in current_manifests(cfg).items() if name != "run"}
+    run = RunManifest(
+        fingerprint=fingerprint(stages), inputs=stages, profile=cfg.name,
+        sizes={**cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision"}),
+               "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
+        versions={d: md.version(d) for d in VERSIONS},
+        wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
+        setup_seconds=setup_seconds,
+    )
+    write_manifest(cfg.artifacts / "run" / "manifest.json", run)
+    return write_report(cfg)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers of a report, as (what, value) rows."""
+    t, c, f, e, r = (report.get(k, {}) for k in ("teacher", "curation", "finetune", "eval", "run"))
+    lat, cost, srv = report.get("latency", {}), report.get("cost", {}), report.get("serving", {})
+    rows = []
+    if t:
+        rows.append(("teacher accuracy: gold (leave-one-out) / test",
+                     f"{_pct(t['accuracy_gold'])} / {_pct(t['accuracy_test'])} ({t['test_size']} test queries)"))
+    if t or c:
+        rows.append(("labeled -> kept after curation", f"{t.get('labeled', '-')} -> {c.get('kept', '-')}"))
+    if f:
+        loss = (f"{f['first_loss']:.3f} -> {f['last_loss']:.3f}" if f.get("first_loss") is not None else "-")
+        rows.append(("finetune: steps, training loss first -> last, wall",
+                     f"{f['steps']}, {loss}, {f['wall_seconds']:.0f} s"))
+    for split in ("devset", "testset"):
+        for kind, variants in e.get(split, {}).items():
+            rows.append((f"{split}: {kind} student zero-shot / BFRS",
+                         f"{_pct(variants.get('vanilla'))} / {_pct(variants.get('bfrs'))}"))
+    if b := e.get("best"):
+        rows.append(("best variant (test set)", f"{b['kind']} {b['variant']} ({b['model']}) {_pct(b['test_score'])}"))
+        if t.get("accuracy_test"):
+            rows.append(("best student / teacher (test set)", f"{b['test_score'] / t['accuracy_test']:.2f}x"))
+    for who in ("teacher", "student_best"):
+        if who in lat:
+            rows.append((f"{who}: p50 per call, tokens/query (prompt + completion)",
+                         f"{lat[who]['p50_s']:.3f} s, {cost[who]['prompt_tokens_per_query']:.0f} + "
+                         f"{cost[who]['completion_tokens_per_query']:.0f}"))
+    if srv:
+        rows.append(("served /classify_intent: ok, valid labels, accuracy",
+                     f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))
+    if r.get("wall_seconds"):
+        rows.append(("wall time (set-up excluded)", f"{r['wall_seconds'] / 60:.1f} min"))
+    return rows
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    table = Table(title=f"distill run summary ({report.get('run', {}).get('profile', '?')})", show_header=False)
+    for k, v in summary_rows(report):
+        table.add_row(k, v)
+    Console(width=max(console.width, 110)).print(table)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The summary as a Markdown table (what README.md shows, pasted from this output)."""
+    profile = report.get("run", {}).get("profile", "?")
+    lines = [f"| measured on `{profile}` | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Serve-config templating: the student's config after a finetune, and the deploy config of a run.
+
+Both kinds of LLM application are handled:
+- ours (`distill.serving.llm:build_app`, local): `args.models`, a GGUF base plus a llama.cpp LoRA adapter;
+- `ray.serve.llm:build_openai_app` (cluster): `args.llm_configs`, LLMConfigs whose LoRA adapters are loaded
+  from `lora_config.dynamic_lora_loading_path` (object storage only).
+The templated configs are written under the artifact directory; the tracked configs are never edited.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.config import resolve_path
+from distill.errors import DistillError
+from distill.serving.control import load_serve_config
+
+LOCAL_LLM_APP = "distill.serving.llm:build_app"
+RAY_LLM_APP = "ray.serve.llm:build_openai_app"
+PROGRAM_APP = "distill.serving.app:build_app"
+# What ray.serve.llm's LoraConfig accepts for dynamic_lora_loading_path.
+OBJECT_STORAGE = ("s3://", "gs://", "abfss://", "azure://")
+
+
+def llm_config_class() -> Any:
+    try:  # the public name needs vLLM installed ...
+        from ray.serve.llm import LLMConfig
+    except ImportError:  # ... the class it re-exports does not
+        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+    return LLMConfig
+
+
+def _load_llm_config(ref: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(ref, dict):
+        return copy.deepcopy(ref)
+    p = resolve_path(ref)
+    if not p.is_file():
+        raise DistillError(f"LLMConfig file not found: {p}")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model: str,
+                           adapter: str | None, lora_storage: str | None = None) -> dict[str, Any]:
+    """The LLM application `app`, serving `finetuned_model` (base + adapter) next to `base_model`."""
+    app = copy.deepcopy(app)
+    args = app.setdefault("args", {})
+    if app["import_path"] == LOCAL_LLM_APP:
+        models = args.get("models") or []
+        base = next((m for m in models if m["name"] == base_model), None)
+        if base is None:
+            raise DistillError(f"application {app.get('name')!r} does not serve the base student {base_model!r}")
+        tuned = next((m for m in models if m["name"] == finetuned_model), None)
+        if tuned is None:
+            models.append({**base, "name": finetuned_model, "lora_path": adapter})
+        else:
+            tuned["lora_path"] = adapter
+        return app
+    if app["import_path"] == RAY_LLM_APP:
+        configs = [_load_llm_config(ref) for ref in args.get("llm_configs") or []]
+        base = next((c for c in configs if c.get("model_loading_config", {}).get("model_id") == base_model), None)
+        if base is None:
+            raise DistillError(f"application {app.get('name')!r} has no LLMConfig with model_id {base_model!r}")
+        if lora_storage is not None:
+            if not lora_storage.startswith(OBJECT_STORAGE):
+                raise DistillError(
+                    f"ray.serve.llm loads LoRA adapters only from object storage ({', '.join(OBJECT_STORAGE)}), "
+                    f"not {lora_storage!r}: set finetune.adapter_storage to a bucket")
+            base.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_storage.rstrip("/")
+        if not (base.get("lora_config") or {}).get("dynamic_lora_loading_path"):
+            raise DistillError(f"the LLMConfig of {base_model!r} has no lora_config.dynamic_lora_loading_path: "
+                               f"{finetuned_model!r} could not be served")
+        llm_config_class().model_validate(base)  # Ray's own validation, before anything is deployed
+        args["llm_configs"] = configs
+        return app
+    raise DistillError(f"application {app.get('name')!r}: unknown LLM application {app['import_path']!r} "
+                       f"(expected {LOCAL_LLM_APP} or {RAY_LLM_APP})")
+
+
+def template_serve_config(source: str | Path, out: Path, *, base_model: str, finetuned_model: str,
+                          adapter: str | None, lora_storage: str | None = None,
+                          deploy_params: str | Path | None = None) -> Path:
+    """Copy a Serve config with the finetuned student in its LLM application (and, for a multi-app deploy
+    config, the program app pointed at `deploy_params`); validated with Ray's schema before it is written."""
+    raw = load_serve_config(resolve_path(source))
+    apps = []
+    for app in raw["applications"]:
+        if app["import_path"] == PROGRAM_APP:
+            if deploy_params is not None:
+                app = copy.deepcopy(app)
+                app["args"]["deploy_params"] = str(deploy_params)
+        else:
+            app = with_finetuned_student(app, base_model, finetuned_model, adapter, lora_storage)
+        apps.append(app)
+    raw["applications"] = apps
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_serve_config(tmp)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,90 @@
+"""The curation stage: the teacher's labels curated, split (devset / optimizer val / optimizer train),
+and the optimizer trainset written as SFT data -- exactly the messages the student sees at inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.config import Config
+from distill.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
+from distill.data import Banking77Data, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
+from distill.labeling import read_records
+from distill.lm import adapter
+from distill.program import IntentClassificationModule
+from distill.stages.base import Manifest, Stage, fingerprint, prompt_fingerprint, require
+from distill.stages.data import data_fingerprint
+from distill.stages.teacher import TeacherStage
+
+SPLITS = ("devset", "optimizer_train", "optimizer_val")
+
+
+class CurationManifest(Manifest):
+    input: int
+    invalid_label: int
+    duplicate: int
+    test_overlap: int
+    kept: int
+    devset: int
+    optimizer_train: int
+    optimizer_val: int
+    sft_examples: int
+    label_counts: dict[str, int]
+    plot: str
+
+
+class CurationStage(Stage[CurationManifest]):
+    name = "curation"
+    title = "curation and SFT data"
+    manifest_type = CurationManifest
+
+    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+        super().__init__(cfg)
+        self.data = data
+        self.teacher = TeacherStage(cfg, data)
+
+    @property
+    def sft_path(self) -> Path:
+        return self.dir / "sft.jsonl"
+
+    def split_path(self, name: str) -> Path:
+        return self.dir / f"{name}.jsonl"
+
+    def splits(self) -> dict[str, list]:
+        """The curated devset / optimizer trainset / optimizer valset as dspy.Examples."""
+        return {n: [make_example(r["text"], r["label"]) for r in read_jsonl(self.split_path(n))] for n in SPLITS}
+
+    def inputs(self) -> dict[str, str]:
+        return {"teacher": require(self.teacher.load(), "teacher").fingerprint}
+
+    def fingerprint(self) -> str:
+        d = self.cfg.data
+        return fingerprint(self.inputs(), data_fingerprint(self.data), prompt_fingerprint(self.cfg, self.data.labels),
+                           d.devset_size, d.optimizer_val_size, d.optimizer_train_size, self.cfg.program.model_dump())
+
+    def outputs(self, m: CurationManifest) -> list[Path]:
+        return [self.sft_path, Path(m.plot), *(self.split_path(n) for n in SPLITS)]
+
+    def describe(self, m: CurationManifest) -> str:
+        return f"{m.input} labels -> {m.kept} kept, {m.sft_examples} SFT examples in {self.sft_path}"
+
+    def run(self) -> CurationManifest:
+        cfg, data = self.cfg, self.data
+        records = read_records(self.teacher.labels_path)
+        # Decontaminate against the whole test set, not only the profile's subset of it.
+        result = curate(records, data.labels, [ex.text for ex in data.full_test])
+        print_curation(result)
+        plot = plot_label_distribution(result.label_counts, self.dir / "label_distribution.png")
+        examples = [make_example(r["text"], r["label"]) for r in result.kept]
+        dev, train, val = split_devset_and_optimizer_sets(
+            examples, cfg.data.devset_size, cfg.data.optimizer_val_size, cfg.data.optimizer_train_size)
+        for name, split in zip(SPLITS, (dev, train, val)):
+            write_jsonl(self.split_path(name), [dict(ex.items()) for ex in split])
+        # The student is finetuned on the optimizer trainset only: the synthetic devset stays unseen.
+        train_texts = {ex.text for ex in train}
+        program = IntentClassificationModule(data.labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
+        sft = to_sft([r for r in result.kept if r["text"] in train_texts], program, adapter())
+        save_sft(sft, self.sft_path)
+        print(f"wrote {len(sft)} SFT examples to {self.sft_path}, label chart {plot}")
+        return CurationManifest(
+            fingerprint=self.fingerprint(), **result.counts, devset=len(dev), optimizer_train=len(train),
+            optimizer_val=len(val), sft_examples=len(sft), label_counts=result.label_counts, plot=str(plot))

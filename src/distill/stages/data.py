@@ -1,0 +1,56 @@
+"""The data stage: banking77 loaded, top-n labels kept, shuffled, labels deleted, splits written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.config import Config
+from distill.data import Banking77Data, prepare_data, save_data
+from distill.stages.base import Manifest, Stage, fingerprint
+
+
+class DataManifest(Manifest):
+    source: str
+    train: int
+    test: int
+    test_used: int
+    labels: list[str]
+    label_counts: dict[str, int]
+    gold: int
+    unlabeled: int
+    to_label: int
+
+
+def data_fingerprint(data: Banking77Data) -> str:
+    """Changes whenever any split the later stages read changes (texts, labels, order)."""
+    return fingerprint(
+        data.labels, [(ex.text, ex.label) for ex in data.gold], [ex.text for ex in data.to_label],
+        [(ex.text, ex.label) for ex in data.test], [ex.text for ex in data.full_test],
+    )
+
+
+class DataStage(Stage[DataManifest]):
+    name = "data"
+    title = "data"
+    manifest_type = DataManifest
+
+    def __init__(self, cfg: Config, data: Banking77Data | None = None) -> None:
+        super().__init__(cfg)
+        self.data = data if data is not None else prepare_data(cfg)  # ~2 s: every stage needs it in memory
+        self._fp = data_fingerprint(self.data)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def outputs(self, manifest: DataManifest) -> list[Path]:
+        return [self.dir / f"{name}.jsonl" for name in ("gold", "unlabeled", "test")]
+
+    def describe(self, m: DataManifest) -> str:
+        return (f"{m.source}: train {m.train}, test {m.test} (using {m.test_used}), {len(m.labels)} labels, "
+                f"gold {m.gold}, unlabeled {m.unlabeled} (teacher labels {m.to_label})")
+
+    def run(self) -> DataManifest:
+        save_data(self.data, self.dir)
+        m = DataManifest(fingerprint=self._fp, **self.data.summary())
+        print(self.describe(m))
+        return m

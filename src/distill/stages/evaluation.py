@@ -1,0 +1,144 @@
+"""The evaluation stage: base and finetuned student, zero-shot and BFRS-optimized, on the synthetic
+devset and the test set; the best variant, plots, latency/cost of the best, and the deploy params."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import dspy
+from pydantic import BaseModel, ConfigDict
+
+from distill.config import Config
+from distill.data import Banking77Data, read_jsonl
+from distill.evaluation import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
+from distill.lm import make_lm
+from distill.plots import plot_confusion_matrix, plot_variant_scores
+from distill.program import DeployParams, ProgramParams, load_program
+from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require, served
+from distill.stages.curation import CurationStage
+from distill.stages.finetune import FinetuneStage
+
+Scores = dict[str, dict[str, float]]  # {"base"|"finetuned": {"vanilla"|"bfrs": accuracy}}
+
+
+class BestVariant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    variant: str
+    model: str
+    program_path: str
+    test_score: float
+    devset_score: float
+
+
+class EvalManifest(Manifest):
+    devset: Scores
+    testset: Scores
+    best: BestVariant
+    sizes: dict[str, int]
+    bfrs: dict[str, int]
+    plots: dict[str, str]
+    calls: CallStats  # the best variant, timed like the teacher
+
+
+class EvaluationStage(Stage[EvalManifest]):
+    name = "eval"
+    title = "evaluation and prompt optimization (BootstrapFewShotWithRandomSearch)"
+    manifest_type = EvalManifest
+
+    def __init__(self, cfg: Config, data: Banking77Data, curation: CurationStage, finetune: FinetuneStage) -> None:
+        super().__init__(cfg)
+        self.data, self.curation, self.finetune = data, curation, finetune
+
+    @property
+    def deploy_params_path(self) -> Path:
+        """The profile's deploy parameters: best model id, saved program, labels (read by the serving app)."""
+        return self.cfg.artifacts / "deploy_params.json"
+
+    def inputs(self) -> dict[str, str]:
+        return {
+            "teacher": require(self.curation.teacher.load(), "teacher").fingerprint,  # its accuracy is on the plots
+            "curation": require(self.curation.load(), "curation").fingerprint,
+            "finetune": require(self.finetune.load(), "finetune").fingerprint,
+        }
+
+    def fingerprint(self) -> str:
+        cfg = self.cfg
+        return fingerprint(self.inputs(), prompt_fingerprint(cfg, self.data.labels), [ex.text for ex in self.data.test],
+                           cfg.evaluation.model_dump(exclude={"threads", "max_errors"}), cfg.models.student.model,
+                           cfg.program.model_dump(), cfg.seed)
+
+    def outputs(self, m: EvalManifest) -> list[Path]:
+        return [self.deploy_params_path, Path(m.best.program_path), *(Path(p) for p in m.plots.values())]
+
+    def describe(self, m: EvalManifest) -> str:
+        b = m.best
+        return f"best {b.kind} {b.variant} ({b.model}) {b.test_score:.1%} on the test set"
+
+    def run(self) -> EvalManifest:
+        cfg, data, ev, st = self.cfg, self.data, self.cfg.evaluation, self.cfg.models.student
+        ft = require(self.finetune.load(), "finetune")
+        teacher = require(self.curation.teacher.load(), "teacher")
+        splits = self.curation.splits()
+        dev, train, val = splits["devset"], splits["optimizer_train"], splits["optimizer_val"]
+        kinds = {"base": st.model, "finetuned": ft.model}
+        program_kw = cfg.program.model_dump()
+        bfrs = ev.bfrs.model_dump()
+        opt_fp = {k: fingerprint(m, ft.fingerprint if k == "finetuned" else None, bfrs, cfg.seed,
+                                 prompt_fingerprint(cfg, data.labels), [ex.text for ex in train + val],
+                                 [ex.label for ex in train + val])
+                  for k, m in kinds.items()}
+        with _lm_cache(cfg.artifacts / "dspy_cache_eval" / ft.fingerprint, cfg.artifacts / "dspy_cache"), \
+                served(cfg, st, ft.serve_config, models=list(kinds.values())):
+            lms = {k: make_lm(st, model=m) for k, m in kinds.items()}
+            dev_scores, variants = evaluate_and_prompt_optimize(
+                lms, data.labels, dev, train, val, self.dir, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw)
+            best_path, best_model, best_score, test_scores = run_testset_evaluation(
+                lms, variants, data.labels, data.test, self.dir, ev.threads, ev.max_errors, dev_scores, **program_kw)
+            best = next(v for v in variants if str(v.program_path) == best_path)
+            calls = CallStats(model=best_model, **measure_calls(
+                load_program(best_path, data.labels, **program_kw), make_lm(st, model=best_model, cache=False),
+                data.test[: ev.latency_queries]))
+        print(calls.line(f"best student ({best.kind} {best.variant})"))
+        out = self.dir
+        plots = {
+            "devset": plot_variant_scores(dev_scores, out / "devset_scores.png",
+                                          f"Synthetic devset ({len(dev)} teacher-labeled queries)",
+                                          teacher.accuracy_gold, "teacher on gold (leave-one-out)"),
+            "testset": plot_variant_scores(test_scores, out / "testset_scores.png",
+                                           f"Test set ({len(data.test)} queries)", teacher.accuracy_test, "teacher"),
+        }
+        preds = read_jsonl(out / "predictions" / "testset" / f"{best.kind}_{best.variant}.jsonl")
+        plots["confusion"] = plot_confusion_matrix(
+            [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
+            f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
+        DeployParams(model=best_model, program_path=best_path, labels=data.labels, variant=best.variant,
+                     kind=best.kind, test_score=best_score, program=ProgramParams(**program_kw)
+                     ).save(self.deploy_params_path)
+        print(f"best: {best.kind} {best.variant} ({best_model}) {best_score:.1%} on the test set -> "
+              f"{self.deploy_params_path}")
+        return EvalManifest(
+            fingerprint=self.fingerprint(), devset=dev_scores, testset=test_scores,
+            best=BestVariant(kind=best.kind, variant=best.variant, model=best_model, program_path=best_path,
+                             test_score=best_score, devset_score=dev_scores[best.kind][best.variant]),
+            sizes={"devset": len(dev), "testset": len(data.test), "optimizer_train": len(train),
+                   "optimizer_val": len(val)},
+            bfrs=bfrs, plots={k: str(v) for k, v in plots.items()}, calls=calls,
+        )
+
+
+@contextlib.contextmanager
+def _lm_cache(path: Path, restore: Path) -> Iterator[None]:
+    """DSPy's LM cache in `path` for this block, then `restore`.
+
+    DSPy keys its cache on the model id and the request, not on the weights behind the id: a retrained
+    adapter is served under the same id, so the evaluation keeps one cache per finetune (by fingerprint).
+    """
+    dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(path))
+    try:
+        yield
+    finally:
+        dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(restore))

@@ -1,0 +1,104 @@
+"""The teacher stage: quality gate on unseen gold labels, accuracy on the test queries, then labeling.
+
+Every number is measured under the current fingerprint on each run; DSPy's LM cache (in the artifact
+directory) makes re-measuring an unchanged teacher cheap, and labeling resumes from `labels.jsonl`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.config import Config
+from distill.data import Banking77Data
+from distill.errors import DistillError
+from distill.evaluation import measure_calls
+from distill.labeling import label_queries, quality_gate, score_teacher
+from distill.lm import make_lm
+from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, served
+from distill.stages.data import data_fingerprint
+from distill.teacher import GoldIndex, build_teacher
+
+
+class TeacherManifest(Manifest):
+    model: str
+    strategy: str
+    k: int
+    candidate_k: int
+    accuracy_gold: float  # leave-one-out on the gold labels (the quality gate)
+    valid_rate_gold: float
+    n_gold: int
+    accuracy_test: float
+    valid_rate: float
+    test_size: int
+    test_queries_per_s: float
+    labeled: int
+    to_label: int
+    labels_per_s: float | None  # None when every label was already there (a resumed run)
+    calls: CallStats
+
+
+class TeacherStage(Stage[TeacherManifest]):
+    name = "teacher"
+    title = "teacher: quality gate and labeling"
+    manifest_type = TeacherManifest
+
+    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+        super().__init__(cfg)
+        self.data = data
+
+    @property
+    def labels_path(self) -> Path:
+        return self.dir / "labels.jsonl"
+
+    def labeling_fingerprint(self) -> str:
+        """What the labels depend on: the teacher, its prompt and the queries (not how it is timed)."""
+        cfg = self.cfg
+        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "min_accuracy_gold"}), cfg.models.teacher.model,
+                           prompt_fingerprint(cfg, self.data.labels), data_fingerprint(self.data))
+
+    def inputs(self) -> dict[str, str]:
+        return {"data": data_fingerprint(self.data)}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.labeling_fingerprint(), self.cfg.evaluation.latency_queries)
+
+    def outputs(self, manifest: TeacherManifest) -> list[Path]:
+        return [self.labels_path]
+
+    def describe(self, m: TeacherManifest) -> str:
+        return (f"{m.labeled} labels in {self.labels_path}; accuracy gold {m.accuracy_gold:.1%}, "
+                f"test {m.accuracy_test:.1%}")
+
+    def check(self, m: TeacherManifest) -> None:
+        quality_gate(m.accuracy_gold, m.n_gold, self.cfg.teacher.min_accuracy_gold)
+
+    def run(self) -> TeacherManifest:
+        cfg, data, t = self.cfg, self.data, self.cfg.models.teacher
+        queries = data.to_label
+        with served(cfg, t):
+            lm = make_lm(t)
+            index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
+            loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index)
+            gate_set = data.gold[: cfg.teacher.gate_size] if cfg.teacher.gate_size else data.gold
+            gate = score_teacher(loo, lm, gate_set, data.labels, cfg.teacher.threads)
+            quality_gate(gate.accuracy, gate.n, cfg.teacher.min_accuracy_gold)
+            teacher = build_teacher(cfg, data.labels, data.gold, index=index)
+            test = score_teacher(teacher, lm, data.test, data.labels, cfg.teacher.threads)
+            print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})")
+            result = label_queries(teacher, lm, queries, self.dir, threads=cfg.teacher.threads,
+                                   fingerprint=self.labeling_fingerprint())
+            if result.labeled < len(queries):  # no manifest: the next run retries the failed ones
+                raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
+                                   f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
+            # The same test queries the best student is timed on in the evaluation stage.
+            calls = CallStats(model=t.model, **measure_calls(teacher, make_lm(t, cache=False),
+                                                             data.test[: cfg.evaluation.latency_queries]))
+        print(calls.line("teacher"))
+        return TeacherManifest(
+            fingerprint=self.fingerprint(), model=t.model, strategy=cfg.teacher.strategy, k=cfg.teacher.k,
+            candidate_k=cfg.teacher.candidate_k, accuracy_gold=round(gate.accuracy, 4),
+            valid_rate_gold=round(gate.valid_rate, 4), n_gold=gate.n, accuracy_test=round(test.accuracy, 4),
+            valid_rate=round(test.valid_rate, 4), test_size=test.n, test_queries_per_s=round(test.per_s, 3),
+            labeled=result.labeled, to_label=len(queries),
+            labels_per_s=round(result.new / result.seconds, 3) if result.new else None, calls=calls,
+        )

@@ -1,0 +1,96 @@
+"""Serve-config templating after a finetune, for both kinds of LLM application, validated with Ray's own
+schema (and LLMConfig for ray.serve.llm) -- the cluster path included, which never runs here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from distill.config import load_config
+from distill.deploy import llm_config_class, template_serve_config
+from distill.errors import DistillError
+from distill.serving.app import ProgramAppArgs
+from distill.serving.llm import LLMAppArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _apps(path: Path) -> dict[str, dict]:
+    raw = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(raw)
+    return {a["import_path"]: a for a in raw["applications"]}
+
+
+def test_cluster_student_config_after_a_finetune_points_ray_serve_llm_at_the_adapter(tmp_path) -> None:
+    cfg = load_config("cluster")
+    tracked = (ROOT / "model_config" / "meta-llama--Llama-3_2-1B-Instruct.yaml").read_text()
+    out = template_serve_config(
+        cfg.models.student.serve_config, tmp_path / "serve_student.yaml", base_model=cfg.models.student.model,
+        finetuned_model=cfg.finetune.finetuned_model, adapter=str(tmp_path / "adapter"),
+        lora_storage="s3://team-bucket/lora/1b/")
+    llm = _apps(out)["ray.serve.llm:build_openai_app"]
+    [config] = llm["args"]["llm_configs"]
+    parsed = llm_config_class().model_validate(config)
+    assert parsed.model_loading_config.model_id == cfg.models.student.model
+    assert parsed.lora_config.dynamic_lora_loading_path == "s3://team-bucket/lora/1b"
+    assert parsed.engine_kwargs["enable_lora"] is True
+    # the tracked LLMConfig is the template, never edited
+    assert (ROOT / "model_config" / "meta-llama--Llama-3_2-1B-Instruct.yaml").read_text() == tracked
+
+
+def test_ray_serve_llm_refuses_local_adapter_storage_with_a_clear_message(tmp_path) -> None:
+    cfg = load_config("cluster")
+    for storage in ("file:///shared/lora", "/shared/lora"):
+        with pytest.raises(DistillError, match="only from object storage"):
+            template_serve_config(cfg.models.student.serve_config, tmp_path / "s.yaml",
+                                  base_model=cfg.models.student.model, finetuned_model=cfg.finetune.finetuned_model,
+                                  adapter=None, lora_storage=storage)
+    assert not (tmp_path / "s.yaml").exists()
+
+
+def test_cluster_deploy_config_serves_the_program_and_the_published_adapter(tmp_path) -> None:
+    cfg = load_config("cluster")
+    out = template_serve_config(
+        cfg.serving.deploy_config, tmp_path / "deploy.yaml", base_model=cfg.models.student.model,
+        finetuned_model=cfg.finetune.finetuned_model, adapter=None, lora_storage=cfg.finetune.adapter_storage,
+        deploy_params=tmp_path / "deploy_params.json")
+    apps = _apps(out)
+    program = ProgramAppArgs.model_validate(apps["distill.serving.app:build_app"]["args"])
+    assert program.deploy_params == str(tmp_path / "deploy_params.json")
+    [config] = apps["ray.serve.llm:build_openai_app"]["args"]["llm_configs"]
+    assert llm_config_class().model_validate(config).lora_config.dynamic_lora_loading_path == \
+        cfg.finetune.adapter_storage
+
+
+def test_local_student_config_gets_the_finetuned_model_next_to_the_base(tmp_path) -> None:
+    cfg = load_config("local")
+    out = template_serve_config(
+        cfg.models.student.serve_config, tmp_path / "serve_student.yaml", base_model=cfg.models.student.model,
+        finetuned_model=cfg.finetune.finetuned_model, adapter="/x/adapter.gguf")
+    args = LLMAppArgs.model_validate(_apps(out)["distill.serving.llm:build_app"]["args"])
+    assert [m.name for m in args.models] == [cfg.models.student.model, cfg.finetune.finetuned_model]
+    assert args.models[0].lora_path is None and args.models[1].lora_path == "/x/adapter.gguf"
+    assert args.models[1].source == args.models[0].source
+
+
+def test_local_deploy_config_points_at_this_runs_artifacts(tmp_path) -> None:
+    cfg = load_config("local")
+    out = template_serve_config(
+        cfg.serving.deploy_config, tmp_path / "deploy.yaml", base_model=cfg.models.student.model,
+        finetuned_model=cfg.finetune.finetuned_model, adapter="/run/adapter.gguf",
+        deploy_params=tmp_path / "deploy_params.json")
+    apps = _apps(out)
+    assert apps["distill.serving.app:build_app"]["args"]["deploy_params"] == str(tmp_path / "deploy_params.json")
+    models = LLMAppArgs.model_validate(apps["distill.serving.llm:build_app"]["args"]).models
+    assert {m.name: m.lora_path for m in models} == {cfg.models.student.model: None,
+                                                      cfg.finetune.finetuned_model: "/run/adapter.gguf"}
+
+
+def test_a_config_without_the_base_student_is_refused(tmp_path) -> None:
+    cfg = load_config("local")
+    with pytest.raises(DistillError, match="does not serve the base student 'other'"):
+        template_serve_config(cfg.models.student.serve_config, tmp_path / "s.yaml", base_model="other",
+                              finetuned_model="ft", adapter="/a.gguf")
