@@ -36,9 +36,9 @@ def test_run_fills_the_report(artifacts) -> None:
     assert c["input"] == cfg.data.num_to_label
     assert c["kept"] == c["input"] - c["invalid_label"] - c["duplicate"] - c["test_overlap"]
     assert c["devset"] == cfg.data.devset_size and c["optimizer_val"] == cfg.data.optimizer_val_size
-    sft = [json.loads(x) for x in (artifacts / "curated" / "sft.jsonl").read_text().splitlines()]
+    sft = [json.loads(x) for x in (artifacts / "curation" / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == c["optimizer_train"] and all(ex["messages"][-1]["role"] == "assistant" for ex in sft)
-    png = (artifacts / "curated" / "label_distribution.png").read_bytes()
+    png = (artifacts / "curation" / "label_distribution.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -56,7 +56,7 @@ def test_finetune_ran_as_a_ray_job_and_llama_cpp_serves_the_adapter(artifacts) -
     recipe = load_recipe(cfg.path(cfg.finetune.recipe))
     model, tok = load_base(recipe.model)
     peft = PeftModel.from_pretrained(model, result["adapter_dir"])
-    sft = [json.loads(x) for x in (artifacts / "curated" / "sft.jsonl").read_text().splitlines()][:3]
+    sft = [json.loads(x) for x in (artifacts / "curation" / "sft.jsonl").read_text().splitlines()][:3]
     prompts = [tok.apply_chat_template(ex["messages"][:-1], tokenize=False, add_generation_prompt=True) for ex in sft]
     cmp = compare_logits(recipe.model.gguf.resolve(), ft["adapter"], peft, tok, prompts)
     # Tolerance (LogitComparison.agrees): per prompt, RMS(llama.cpp+adapter - PEFT) <= 2.5 x the RMS gap
@@ -98,7 +98,7 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
 
 
 def test_rerun_skips_current_stages(artifacts, capsys) -> None:
-    labels = artifacts / "labels" / "labels.jsonl"
+    labels = artifacts / "teacher" / "labels.jsonl"
     adapter = artifacts / "finetune" / "adapter.gguf"
     programs = sorted((artifacts / "eval" / "programs").glob("*_bfrs.json"))
     before = (labels.stat().st_mtime_ns, labels.read_text(), adapter.stat().st_mtime_ns,
@@ -106,11 +106,11 @@ def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     cfg = load_config("local_ci")
     data = pipeline.data_stage(cfg)
     pipeline.teacher_stage(cfg, data)
-    assert "teacher stage is current" in capsys.readouterr().out
-    pipeline.finetune_stage(cfg)
+    assert "teacher is current" in capsys.readouterr().out
+    pipeline.finetune_stage(cfg, data)
     assert "finetune is current" in capsys.readouterr().out
     pipeline.evaluation_stage(cfg, data)
-    assert "evaluation is current" in capsys.readouterr().out
+    assert "eval is current" in capsys.readouterr().out
     after = (labels.stat().st_mtime_ns, labels.read_text(), adapter.stat().st_mtime_ns,
              [p.stat().st_mtime_ns for p in programs])
     assert after == before  # no relabeling, no retraining, no re-optimization
@@ -120,7 +120,7 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, tmp_path) -> 
     """The notebook top to bottom on the artifacts of the run above: every stage is current and skipped."""
     from distill.notebook import execute_notebook
 
-    labels, adapter = artifacts / "labels" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
+    labels, adapter = artifacts / "teacher" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
     before = (labels.stat().st_mtime_ns, adapter.stat().st_mtime_ns)
     out = execute_notebook("local_ci", output=tmp_path / "README.executed.ipynb", timeout_s=900)
     nb = nbformat.read(out, as_version=4)
@@ -129,8 +129,8 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, tmp_path) -> 
         str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
         for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
-    assert "Program output label:" in outputs and "teacher stage is current" in outputs, outputs[-3000:]
-    assert "finetune is current" in outputs and "evaluation is current" in outputs, outputs[-3000:]
+    assert "Program output label:" in outputs and "teacher is current" in outputs, outputs[-3000:]
+    assert "finetune is current" in outputs and "eval is current" in outputs, outputs[-3000:]
     assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 4
     assert (labels.stat().st_mtime_ns, adapter.stat().st_mtime_ns) == before  # no relabeling, no retraining
     report = load_report(load_config("local_ci"))
@@ -141,7 +141,7 @@ def test_readme_notebook_executes_on_the_same_artifacts(artifacts, tmp_path) -> 
 def test_only_the_evaluation_section_after_a_restart_reuses_the_artifacts(artifacts, tmp_path) -> None:
     from distill.notebook import execute_notebook
 
-    labels, adapter = artifacts / "labels" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
+    labels, adapter = artifacts / "teacher" / "labels.jsonl", artifacts / "finetune" / "adapter.gguf"
     programs = sorted((artifacts / "eval" / "programs").glob("*.json"))
     before = [p.stat().st_mtime_ns for p in (labels, adapter, *programs)]
     out = execute_notebook("local_ci", output=tmp_path / "eval_only.ipynb", timeout_s=600, sections=["Evaluation"])
@@ -150,5 +150,5 @@ def test_only_the_evaluation_section_after_a_restart_reuses_the_artifacts(artifa
     assert headings == ["## Set-up", "## Data", "## Evaluation and prompt optimization"]
     text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                    for c in nb.cells for o in c.get("outputs", []))
-    assert "evaluation is current" in text
+    assert "eval is current" in text
     assert [p.stat().st_mtime_ns for p in (labels, adapter, *programs)] == before  # nothing relabeled/retrained

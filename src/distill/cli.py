@@ -69,11 +69,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.report import load_report, markdown, print_summary
+
+    cfg = load_config(args.profile)
+    report = load_report(cfg)
+    if not report:
+        raise DistillError(f"no stage has finished yet under {cfg.artifacts}: run `python -m distill run` first")
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif args.markdown:
+        print(markdown(report))
+    else:
+        print_summary(report)
+    return 0
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.notebook import execute_notebook
-    from distill.pipeline import print_summary
-    from distill.report import load_report
+    from distill.report import load_report, print_summary
 
     profile = args.profile or load_config(None).name
     out = execute_notebook(profile, args.notebook, args.output, args.timeout, args.section or None)
@@ -111,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
     r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("report", help="the measured numbers of the profile's current stages", parents=[common])
+    fmt = rp.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true", help="the table README.md shows")
+    fmt.add_argument("--json", action="store_true", help="the whole report, as report.json holds it")
+    rp.set_defaults(func=_cmd_report)
 
     n = sub.add_parser("notebook", help="execute README.ipynb headlessly (make demo), then print the summary",
                        parents=[common])
