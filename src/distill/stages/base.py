@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Iterator, TypeVar
 
+import dspy
 from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.console import Console
 
 from distill.config import Config, LMConfig
 from distill.errors import DistillError
-from distill.lm import adapter
+from distill.lm import adapter, make_lm
 from distill.program import IntentClassificationModule
 from distill.serving.control import forward_env_names, serving
 
@@ -88,6 +89,15 @@ class Stage(ABC, Generic[M]):
     def inputs(self) -> dict[str, str]:
         """The upstream manifests' fingerprints this stage reads (recorded in its manifest)."""
         return {}
+
+    def endpoint(self, lm_cfg: LMConfig, serve_config: str | Path | None = None,
+                 models: list[str] | None = None) -> contextlib.AbstractContextManager[Any]:
+        """The served endpoint for this block (a stage's tests may bring their own)."""
+        return served(self.cfg, lm_cfg, serve_config, models)
+
+    def lm(self, lm_cfg: LMConfig, model: str | None = None, cache: bool = True) -> dspy.LM:
+        """The DSPy LM for an endpoint of the profile."""
+        return make_lm(lm_cfg, model=model, cache=cache)
 
     def check(self, manifest: M) -> None:
         """Raise if a current stage's result must not be used now (e.g. the teacher's quality gate)."""

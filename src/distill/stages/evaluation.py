@@ -13,10 +13,9 @@ from pydantic import BaseModel, ConfigDict
 from distill.config import Config
 from distill.data import Banking77Data, read_jsonl
 from distill.evaluation import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
-from distill.lm import make_lm
 from distill.plots import plot_confusion_matrix, plot_variant_scores
 from distill.program import DeployParams, ProgramParams, load_program
-from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require, served
+from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require
 from distill.stages.curation import CurationStage
 from distill.stages.finetune import FinetuneStage
 
@@ -92,15 +91,15 @@ class EvaluationStage(Stage[EvalManifest]):
                                  [ex.label for ex in train + val])
                   for k, m in kinds.items()}
         with _lm_cache(cfg.artifacts / "dspy_cache_eval" / ft.fingerprint, cfg.artifacts / "dspy_cache"), \
-                served(cfg, st, ft.serve_config, models=list(kinds.values())):
-            lms = {k: make_lm(st, model=m) for k, m in kinds.items()}
+                self.endpoint(st, ft.serve_config, models=list(kinds.values())):
+            lms = {k: self.lm(st, model=m) for k, m in kinds.items()}
             dev_scores, variants = evaluate_and_prompt_optimize(
                 lms, data.labels, dev, train, val, self.dir, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw)
             best_path, best_model, best_score, test_scores = run_testset_evaluation(
                 lms, variants, data.labels, data.test, self.dir, ev.threads, ev.max_errors, dev_scores, **program_kw)
             best = next(v for v in variants if str(v.program_path) == best_path)
             calls = CallStats(model=best_model, **measure_calls(
-                load_program(best_path, data.labels, **program_kw), make_lm(st, model=best_model, cache=False),
+                load_program(best_path, data.labels, **program_kw), self.lm(st, model=best_model, cache=False),
                 data.test[: ev.latency_queries]))
         print(calls.line(f"best student ({best.kind} {best.variant})"))
         out = self.dir

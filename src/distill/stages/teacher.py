@@ -13,8 +13,7 @@ from distill.data import Banking77Data
 from distill.errors import DistillError
 from distill.evaluation import measure_calls
 from distill.labeling import label_queries, quality_gate, score_teacher
-from distill.lm import make_lm
-from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, served
+from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint
 from distill.stages.data import data_fingerprint
 from distill.teacher import GoldIndex, build_teacher
 
@@ -75,8 +74,8 @@ class TeacherStage(Stage[TeacherManifest]):
     def run(self) -> TeacherManifest:
         cfg, data, t = self.cfg, self.data, self.cfg.models.teacher
         queries = data.to_label
-        with served(cfg, t):
-            lm = make_lm(t)
+        with self.endpoint(t):
+            lm = self.lm(t)
             index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
             loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index)
             gate_set = data.gold[: cfg.teacher.gate_size] if cfg.teacher.gate_size else data.gold
@@ -91,7 +90,7 @@ class TeacherStage(Stage[TeacherManifest]):
                 raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
                                    f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
             # The same test queries the best student is timed on in the evaluation stage.
-            calls = CallStats(model=t.model, **measure_calls(teacher, make_lm(t, cache=False),
+            calls = CallStats(model=t.model, **measure_calls(teacher, self.lm(t, cache=False),
                                                              data.test[: cfg.evaluation.latency_queries]))
         print(calls.line("teacher"))
         return TeacherManifest(

@@ -1,0 +1,159 @@
+"""The Stage abstraction and the report assembled from manifests: skip rules and invalidation.
+
+Fast: a toy stage for the rules, and the real teacher stage on DSPy's DummyLM (a scripted LM) in place of
+a served model, so the stale-teacher case runs in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.labeling import TeacherQualityError
+from distill.lm import CompactJSONAdapter
+from distill.report import assemble_report
+from distill.stages.base import Manifest, Stage
+from distill.stages.curation import CurationStage
+from distill.stages.data import DataStage
+from distill.stages.teacher import TeacherStage
+
+
+class CountManifest(Manifest):
+    value: int
+    note: str | None = None
+
+
+class CountStage(Stage[CountManifest]):
+    """Writes `setting` into a file; its fingerprint is the setting."""
+
+    name = "count"
+    title = "count"
+    manifest_type = CountManifest
+    runs: ClassVar[int] = 0
+
+    def __init__(self, cfg: Any, setting: int, fail: bool = False) -> None:
+        super().__init__(cfg)
+        self.setting, self.fail = setting, fail
+
+    def fingerprint(self) -> str:
+        return f"setting={self.setting}"
+
+    def outputs(self, m: CountManifest) -> list[Path]:
+        return [self.dir / "value.txt"]
+
+    def run(self) -> CountManifest:
+        CountStage.runs += 1
+        if self.fail:
+            raise DistillError("interrupted")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "value.txt").write_text(str(self.setting))
+        # the first run notes something the second does not: nothing may carry over
+        return CountManifest(fingerprint=self.fingerprint(), value=self.setting,
+                             note="first" if self.setting == 1 else None)
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch, with_banking77):
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
+    return load_config("local_ci", overrides={"data": {"num_to_label": 8, "test_size": 25, "devset_size": 3, "optimizer_val_size": 2},
+                                              "teacher": {"gate_size": 12}, "evaluation": {"latency_queries": 2}})
+
+
+def test_a_current_stage_is_skipped_and_a_changed_one_rewrites_its_whole_manifest(cfg) -> None:
+    CountStage.runs = 0
+    first = CountStage(cfg, 1).ensure()
+    assert first.value == 1 and first.note == "first" and CountStage.runs == 1
+    assert CountStage(cfg, 1).is_current() and CountStage(cfg, 1).ensure() == first and CountStage.runs == 1
+    second = CountStage(cfg, 2).ensure()
+    assert CountStage.runs == 2 and second.value == 2 and second.note is None  # whole, not merged
+    assert CountStage(cfg, 2).load() == second
+
+
+def test_a_missing_output_or_an_interrupted_run_means_not_current(cfg) -> None:
+    CountStage.runs = 0
+    stage = CountStage(cfg, 1)
+    stage.ensure()
+    (stage.dir / "value.txt").unlink()
+    assert not stage.is_current()
+    stage.ensure()
+    assert CountStage.runs == 2
+    with pytest.raises(DistillError, match="interrupted"):
+        CountStage(cfg, 3, fail=True).ensure()
+    # the old manifest went before the run started: nothing claims to be done
+    assert stage.load() is None and not stage.is_current()
+
+
+def test_a_manifest_of_another_format_is_not_current(cfg) -> None:
+    stage = CountStage(cfg, 1)
+    stage.manifest_path.parent.mkdir(parents=True)
+    stage.manifest_path.write_text('{"fingerprint": "setting=1", "accuracy": 0.9}')
+    assert stage.load() is None and not stage.is_current()
+
+
+class ScriptedTeacher(TeacherStage):
+    """The real teacher stage with DSPy's DummyLM answering instead of a served model."""
+
+    def __init__(self, cfg: Any, data: Any, answer: dict[str, str]) -> None:
+        super().__init__(cfg, data)
+        self.answer = answer
+        self.calls = 0
+
+    def endpoint(self, *args: Any, **kwargs: Any) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def lm(self, lm_cfg: Any, model: str | None = None, cache: bool = True) -> dspy.LM:
+        stage = self
+
+        class Counting(DummyLM):
+            def __call__(self, *a: Any, **kw: Any) -> Any:
+                stage.calls += 1
+                return super().__call__(*a, **kw)
+
+        lm = Counting({text: {"label": label} for text, label in self.answer.items()}, adapter=CompactJSONAdapter())
+        lm.cache = False  # DSPy keys its cache on the model id: "dummy" would replay the other script
+        return lm
+
+
+def test_changed_teacher_settings_remeasure_the_test_accuracy_and_drop_stale_sections(cfg) -> None:
+    data = DataStage(cfg).data
+    DataStage(cfg, data).ensure()
+    everything = [*data.gold, *data.test]
+    right = {ex.text: ex.label for ex in everything} | {ex.text: data.labels[0] for ex in data.to_label}
+    first = ScriptedTeacher(cfg, data, right)
+    m1 = first.ensure()
+    assert m1.accuracy_gold == 1.0 and m1.accuracy_test == 1.0 and m1.labeled == len(data.to_label)
+    CurationStage(cfg, data).ensure()
+    assert set(assemble_report(cfg)) >= {"data", "teacher", "curation", "latency", "cost"}
+
+    # Another teacher setting, and a teacher that is right on the gold labels but wrong on every test query.
+    cfg2 = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"k": 1})})
+    wrong = right | {ex.text: next(lab for lab in data.labels if lab != ex.label) for ex in data.test}
+    second = ScriptedTeacher(cfg2, data, wrong)
+    assert not second.is_current()
+    m2 = second.ensure()
+    assert second.calls >= len(data.test)  # measured again, not carried over
+    assert m2.accuracy_test == 0.0 and m2.k == 1
+    report = assemble_report(cfg2)
+    assert report["teacher"]["accuracy_test"] == 0.0
+    assert "curation" not in report  # computed from the old teacher's labels: stale until it runs again
+    assert CurationStage(cfg2, data).is_current() is False
+
+
+def test_the_quality_gate_holds_for_a_current_teacher_too(cfg) -> None:
+    data = DataStage(cfg).data
+    right = {ex.text: ex.label for ex in [*data.gold, *data.test]} | {ex.text: data.labels[0] for ex in data.to_label}
+    ScriptedTeacher(cfg, data, right).ensure()
+    stricter = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"min_accuracy_gold": 1.0})})
+    assert ScriptedTeacher(stricter, data, right).ensure().accuracy_gold == 1.0  # still passes at 100%
+    gold_wrong = right | {ex.text: next(lab for lab in data.labels if lab != ex.label) for ex in data.gold}
+    tuned = stricter.model_copy(update={"teacher": stricter.teacher.model_copy(update={"k": 3})})
+    with pytest.raises(TeacherQualityError, match="below the floor"):
+        ScriptedTeacher(tuned, data, gold_wrong).ensure()
+    assert TeacherStage(tuned, data).load() is None  # a failed gate leaves no manifest behind
