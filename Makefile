@@ -1,5 +1,6 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
-#               `make test` (set up, then run the test suite)
+#               `make test` (set up, then run the whole test suite; CI runs this)
+#               `make test-fast` (the tests that start no server, model or Ray: under a minute)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -43,6 +44,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import threading
 import time
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from rich.console import Console
 from rich.table import Table
 
+from distill.bench import latency_summary, write_result
 from distill.config import load_config
 from distill.data import prepare_data
 from distill.lm import CompactJSONAdapter
@@ -66,7 +66,7 @@ def measure(call: Callable[[dict[str, Any]], None], bodies: list[dict[str, Any]]
         return time.perf_counter() - t0
 
     wall = asyncio.run(run())
-    return {"p50_s": statistics.median(lat), "p95_s": sorted(lat)[int(0.95 * (len(lat) - 1))], "req_per_s": len(bodies) / wall}
+    return {**latency_summary(lat), "req_per_s": round(len(bodies) / wall, 3)}
 
 
 def main() -> None:
@@ -122,7 +122,7 @@ def main() -> None:
         table.add_row(str(c), f"{s['p50_s']:.3f}", f"{s['p95_s']:.3f}", f"{s['req_per_s']:.2f}",
                       f"{d['p50_s']:.3f}", f"{d['req_per_s']:.2f}", f"{s['p50_s'] / d['p50_s']:.2f}x")
     Console(width=150).print(table)
-    print(json.dumps(results))
+    print(f"wrote {write_result(cfg, 'llm', {'model': lm_cfg.model, 'requests': len(bodies), **results})}")
 
 
 if __name__ == "__main__":

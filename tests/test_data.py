@@ -69,13 +69,32 @@ def test_gold_and_unlabeled(with_banking77, full_cfg) -> None:
     assert Counter(ex.text for ex in data.gold + data.unlabeled) == Counter(ex.text for ex in data.train)
 
 
-def test_seeded_shuffle_is_deterministic(with_banking77, full_cfg) -> None:
-    a, b = prepare_data(full_cfg), prepare_data(full_cfg)
-    assert [ex.text for ex in a.gold] == [ex.text for ex in b.gold]
+GOLD_TEXTS = """
+import hashlib, json
+from distill.config import load_config
+from distill.data import prepare_data
+print(hashlib.sha1(json.dumps([ex.text for ex in prepare_data(load_config("cluster")).gold]).encode()).hexdigest())
+"""
+
+
+def test_seeded_shuffle_is_the_same_in_every_process(with_banking77, full_cfg) -> None:
+    """The gold set must not depend on the process (hash randomisation, set order): every stage's
+    fingerprint and every reported number rests on it."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    here = hashlib.sha1(json.dumps([ex.text for ex in prepare_data(full_cfg).gold]).encode()).hexdigest()
+    for hashseed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", GOLD_TEXTS], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout.strip()
+        assert out == here
     other = prepare_data(full_cfg.model_copy(update={"seed": full_cfg.seed + 1}))
-    assert [ex.text for ex in other.gold] != [ex.text for ex in a.gold]
+    assert [ex.text for ex in other.gold] != [ex.text for ex in prepare_data(full_cfg).gold]
     xs = list(range(50))
-    assert seeded_shuffle(xs, 3) == seeded_shuffle(xs, 3) != xs
+    shuffled = seeded_shuffle(xs, 3)
+    assert sorted(shuffled) == xs and shuffled != xs and shuffled != seeded_shuffle(xs, 4)
 
 
 def test_delete_labels_keeps_first_n(with_banking77) -> None:

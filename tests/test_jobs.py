@@ -13,6 +13,8 @@ from distill.finetune import TrainJob, load_recipe
 from distill.jobs import JobFailed, load_job_config, submit_and_wait
 from distill.serving.control import ensure_ray, shutdown
 
+pytestmark = pytest.mark.slow  # a real Ray job server
+
 
 @pytest.fixture(scope="module")
 def job_server():

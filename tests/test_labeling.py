@@ -21,9 +21,12 @@ from distill.data import prepare_data
 from distill.errors import DistillError
 from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
 from distill.program import IntentClassificationModule
-from distill.serving.control import serving
 from distill.lm import adapter, make_lm
+from distill.serving.control import serving
 from distill.teacher import GoldIndex, build_teacher
+
+# Tests that take `teacher_lm` start a real teacher endpoint on Ray Serve.
+slow = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 N_QUERIES = 24
@@ -36,8 +39,10 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def data(cfg, banking77_dir):
-    os.environ["BANKING77_DIR"] = str(banking77_dir)
-    return prepare_data(cfg)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BANKING77_DIR", str(banking77_dir))  # the killable subprocess below inherits it
+    yield prepare_data(cfg)
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,7 @@ KILLABLE = textwrap.dedent(
     from distill.config import load_config
     from distill.data import prepare_data
     from distill.labeling import label_queries
+    from distill.lm import make_lm
     from distill.teacher import build_teacher
 
     cfg = load_config("local_ci")
@@ -65,6 +71,7 @@ KILLABLE = textwrap.dedent(
 )
 
 
+@slow
 def test_killed_labeling_resumes_without_loss_or_duplicates(cfg, data, teacher_lm, tmp_path) -> None:
     out = tmp_path / "labels"
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(out), str(N_QUERIES)], cwd=ROOT,
@@ -104,6 +111,7 @@ def test_failed_calls_are_recorded_and_retried(cfg, data, tmp_path) -> None:
     assert len(read_records(tmp_path / "errors.jsonl")) == 3 and not read_records(tmp_path / "labels.jsonl")
 
 
+@slow
 def test_changed_teacher_starts_a_new_labels_file(cfg, data, teacher_lm, tmp_path) -> None:
     queries = data.to_label[:2]
     teacher = build_teacher(cfg, data.labels, data.gold)
@@ -112,6 +120,7 @@ def test_changed_teacher_starts_a_new_labels_file(cfg, data, teacher_lm, tmp_pat
     assert (tmp_path / "labels.a.jsonl").is_file()
 
 
+@slow
 def test_sft_example_is_the_inference_prompt(cfg, data, teacher_lm) -> None:
     program = IntentClassificationModule(data.labels)
     text = data.to_label[0].text

@@ -247,10 +247,12 @@ def f32_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dst
 
 
+@pytest.mark.slow  # a real LoRA training run and llama.cpp on the result
 def test_training_steps_reduce_loss(trained: Trained) -> None:
     assert trained.losses[-1] < 0.8 * trained.losses[0], trained.losses
 
 
+@pytest.mark.slow  # a real LoRA training run and llama.cpp on the result
 def test_exported_adapter_tensors(trained: Trained) -> None:
     from safetensors.numpy import load_file
 
@@ -272,6 +274,7 @@ def test_exported_adapter_tensors(trained: Trained) -> None:
     assert got["blk.7.ffn_down.weight.lora_b"].shape == (D_MODEL, R)
 
 
+@pytest.mark.slow  # a real LoRA training run and llama.cpp on the result
 def test_llama_cpp_matches_peft_on_shipped_q4_base(trained: Trained) -> None:
     t0 = time.perf_counter()
     c = compare_logits(trained.base, trained.adapter_gguf, trained.model, trained.tokenizer, PROMPTS)
@@ -279,6 +282,7 @@ def test_llama_cpp_matches_peft_on_shipped_q4_base(trained: Trained) -> None:
     assert c.agrees(), _report("Q4_1 base", c)
 
 
+@pytest.mark.slow  # a real LoRA training run and llama.cpp on the result
 def test_llama_cpp_matches_peft_exactly_on_f32_base(trained: Trained, f32_base: Path) -> None:
     c = compare_logits(f32_base, trained.adapter_gguf, trained.model, trained.tokenizer, PROMPTS)
     print(_report("F32 base", c))
@@ -299,6 +303,7 @@ def _scale_one(monkeypatch: pytest.MonkeyPatch) -> None:  # alpha written as r: 
     )
 
 
+@pytest.mark.slow  # a real LoRA training run and llama.cpp on the result
 @pytest.mark.parametrize("breakage", [_no_permutation, _scale_one], ids=["no-qk-permutation", "scale-1"])
 def test_broken_export_fails_the_tolerance(
     trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage: Any

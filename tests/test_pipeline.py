@@ -13,6 +13,9 @@ from distill import pipeline
 from distill.config import load_config
 from distill.report import load_report
 
+# The main job on real served models, a real Ray job and the notebook: minutes on 2 cores.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from distill.deploy import llm_config_class
 from distill.serving.app import ProgramAppArgs
 from distill.serving.llm import LLMAppArgs
 
@@ -16,14 +17,6 @@ CLUSTER_CONFIGS = ["serve_70B.yaml", "serve_1B.yaml"]
 LOCAL_CONFIGS = ["configs/serve_local_teacher.yaml", "configs/serve_local_student.yaml"]
 DEPLOY_CONFIGS = ["local_deploy_dspy.yaml", "configs/deploy/cluster_deploy_dspy.yaml",
                   "configs/deploy/program_service.yaml"]
-
-
-def llm_config_class():
-    try:  # the public name needs vLLM installed ...
-        from ray.serve.llm import LLMConfig
-    except ImportError:  # ... the class it re-exports does not
-        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
-    return LLMConfig
 
 
 def _apps(path: str) -> list[dict]:
@@ -64,7 +57,8 @@ def test_local_configs(path: str) -> None:
 def test_deploy_configs_serve_the_program_and_name_their_llm(path: str) -> None:
     apps = {a["import_path"]: a for a in _apps(path)}
     program = ProgramAppArgs.model_validate(apps["distill.serving.app:build_app"]["args"])
-    assert program.api_key_env  # a key is honoured when the environment sets one
+    # every shipped deploy config names the key variable itself, not through a default that could change
+    assert apps["distill.serving.app:build_app"]["args"]["api_key_env"] == "DISTILL_API_KEY"
     if path == "configs/deploy/program_service.yaml":  # alone: the LLM service's URL/key from the environment
         assert len(apps) == 1 and program.llm_api_base_env and program.llm_api_key_env
         assert apps["distill.serving.app:build_app"]["route_prefix"] == "/"

@@ -12,7 +12,6 @@ costs little.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import dspy
 from rich.console import Console
 
+from distill.bench import latency_summary
 from distill.data import write_jsonl
 from distill.errors import DistillError
 from distill.lm import using
@@ -205,11 +205,8 @@ def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Exa
             times.append(time.perf_counter() - t0)
     totals = usage.get_total_tokens().get(lm.model, {})
     n = len(examples)
-    ordered = sorted(times)
     return {
-        "n": n,
-        "p50_s": round(statistics.median(times), 4),
-        "p95_s": round(ordered[min(n - 1, int(0.95 * n))], 4),
+        **latency_summary(times),
         "prompt_tokens_per_query": round(totals.get("prompt_tokens", 0) / n, 1),
         "completion_tokens_per_query": round(totals.get("completion_tokens", 0) / n, 1),
     }
