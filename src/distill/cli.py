@@ -1,4 +1,8 @@
-"""`python -m distill <command>`: the same functions the notebook calls."""
+"""`python -m distill <command>`: the same functions the notebook calls.
+
+Each command imports what it needs when it runs: `--help` and the light commands stay fast without
+loading DSPy, Ray or torch.
+"""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError, DistillError
+from distill.lora_gguf import export_lora_to_gguf
 from distill.models import ModelSource
 
 
@@ -249,8 +250,6 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     out: dict[str, Any] = {"adapter_dir": str(adapter_dir), "wall_seconds": round(time.perf_counter() - started, 1),
                            **metrics}
     if job.recipe.model.gguf is not None:  # local: llama.cpp serves base GGUF + a GGUF LoRA adapter
-        from distill.lora_gguf import export_lora_to_gguf
-
         out["adapter_gguf"] = str(export_lora_to_gguf(adapter_dir, Path(job.output_dir) / "adapter.gguf",
                                                       job.recipe.model.gguf.resolve()))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.config import load_config, project_root
 from distill.errors import DistillError
 
 
@@ -46,7 +47,6 @@ def execute_notebook(
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from distill.config import load_config, project_root
 
     cfg = load_config(profile)
     src = Path(notebook) if notebook else project_root() / "README.ipynb"
