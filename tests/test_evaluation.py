@@ -37,7 +37,7 @@ def test_no_variants_is_an_error() -> None:
 
 def test_plots_are_valid_pngs(tmp_path) -> None:
     scores = {"base": {"vanilla": 0.31, "bfrs": 0.35}, "finetuned": {"vanilla": 0.42, "bfrs": 0.4}}
-    bars = plot_variant_scores(scores, tmp_path / "a" / "dev.png", "devset", reference=0.74)
+    bars = plot_variant_scores(scores, tmp_path / "a" / "dev.png", "devset", references={"teacher": 0.74, "1-NN": 0.69})
     gold = ["card_arrival", "pending_top_up", "cash_withdrawal_charge", "card_arrival"]
     pred = ["card_arrival", "card_arrival", None, "not_a_label"]
     cm = plot_confusion_matrix(gold, pred, LABELS, tmp_path / "cm.png", "best")

@@ -30,6 +30,11 @@ def test_run_fills_the_report(artifacts) -> None:
     cfg = load_config("local_ci")
     assert cfg.artifacts == artifacts
     report = load_report(cfg)
+    b = report["baselines"]
+    assert set(b["accuracy"]) == {"nearest_neighbour", "logistic_regression"} and b["test_size"] == cfg.data.test_size
+    for name, acc in b["accuracy"].items():  # each is the share correct in its predictions file
+        rows = [json.loads(x) for x in (artifacts / "baselines" / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == cfg.data.test_size and round(sum(r["correct"] for r in rows) / len(rows), 4) == acc
     t = report["teacher"]
     assert t["accuracy_gold"] >= cfg.teacher.min_accuracy_gold  # the gate passed, on a measured number
     assert 0.0 <= t["accuracy_test"] <= 1.0 and t["test_size"] == cfg.data.test_size

@@ -20,6 +20,7 @@ from distill.errors import DistillError
 from distill.report import finish_run as _finish_run
 from distill.report import print_summary, write_report
 from distill.stages.base import Manifest, Stage, console
+from distill.stages.baselines import BaselinesManifest, BaselinesStage
 from distill.stages.curation import CurationManifest, CurationStage
 from distill.stages.data import DataStage
 from distill.stages.evaluation import EvalManifest, EvaluationStage
@@ -27,7 +28,7 @@ from distill.stages.finetune import FinetuneManifest, FinetuneStage
 from distill.stages.serving import ServingManifest, ServingStage, program_app_env
 from distill.stages.teacher import TeacherManifest, TeacherStage
 
-__all__ = ["setup", "data_stage", "teacher_stage", "curation_stage", "finetune_stage", "evaluation_stage",
+__all__ = ["setup", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage", "evaluation_stage",
            "serving_stage", "deploy_config", "client_headers", "finish_run", "print_summary", "run"]
 
 
@@ -58,6 +59,11 @@ def data_stage(cfg: Config) -> Banking77Data:
     stage = DataStage(cfg)
     _ensure(stage)
     return stage.data
+
+
+def baselines_stage(cfg: Config, data: Banking77Data) -> BaselinesManifest:
+    """1-NN and logistic regression on the gold embeddings, on the same test queries as everything else."""
+    return _ensure(BaselinesStage(cfg, data))  # type: ignore[return-value]
 
 
 def teacher_stage(cfg: Config, data: Banking77Data) -> TeacherManifest:
@@ -120,6 +126,7 @@ def run(profile: str | None = None) -> Config:
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
     started = setup(cfg)
     data = data_stage(cfg)
+    baselines_stage(cfg, data)
     teacher_stage(cfg, data)
     curation_stage(cfg, data)
     finetune_stage(cfg, data)

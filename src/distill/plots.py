@@ -18,10 +18,12 @@ def plot_variant_scores(
     scores: Mapping[str, Mapping[str, float]],
     path: str | Path,
     title: str,
-    reference: float | None = None,
-    reference_label: str = "teacher",
+    references: Mapping[str, float] | None = None,
 ) -> Path:
-    """Grouped bars, one group per model ("base", "finetuned"), one bar per variant; scores in 0-1."""
+    """Grouped bars, one group per model ("base", "finetuned"), one bar per variant; scores in 0-1.
+
+    `references` are drawn as labeled horizontal lines (the teacher, the baselines).
+    """
     models = list(scores)
     variants = list(dict.fromkeys(v for m in models for v in scores[m]))
     x = np.arange(len(models))
@@ -31,10 +33,11 @@ def plot_variant_scores(
         values = [100 * scores[m].get(variant, np.nan) for m in models]
         bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, values, width, label=VARIANT_NAMES.get(variant, variant))
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
-    if reference is not None:
-        ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1)
-        ax.text(len(models) - 0.5, 100 * reference, f"{reference_label} {100 * reference:.1f}%", ha="right",
-                va="bottom", fontsize=8)
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for i, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(100 * value, color="black" if i == 0 else "dimgray", linestyle=styles[i % len(styles)],
+                   linewidth=1)
+        ax.text(len(models) - 0.5, 100 * value, f"{name} {100 * value:.1f}%", ha="right", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{m} student" for m in models])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from distill.config import Config
 from distill.stages.base import Manifest, fingerprint, read_manifest, write_manifest
+from distill.stages.baselines import BaselinesManifest
 from distill.stages.curation import CurationManifest
 from distill.stages.data import DataManifest
 from distill.stages.evaluation import EvalManifest
@@ -29,7 +30,7 @@ console = Console()
 
 # In pipeline order: a stage only reads stages above it.
 MANIFESTS: dict[str, type[Manifest]] = {
-    "data": DataManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
+    "data": DataManifest, "baselines": BaselinesManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
     "eval": EvalManifest, "serving": ServingManifest,
 }
 VERSIONS = ("dspy", "ray", "llama_cpp_python", "torch", "transformers", "peft", "trl")
@@ -113,7 +114,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """The headline numbers of a report, as (what, value) rows."""
     t, c, f, e, r = (report.get(k, {}) for k in ("teacher", "curation", "finetune", "eval", "run"))
     lat, cost, srv = report.get("latency", {}), report.get("cost", {}), report.get("serving", {})
+    base = report.get("baselines", {})
     rows = []
+    if base:
+        rows.append((f"baselines on the {base['n_gold']} gold embeddings: 1-NN / logistic regression (test)",
+                     " / ".join(_pct(base["accuracy"].get(k)) for k in ("nearest_neighbour", "logistic_regression"))))
     if t:
         rows.append(("teacher accuracy: gold (leave-one-out) / test",
                      f"{_pct(t['accuracy_gold'])} / {_pct(t['accuracy_test'])} ({t['test_size']} test queries)"))

@@ -16,9 +16,11 @@ from distill.evaluation import evaluate_and_prompt_optimize, measure_calls, run_
 from distill.plots import plot_confusion_matrix, plot_variant_scores
 from distill.program import DeployParams, ProgramParams, load_program
 from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require
+from distill.stages.baselines import BaselinesStage
 from distill.stages.curation import CurationStage
 from distill.stages.finetune import FinetuneStage
 
+BASELINE_NAMES = {"nearest_neighbour": "1-NN on gold", "logistic_regression": "log. regression on gold"}
 Scores = dict[str, dict[str, float]]  # {"base"|"finetuned": {"vanilla"|"bfrs": accuracy}}
 
 
@@ -51,6 +53,7 @@ class EvaluationStage(Stage[EvalManifest]):
     def __init__(self, cfg: Config, data: Banking77Data, curation: CurationStage, finetune: FinetuneStage) -> None:
         super().__init__(cfg)
         self.data, self.curation, self.finetune = data, curation, finetune
+        self.baselines = BaselinesStage(cfg, data)
 
     @property
     def deploy_params_path(self) -> Path:
@@ -59,7 +62,9 @@ class EvaluationStage(Stage[EvalManifest]):
 
     def inputs(self) -> dict[str, str]:
         return {
-            "teacher": require(self.curation.teacher.load(), "teacher").fingerprint,  # its accuracy is on the plots
+            # the teacher's and the baselines' accuracies are reference lines on the plots
+            "teacher": require(self.curation.teacher.load(), "teacher").fingerprint,
+            "baselines": require(self.baselines.load(), "baselines").fingerprint,
             "curation": require(self.curation.load(), "curation").fingerprint,
             "finetune": require(self.finetune.load(), "finetune").fingerprint,
         }
@@ -81,6 +86,7 @@ class EvaluationStage(Stage[EvalManifest]):
         cfg, data, ev, st = self.cfg, self.data, self.cfg.evaluation, self.cfg.models.student
         ft = require(self.finetune.load(), "finetune")
         teacher = require(self.curation.teacher.load(), "teacher")
+        baselines = require(self.baselines.load(), "baselines")
         splits = self.curation.splits()
         dev, train, val = splits["devset"], splits["optimizer_train"], splits["optimizer_val"]
         kinds = {"base": st.model, "finetuned": ft.model}
@@ -106,9 +112,11 @@ class EvaluationStage(Stage[EvalManifest]):
         plots = {
             "devset": plot_variant_scores(dev_scores, out / "devset_scores.png",
                                           f"Synthetic devset ({len(dev)} teacher-labeled queries)",
-                                          teacher.accuracy_gold, "teacher on gold (leave-one-out)"),
+                                          {"teacher on gold (leave-one-out)": teacher.accuracy_gold}),
             "testset": plot_variant_scores(test_scores, out / "testset_scores.png",
-                                           f"Test set ({len(data.test)} queries)", teacher.accuracy_test, "teacher"),
+                                           f"Test set ({len(data.test)} queries)",
+                                           {"teacher": teacher.accuracy_test,
+                                            **{BASELINE_NAMES.get(k, k): v for k, v in baselines.accuracy.items()}}),
         }
         preds = read_jsonl(out / "predictions" / "testset" / f"{best.kind}_{best.variant}.jsonl")
         plots["confusion"] = plot_confusion_matrix(

@@ -1,0 +1,56 @@
+"""The baselines stage: 1-NN and logistic regression on the gold examples' embeddings, scored on the same
+test queries as the teacher and the students, so every run shows what the LLMs add."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.baselines import run_baselines
+from distill.config import Config
+from distill.data import Banking77Data, write_jsonl
+from distill.stages.base import Manifest, Stage, fingerprint
+from distill.stages.data import data_fingerprint
+
+
+class BaselinesManifest(Manifest):
+    accuracy: dict[str, float]  # baseline name -> accuracy on the test queries
+    params: dict[str, dict[str, float]]
+    test_size: int
+    n_gold: int
+    embedder: str
+
+
+class BaselinesStage(Stage[BaselinesManifest]):
+    name = "baselines"
+    title = "baselines: 1-NN and logistic regression on the gold embeddings"
+    manifest_type = BaselinesManifest
+
+    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+        super().__init__(cfg)
+        self.data = data
+
+    def inputs(self) -> dict[str, str]:
+        return {"data": data_fingerprint(self.data)}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs(), self.cfg.teacher.embedder, self.cfg.seed)
+
+    def outputs(self, m: BaselinesManifest) -> list[Path]:
+        return [self.dir / "predictions" / f"{name}.jsonl" for name in m.accuracy]
+
+    def describe(self, m: BaselinesManifest) -> str:
+        return ", ".join(f"{k} {v:.1%}" for k, v in m.accuracy.items()) + f" on {m.test_size} test queries"
+
+    def run(self) -> BaselinesManifest:
+        data, embedder = self.data, self.cfg.teacher.embedder
+        results = run_baselines(data.gold, data.test, embedder, self.cfg.seed)
+        for name, r in results.items():
+            write_jsonl(self.dir / "predictions" / f"{name}.jsonl", [
+                {"text": ex.text, "label": ex.label, "predicted": p, "correct": p == ex.label}
+                for ex, p in zip(data.test, r.predictions)])
+        m = BaselinesManifest(
+            fingerprint=self.fingerprint(), accuracy={k: r.accuracy for k, r in results.items()},
+            params={k: r.params for k, r in results.items() if r.params}, test_size=len(data.test),
+            n_gold=len(data.gold), embedder=embedder)
+        print(self.describe(m))
+        return m
