@@ -46,3 +46,23 @@ def test_metrics() -> None:
     assert not exact_match(ex, dspy.Prediction())
     valid = ValidLabel(["card_arrival"])
     assert valid(ex, dspy.Prediction(label="Card_Arrival")) and not valid(ex, dspy.Prediction(label="hacked"))
+
+
+def test_candidate_adapter_narrows_the_answer_but_keeps_the_prompt() -> None:
+    """The teacher's per-query restriction: the response schema's enum is the candidates only, while the
+    prompt (and so llama.cpp's cached prefix) is the same as the unrestricted program's."""
+    LABELS = ["card_arrival", "pending_top_up", "cash_withdrawal_charge", "activate_my_card"]
+    from distill.config import load_config
+    from distill.lm import CandidateJSONAdapter, CompactJSONAdapter, make_lm
+
+    sig = make_signature(LABELS)
+    lm = make_lm(load_config("local_ci").models.teacher)
+    kw: dict = {}
+    CandidateJSONAdapter(["card_arrival", "activate_my_card"])._prepare_response_format(lm, kw, sig)
+    schema = kw["response_format"].model_json_schema()
+    assert schema["properties"]["label"]["enum"] == ["card_arrival", "activate_my_card"]
+    full: dict = {}
+    CompactJSONAdapter()._prepare_response_format(lm, full, sig)
+    assert full["response_format"].model_json_schema()["properties"]["label"]["enum"] == LABELS
+    inputs = {"text": "where is my card?"}
+    assert CandidateJSONAdapter(["card_arrival"]).format(sig, [], inputs) == CompactJSONAdapter().format(sig, [], inputs)
