@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Literal, get_origin
+import json
+from typing import Any, Iterator, Literal, Sequence, get_origin
 
 # DSPy otherwise tries to download a model-price map from the internet at first use (5 s timeout offline).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -65,15 +66,22 @@ def make_lm(lm_cfg: LMConfig, model: str | None = None, cache: bool = True, **kw
     )
 
 
-def adapter() -> dspy.Adapter:
-    """JSON output, so the server can constrain it; ChatAdapter output is unparseable from tiny models."""
-    return CompactJSONAdapter()
+Prompt = Literal["full", "compact"]
+
+
+def adapter(prompt: Prompt = "full") -> dspy.Adapter:
+    """JSON output, so the server can constrain it; ChatAdapter output is unparseable from tiny models.
+
+    `full`: the signature's fields, types and label list spelled out (what a model that was never trained
+    on the task needs). `compact`: the task in one line and the bare query (a finetuned student).
+    """
+    return CompactPromptAdapter() if prompt == "compact" else CompactJSONAdapter()
 
 
 @contextlib.contextmanager
-def using(lm: dspy.LM) -> Iterator[dspy.LM]:
+def using(lm: dspy.LM, prompt: Prompt = "full") -> Iterator[dspy.LM]:
     """`with using(lm): program(...)` -- the LM and the JSON adapter for this block (thread-local)."""
-    with dspy.context(lm=lm, adapter=adapter()):
+    with dspy.context(lm=lm, adapter=adapter(prompt)):
         yield lm
 
 
@@ -122,3 +130,34 @@ class CandidateJSONAdapter(CompactJSONAdapter):
         # DSPy 3.4 builds the response schema here from the signature's output types.
         narrowed = signature.with_updated_fields("label", type_=Literal[self.candidates])  # type: ignore[valid-type]
         super()._prepare_response_format(lm, lm_kwargs, narrowed)
+
+
+class CompactPromptAdapter(CompactJSONAdapter):
+    """The finetuned student's prompt: the signature's instructions as the system turn, the input as the
+    user turn, the answer as the JSON object -- no field descriptions, no label list, no format rules.
+
+    The student learns the format and the labels from its SFT data (built with this same adapter, so
+    training and inference see identical messages); the server's grammar still enforces the label enum
+    through the response schema, which is prepared exactly as for the full prompt. About a tenth of the
+    full prompt's tokens: training and inference cost scale with them.
+    """
+
+    def format(self, signature: type[dspy.Signature], demos: list[dict[str, Any]],
+               inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": signature.instructions.strip()}]
+        for demo in demos:
+            messages.append({"role": "user", "content": self._user_content(signature, demo)})
+            messages.append({"role": "assistant", "content": self.format_assistant_message_content(signature, demo)})
+        messages.append({"role": "user", "content": self._user_content(signature, inputs)})
+        return messages
+
+    def format_assistant_message_content(self, signature: type[dspy.Signature], outputs: dict[str, Any],
+                                         missing_field_message: str | None = None) -> str:
+        return json.dumps({k: outputs[k] for k in signature.output_fields if k in outputs}, ensure_ascii=False)
+
+    @staticmethod
+    def _user_content(signature: type[dspy.Signature], values: dict[str, Any]) -> str:
+        fields = [k for k in signature.input_fields if k in values]
+        if len(fields) == 1:
+            return str(values[fields[0]])
+        return "\n".join(f"{k}: {values[k]}" for k in fields)
