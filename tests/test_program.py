@@ -66,3 +66,27 @@ def test_candidate_adapter_narrows_the_answer_but_keeps_the_prompt() -> None:
     assert full["response_format"].model_json_schema()["properties"]["label"]["enum"] == LABELS
     inputs = {"text": "where is my card?"}
     assert CandidateJSONAdapter(["card_arrival"]).format(sig, [], inputs) == CompactJSONAdapter().format(sig, [], inputs)
+
+
+def test_finetuned_students_sft_messages_are_its_inference_messages_with_the_compact_prompt() -> None:
+    """What the student is trained on is exactly what its program sends when served: the compact prompt
+    (instructions, then the bare query; no label list) and the JSON answer the adapter parses back."""
+    from dspy.utils import DummyLM
+
+    from distill.curation import sft_messages
+    from distill.lm import adapter, using
+
+    labels = ["card_arrival", "pending_top_up", "activate_my_card"]
+    program = IntentClassificationModule(labels)
+    text = "My card still has not arrived"
+    lm = DummyLM([{"label": "card_arrival"}], adapter=dspy.JSONAdapter())
+    with using(lm, "compact"):
+        pred = program(text=text)
+    sent = lm.history[-1]["messages"]
+    sft = sft_messages(program, adapter("compact"), text, {"label": pred.label})
+    assert sft[:-1] == sent and sft[-1]["role"] == "assistant"
+    assert [m["role"] for m in sent] == ["system", "user"] and sent[1]["content"] == text
+    assert not any(label in sent[0]["content"] for label in labels)  # the grammar carries the label set
+    assert adapter("compact").parse(program.predictor.signature, sft[-1]["content"]) == {"label": "card_arrival"}
+    full = adapter("full").format(program.predictor.signature, [], {"text": text})
+    assert len("".join(m["content"] for m in sent)) * 4 < len("".join(m["content"] for m in full))

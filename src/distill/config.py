@@ -42,6 +42,10 @@ class ProgramConfig(_Strict):
     # Upper bound on the reasoning's length, enforced by the server's grammar, so generation cannot
     # run into max_tokens and leave truncated JSON.
     max_reasoning_chars: int = Field(400, ge=16)
+    # The finetuned student's prompt. compact: the task in one line and the bare query (no label list, no
+    # format rules: it learns both from its SFT data, and the server's grammar still enforces the label);
+    # full: the same prompt the base student and the teacher get.
+    student_prompt: Literal["full", "compact"] = "compact"
 
 
 class LMConfig(_Strict):

@@ -23,7 +23,7 @@ from rich.console import Console
 from distill.bench import latency_summary
 from distill.data import write_jsonl
 from distill.errors import DistillError
-from distill.lm import using
+from distill.lm import Prompt, using
 from distill.program import IntentClassificationModule, ValidLabel, exact_match, load_program
 
 console = Console()
@@ -43,6 +43,7 @@ class Variant:
     variant: str  # "vanilla" | "bfrs"
     model: str  # the served model id
     program_path: Path
+    prompt: Prompt = "full"  # the adapter the program runs with (the finetuned student: compact)
 
 
 def evaluate(
@@ -54,12 +55,13 @@ def evaluate(
     max_errors: int,
     predictions_path: Path | None = None,
     name: str = "",
+    prompt: Prompt = "full",
 ) -> EvalResult:
     """`dspy.Evaluate` with exact match; per-example predictions are kept (and written as JSONL)."""
     valid = ValidLabel(labels)
     t0 = time.perf_counter()
     try:
-        with using(lm):
+        with using(lm, prompt):
             result = dspy.Evaluate(
                 devset=list(examples), metric=exact_match, num_threads=threads, display_progress=True,
                 max_errors=max_errors,
@@ -89,6 +91,7 @@ def optimize(
     bfrs: Mapping[str, Any],
     threads: int,
     max_errors: int,
+    prompt: Prompt = "full",
 ) -> dspy.Module:
     """BootstrapFewShotWithRandomSearch: demos bootstrapped from the trainset, candidates picked on the valset."""
     from dspy.teleprompt import BootstrapFewShotWithRandomSearch
@@ -96,7 +99,7 @@ def optimize(
     optimizer = BootstrapFewShotWithRandomSearch(
         metric=exact_match, num_threads=threads, max_errors=max_errors, **bfrs,
     )
-    with using(lm):
+    with using(lm, prompt):
         return optimizer.compile(program, trainset=list(trainset), valset=list(valset))
 
 
@@ -117,11 +120,13 @@ def evaluate_and_prompt_optimize(
     fingerprints: Mapping[str, str] | None = None,
     reasoning: bool = False,
     max_reasoning_chars: int = 400,
+    prompts: Mapping[str, Prompt] | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[Variant]]:
     """Devset scores {kind: {"vanilla": x, "bfrs": y}} of each model, and the saved programs.
 
     `fingerprints[kind]` identifies everything an optimized program depends on; a saved program with the
-    same fingerprint is loaded instead of recompiled.
+    same fingerprint is loaded instead of recompiled. `prompts[kind]` is the adapter each model's programs
+    run with (default: the full prompt).
     """
     programs_dir = out_dir / "programs"
     programs_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +136,7 @@ def evaluate_and_prompt_optimize(
     variants: list[Variant] = []
     for kind, lm in models.items():
         model = lm.model.split("/", 1)[-1]
+        prompt = (prompts or {}).get(kind, "full")
         vanilla = IntentClassificationModule(labels, reasoning, max_reasoning_chars)
         vanilla_path = programs_dir / f"{kind}_vanilla.json"
         vanilla.save(str(vanilla_path))
@@ -141,17 +147,18 @@ def evaluate_and_prompt_optimize(
             optimized = load_program(bfrs_path, labels, reasoning, max_reasoning_chars)
         else:
             console.rule(f"BootstrapFewShotWithRandomSearch: {kind} student ({model})")
-            optimized = optimize(IntentClassificationModule(labels, reasoning, max_reasoning_chars), lm, trainset, valset, bfrs,
-                                 threads, max_errors)
+            optimized = optimize(IntentClassificationModule(labels, reasoning, max_reasoning_chars), lm, trainset,
+                                 valset, bfrs, threads, max_errors, prompt)
             optimized.save(str(bfrs_path))
             meta[kind] = fp
             meta_path.write_text(json.dumps(meta, indent=2))
         scores[kind] = {}
         for variant, program, path in (("vanilla", vanilla, vanilla_path), ("bfrs", optimized, bfrs_path)):
             result = evaluate(program, lm, devset, labels, threads, max_errors,
-                              out_dir / "predictions" / "devset" / f"{kind}_{variant}.jsonl", f"devset {kind} {variant}")
+                              out_dir / "predictions" / "devset" / f"{kind}_{variant}.jsonl", f"devset {kind} {variant}",
+                              prompt)
             scores[kind][variant] = round(result.score, 4)
-            variants.append(Variant(kind, variant, model, path))
+            variants.append(Variant(kind, variant, model, path, prompt))
     return scores, variants
 
 
@@ -183,14 +190,15 @@ def run_testset_evaluation(
         program = load_program(v.program_path, labels, reasoning, max_reasoning_chars)
         result = evaluate(program, models[v.kind], testset, labels, threads, max_errors,
                           out_dir / "predictions" / "testset" / f"{v.kind}_{v.variant}.jsonl",
-                          f"testset {v.kind} {v.variant}")
+                          f"testset {v.kind} {v.variant}", v.prompt)
         scores.setdefault(v.kind, {})[v.variant] = round(result.score, 4)
     kind, variant = choose_best(scores, dev_scores)
     best = next(v for v in variants if (v.kind, v.variant) == (kind, variant))
     return str(best.program_path), best.model, scores[kind][variant], scores
 
 
-def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Example]) -> dict[str, Any]:
+def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Example],
+                  prompt: Prompt = "full") -> dict[str, Any]:
     """Latency per call (sequential, one at a time) and tokens per query of `program` on `lm`.
 
     Pass an LM built with `cache=False`: a cached answer measures nothing.
@@ -198,7 +206,7 @@ def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Exa
     if lm.cache:
         raise DistillError("measure_calls needs an LM without cache (make_lm(..., cache=False))")
     times = []
-    with using(lm), dspy.track_usage() as usage:
+    with using(lm, prompt), dspy.track_usage() as usage:
         for ex in examples:
             t0 = time.perf_counter()
             program(**ex.inputs())

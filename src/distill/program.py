@@ -19,7 +19,7 @@ from pydantic_core import core_schema
 from distill.config import project_root, resolve_path
 from distill.data import normalize_label
 from distill.errors import DistillError
-from distill.lm import register
+from distill.lm import Prompt, register
 
 INSTRUCTIONS = (
     "As part of a bank's customer-support triage system, classify the intent of a customer's message "
@@ -134,6 +134,7 @@ class ProgramParams(BaseModel):
 
     reasoning: bool = False
     max_reasoning_chars: int = 400
+    prompt: Prompt = "full"  # the adapter the program runs with (`distill.lm.adapter`)
 
 
 class DeployParams(BaseModel):
@@ -176,4 +177,4 @@ class DeployParams(BaseModel):
         return params.model_copy(update={"program_path": str(resolve_path(params.program_path))})
 
     def load_program(self) -> IntentClassificationModule:
-        return load_program(self.program_path, self.labels, **self.program.model_dump())
+        return load_program(self.program_path, self.labels, self.program.reasoning, self.program.max_reasoning_chars)

@@ -175,10 +175,12 @@ class CallStats(BaseModel):
                 f"{self.completion_tokens_per_query:.0f} completion tokens per query")
 
 
-def prompt_fingerprint(cfg: Config, labels: list[str]) -> str:
-    """Changes whenever the prompt the program sends changes (adapter, signature, labels)."""
+def prompt_fingerprint(cfg: Config, labels: list[str], student: bool = True) -> str:
+    """Changes whenever a prompt the program sends changes (adapter, signature, labels): the full prompt
+    (teacher, base student) and, with `student`, the finetuned student's."""
     program = IntentClassificationModule(labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
-    return fingerprint(adapter().format(program.predictor.signature, [], {"text": ""}))
+    prompts = ("full", cfg.program.student_prompt) if student else ("full",)
+    return fingerprint([adapter(p).format(program.predictor.signature, [], {"text": ""}) for p in prompts])
 
 
 @contextlib.contextmanager

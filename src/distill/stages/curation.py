@@ -82,7 +82,8 @@ class CurationStage(Stage[CurationManifest]):
         # The student is finetuned on the optimizer trainset only: the synthetic devset stays unseen.
         train_texts = {ex.text for ex in train}
         program = IntentClassificationModule(data.labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
-        sft = to_sft([r for r in result.kept if r["text"] in train_texts], program, adapter())
+        # Exactly the messages the finetuned student's program sends at inference (its prompt style).
+        sft = to_sft([r for r in result.kept if r["text"] in train_texts], program, adapter(cfg.program.student_prompt))
         save_sft(sft, self.sft_path)
         print(f"wrote {len(sft)} SFT examples to {self.sft_path}, label chart {plot}")
         return CurationManifest(

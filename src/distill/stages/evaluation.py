@@ -90,7 +90,9 @@ class EvaluationStage(Stage[EvalManifest]):
         splits = self.curation.splits()
         dev, train, val = splits["devset"], splits["optimizer_train"], splits["optimizer_val"]
         kinds = {"base": st.model, "finetuned": ft.model}
-        program_kw = cfg.program.model_dump()
+        program_kw = cfg.program.model_dump(include={"reasoning", "max_reasoning_chars"})
+        # The base student needs the full prompt; the finetuned one runs with the prompt it was trained on.
+        prompts = {"base": "full", "finetuned": cfg.program.student_prompt}
         bfrs = ev.bfrs.model_dump()
         opt_fp = {k: fingerprint(m, ft.fingerprint if k == "finetuned" else None, bfrs, cfg.seed,
                                  prompt_fingerprint(cfg, data.labels), [ex.text for ex in train + val],
@@ -100,13 +102,14 @@ class EvaluationStage(Stage[EvalManifest]):
                 self.endpoint(st, ft.serve_config, models=list(kinds.values())):
             lms = {k: self.lm(st, model=m) for k, m in kinds.items()}
             dev_scores, variants = evaluate_and_prompt_optimize(
-                lms, data.labels, dev, train, val, self.dir, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw)
+                lms, data.labels, dev, train, val, self.dir, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw,
+                prompts=prompts)
             best_path, best_model, best_score, test_scores = run_testset_evaluation(
                 lms, variants, data.labels, data.test, self.dir, ev.threads, ev.max_errors, dev_scores, **program_kw)
             best = next(v for v in variants if str(v.program_path) == best_path)
             calls = CallStats(model=best_model, **measure_calls(
                 load_program(best_path, data.labels, **program_kw), self.lm(st, model=best_model, cache=False),
-                data.test[: ev.latency_queries]))
+                data.test[: ev.latency_queries], best.prompt))
         print(calls.line(f"best student ({best.kind} {best.variant})"))
         out = self.dir
         plots = {
@@ -123,7 +126,7 @@ class EvaluationStage(Stage[EvalManifest]):
             [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
             f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
         DeployParams(model=best_model, program_path=best_path, labels=data.labels, variant=best.variant,
-                     kind=best.kind, test_score=best_score, program=ProgramParams(**program_kw)
+                     kind=best.kind, test_score=best_score, program=ProgramParams(**program_kw, prompt=best.prompt)
                      ).save(self.deploy_params_path)
         print(f"best: {best.kind} {best.variant} ({best_model}) {best_score:.1%} on the test set -> "
               f"{self.deploy_params_path}")

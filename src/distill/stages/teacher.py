@@ -53,7 +53,7 @@ class TeacherStage(Stage[TeacherManifest]):
         """What the labels depend on: the teacher, its prompt and the queries (not how it is timed)."""
         cfg = self.cfg
         return fingerprint(cfg.teacher.model_dump(exclude={"threads", "min_accuracy_gold"}), cfg.models.teacher.model,
-                           prompt_fingerprint(cfg, self.data.labels), data_fingerprint(self.data))
+                           prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data))
 
     def inputs(self) -> dict[str, str]:
         return {"data": data_fingerprint(self.data)}
