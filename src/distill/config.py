@@ -45,7 +45,7 @@ class ProgramConfig(_Strict):
     # The finetuned student's prompt. compact: the task in one line and the bare query (no label list, no
     # format rules: it learns both from its SFT data, and the server's grammar still enforces the label);
     # full: the same prompt the base student and the teacher get.
-    student_prompt: Literal["full", "compact"] = "compact"
+    student_prompt: Literal["full", "compact"] = "full"
 
 
 class LMConfig(_Strict):
