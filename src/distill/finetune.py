@@ -10,6 +10,7 @@ the SFT records are converted to TRL's conversational prompt/completion form. Re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -67,6 +68,8 @@ def sft_config(training: dict[str, Any], output_dir: str, use_cpu: bool) -> Any:
 
     if clash := sorted(set(training) & set(MANAGED_SFT_ARGS)):
         raise ConfigError(f"training: {clash} are set by the finetune job, not the recipe")
+    if unknown := sorted(set(training) - {f.name for f in dataclasses.fields(SFTConfig)}):
+        raise ConfigError("; ".join(f"training.{k}: not an SFTConfig argument" for k in unknown))
     kwargs = {**MANAGED_SFT_ARGS, **training, "output_dir": output_dir, "use_cpu": use_cpu}
     if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in training:
         # Non-reentrant checkpointing needs no gradient on the inputs, so with `top_layers` the backward
