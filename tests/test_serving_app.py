@@ -103,13 +103,17 @@ def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_ar
     cfg = load_config("local_ci")
     report = json.loads((pipeline_artifacts / "report.json").read_text())
     models = {"base": cfg.models.student.model, "finetuned": report["finetune"]["model"]}
-    for kind, model in models.items():
-        program = load_program(pipeline_artifacts / "eval" / "programs" / f"{kind}_bfrs.json", deployment["labels"])
-        rows = read_jsonl(pipeline_artifacts / "eval" / "predictions" / "testset" / f"{kind}_bfrs.jsonl")[:5]
-        lm = make_lm(cfg.models.student, model=model, cache=False)
-        with using(lm):
-            got = [program(text=r["text"]).label for r in rows]
-        assert got == [r["predicted"] for r in rows], kind
+    prompts = {"base": "full", "finetuned": cfg.program.student_prompt}  # as the evaluation ran them
+    lm_cfg = cfg.models.student.model_copy(update={"api_key_env": "DISTILL_API_KEY"})  # the LLM app checks it too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTILL_API_KEY", KEY)
+        for kind, model in models.items():
+            program = load_program(pipeline_artifacts / "eval" / "programs" / f"{kind}_bfrs.json", deployment["labels"])
+            rows = read_jsonl(pipeline_artifacts / "eval" / "predictions" / "testset" / f"{kind}_bfrs.jsonl")[:5]
+            lm = make_lm(lm_cfg, model=model, cache=False)
+            with using(lm, prompts[kind]):
+                got = [program(text=r["text"]).label for r in rows]
+            assert got == [r["predicted"] for r in rows], kind
 
 
 def test_llm_app_down_is_a_503_with_a_message(deployment) -> None:
