@@ -19,6 +19,8 @@ from distill.program import IntentClassificationModule, ValidLabel
 from distill.serving.control import serving
 from distill.lm import make_lm, sanity_check_program, using
 
+pytestmark = pytest.mark.slow
+
 KEY_ENV = "DISTILL_TEST_LLM_KEY"
 KEY = "test-key-not-a-secret"
 
@@ -33,6 +35,7 @@ def endpoint(cfg, tmp_path_factory):
     """The teacher config, plus an API key that reaches the replica only through Ray's runtime_env."""
     raw = yaml.safe_load(cfg.path(cfg.models.teacher.serve_config).read_text())
     raw["applications"][0]["args"]["api_key_env"] = KEY_ENV
+    raw["applications"][0]["args"]["models"][0]["max_tokens_limit"] = 64
     path = tmp_path_factory.mktemp("serve") / "teacher_with_key.yaml"
     path.write_text(yaml.safe_dump(raw))
     os.environ[KEY_ENV] = KEY
@@ -107,9 +110,15 @@ def test_token_limits_and_stop_are_honoured(endpoint, client) -> None:
 def test_bad_requests_get_4xx_and_server_stays_up(endpoint, body, status, needle) -> None:
     r = _post(endpoint, body)
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]["message"]
+    assert needle in r.text
     ok = _post(endpoint, {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_context_overflow_is_a_400_with_openais_code(endpoint) -> None:
+    r = _post(endpoint, {"model": endpoint.model, "messages": [{"role": "user", "content": "hi " * 5000}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "context window" in r.json()["error"]["message"]
 
 
 def test_malformed_json_and_auth(endpoint) -> None:
@@ -118,6 +127,40 @@ def test_malformed_json_and_auth(endpoint) -> None:
     body = {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert _post(endpoint, body, key=None).status_code == 401
     assert _post(endpoint, body, key="wrong").status_code == 401
+
+
+def test_no_open_door(endpoint) -> None:
+    """With a key configured, nothing answers without it: API, docs, unknown paths."""
+    root = endpoint.api_base.removesuffix("/v1")
+    for path in ("/v1/models", "/docs", "/openapi.json", "/v1/nope"):
+        r = httpx.get(root + path, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+    for path in ("/docs", "/openapi.json"):  # off in this config
+        assert httpx.get(root + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 404
+
+
+def test_max_tokens_is_capped(endpoint, client) -> None:
+    # The schema only admits a long answer, so the generation runs until the cap stops it.
+    long = {"type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 400}},
+            "required": ["n"]}
+    r = client.chat.completions.create(
+        model=endpoint.model, messages=[{"role": "user", "content": "List the numbers from 1 to 1000."}],
+        temperature=0, max_tokens=10**9, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": long}})
+    assert r.usage.completion_tokens == 64 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("content, status, needle", [
+    (b'{"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "surrogate"),
+    (b'{"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "caf\xe9"}]}', 400, "UTF-8"),
+    (b"[" * 20_000, 400, "not valid JSON"),
+    (b'{"model": "x", "messages": [], "pad": "' + b"a" * (2 << 20) + b'"}', 413, "Too Large"),
+])  # fmt: skip
+def test_undecodable_or_oversized_bodies_are_refused(endpoint, content, status, needle) -> None:
+    r = _post(endpoint, content=content)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    ok = _post(endpoint, {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
 
 
 def test_concurrent_requests(endpoint, client) -> None:

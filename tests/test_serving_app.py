@@ -2,12 +2,19 @@
 
 It serves what the main job produced on `local_ci` (deploy params, saved program, finetuned adapter):
 the committed config as `pipeline.deploy_config` fills it in -- only its two artifact paths change.
+Besides the answers, the deployment must survive its clients: cancelled generations, overload, hostile
+input, and callers without the key (issue 13).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import json
+import re
 import secrets
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -17,12 +24,22 @@ import yaml
 from distill.config import load_config
 from distill.data import read_jsonl
 from distill.pipeline import deploy_config
-from distill.serving.control import shutdown, start_serve_config, wait_until_healthy
+from distill.serving.control import replica_ids, shutdown, start_serve_config, wait_until_healthy
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8000/classify_intent"
+LLM = "http://127.0.0.1:8000/v1"
 KEY = "test-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_CT = {"Content-Type": "application/json"}
+# A JSON schema the grammar can only satisfy with a long answer: the generation runs to max_tokens.
+LONG_ANSWER = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
+    "type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 400}},
+    "required": ["n"]}}}
+# What must never reach a client: exception class names, tracebacks, provider/library names.
+INTERNALS = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|Traceback|litellm|lm15|dspy")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +53,8 @@ def deployment(pipeline_artifacts):
         assert raw["applications"][0]["args"]["deploy_params"] == str(pipeline_artifacts / "deploy_params.json")
         start_serve_config(path, forward_env=["DISTILL_API_KEY"])
         wait_until_healthy(f"{URL}/healthz", 180, AUTH)
-        yield json.loads((pipeline_artifacts / "deploy_params.json").read_text())
+        params = json.loads((pipeline_artifacts / "deploy_params.json").read_text())
+        yield {**params, "config": raw}
     finally:
         shutdown()
         mp.undo()
@@ -44,6 +62,20 @@ def deployment(pipeline_artifacts):
 
 def classify(query, headers=AUTH, **kw) -> httpx.Response:
     return httpx.post(URL, json={"query": query}, headers=headers, timeout=60, **kw)
+
+
+def long_generation(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "List the numbers from 1 to 1000."}],
+            "temperature": 0, "max_tokens": 10**9, "response_format": LONG_ANSWER}
+
+
+def tiny_generation(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def _llm_limit(deployment) -> int:
+    llm = next(a for a in deployment["config"]["applications"] if a["name"] == "llm")
+    return next(m["max_tokens_limit"] for m in llm["args"]["models"] if m["name"] == deployment["model"])
 
 
 def test_20_test_queries_get_one_of_the_labels(deployment, pipeline_artifacts) -> None:
@@ -66,7 +98,8 @@ def test_prompt_injection_still_gets_a_label(deployment) -> None:
 @pytest.mark.parametrize("body, needle", [
     ({"query": ""}, "empty"),
     ({"query": "  \n\t "}, "empty"),
-    ({"query": "x" * 1001}, "longer than 1000"),
+    ({"query": "x" * 1001}, "longer than 1000 characters"),
+    ({"query": "\U0001F600" * 900}, "longer than 512 tokens"),  # under the character limit, ~2700 tokens
     ({"query": 42}, "query"),
     ({"query": ["card", "arrival"]}, "query"),
     ({"query": None}, "query"),
@@ -80,19 +113,40 @@ def test_bad_input_is_a_422_with_a_message(deployment, body, needle) -> None:
     assert needle in r.json()["detail"]
 
 
-def test_non_json_body_is_a_422_and_the_app_keeps_answering(deployment) -> None:
-    for content in (b"where is my card", b'{"query": "unterminated', b""):
-        r = httpx.post(URL, content=content, headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
-        assert r.status_code == 422 and "detail" in r.json(), r.text
+@pytest.mark.parametrize("content, needle", [
+    (b"where is my card", "not valid JSON"),
+    (b'{"query": "unterminated', "not valid JSON"),
+    (b"", "query"),
+    (b'{"query": "\\ud800"}', "lone surrogate"),  # valid JSON, not valid Unicode
+    (b'{"query": "caf\xe9"}', "not valid JSON text (UTF-8)"),  # Latin-1, not UTF-8
+    (b"[" * 20_000, "not valid JSON"),  # nesting deeper than the parser recurses
+])
+def test_undecodable_bodies_are_a_422_and_the_app_keeps_answering(deployment, content, needle) -> None:
+    r = httpx.post(URL, content=content, headers={**AUTH, **JSON_CT}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"] and not INTERNALS.search(r.text)
+
+
+def test_oversized_body_is_a_413_and_the_app_keeps_answering(deployment) -> None:
+    r = httpx.post(URL, content=json.dumps({"query": "a" * 100_000}), headers={**AUTH, **JSON_CT}, timeout=30)
+    assert r.status_code == 413, r.text  # FastAPI's own answer, before the body is read
     assert classify("my card has not arrived yet").status_code == 200
 
 
-def test_missing_or_wrong_key_is_a_401(deployment) -> None:
+def test_missing_or_wrong_key_is_a_401_on_every_app(deployment) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = classify("where is my card", headers=headers)
         assert r.status_code == 401, r.text
         assert KEY not in r.text
+        # no open door: the LLM app behind the program checks the same key
+        assert httpx.get(f"{LLM}/models", headers=headers, timeout=10).status_code == 401
+        r = httpx.post(f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]), headers=headers, timeout=10)
+        assert r.status_code == 401, r.text
     assert httpx.get(f"{URL}/healthz", timeout=10).status_code == 401
+    for path in ("/docs", "/openapi.json", "/classify_intent/docs", "/classify_intent/openapi.json", "/nope"):
+        assert httpx.get(f"http://127.0.0.1:8000{path}", timeout=10).status_code == 401, path
+        assert httpx.get(f"http://127.0.0.1:8000{path}", headers=AUTH, timeout=10).status_code == 404, path  # docs off
+    assert httpx.get(f"{LLM}/models", headers=AUTH, timeout=10).status_code == 200
 
 
 def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_artifacts) -> None:
@@ -104,7 +158,7 @@ def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_ar
     report = json.loads((pipeline_artifacts / "report.json").read_text())
     models = {"base": cfg.models.student.model, "finetuned": report["finetune"]["model"]}
     prompts = {"base": "full", "finetuned": cfg.program.student_prompt}  # as the evaluation ran them
-    lm_cfg = cfg.models.student.model_copy(update={"api_key_env": "DISTILL_API_KEY"})  # the LLM app checks it too
+    lm_cfg = cfg.models.student.model_copy(update={"api_key_env": "DISTILL_API_KEY"})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DISTILL_API_KEY", KEY)
         for kind, model in models.items():
@@ -116,12 +170,181 @@ def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_ar
             assert got == [r["predicted"] for r in rows], kind
 
 
+def test_max_tokens_is_capped_and_a_cancelled_generation_stops(deployment) -> None:
+    """max_tokens 10^9 is cut to the model's limit; a generation whose client left ends at once."""
+    limit = _llm_limit(deployment)
+    t = time.perf_counter()
+    r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH, timeout=120)
+    full_s = time.perf_counter() - t
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == limit and r.json()["choices"][0]["finish_reason"] == "length"
+
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH, timeout=0.5)
+    t = time.perf_counter()
+    r = httpx.post(f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]), headers=AUTH, timeout=60)
+    after_s = time.perf_counter() - t
+    assert r.status_code == 200, r.text
+    # Had the abandoned generation run on, the tiny request would have waited ~full_s - 0.5 s for the model.
+    assert after_s < 0.5 * full_s, (after_s, full_s)
+
+
+def test_cancellation_storm_leaves_the_replicas_up(deployment, pipeline_artifacts) -> None:
+    """50 long generations abandoned by their clients, interleaved with 50 classifications on the same model."""
+    from ray import serve
+
+    before = {app: replica_ids(app) for app in ("llm", "classify-intent")}
+    labels = set(deployment["labels"])
+    queries = [r["text"] for r in read_jsonl(pipeline_artifacts / "data" / "test.jsonl")][:50]
+
+    def abandoned(i: int) -> str:
+        try:  # the client gives up after 0.3-1.3 s: before, during and after the model starts on it
+            r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH,
+                           timeout=0.3 + 0.25 * (i % 5))
+            return f"HTTP {r.status_code}"
+        except httpx.TimeoutException:
+            return "cancelled"
+
+    def normal(q: str) -> tuple[int, str | None]:
+        r = classify(q)
+        return r.status_code, r.json().get("label")
+
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(f, x) for i, q in enumerate(queries) for f, x in ((abandoned, i), (normal, q))]
+        results = [j.result() for j in jobs]
+    storm_s = time.perf_counter() - t
+    cancelled, answered = results[0::2], results[1::2]
+    print(f"storm: {storm_s:.1f} s; abandoned: {sorted(set(cancelled))}; classifications: "
+          f"{sum(s == 200 for s, _ in answered)}/50 200")
+    assert all(s == 200 and label in labels for s, label in answered), answered
+    assert set(cancelled) == {"cancelled"}, cancelled  # none is answered: each would take seconds
+    assert {app: replica_ids(app) for app in before} == before  # not one replica restarted
+    status = serve.status()
+    assert all(a.status == "RUNNING" for a in status.applications.values()), status
+    assert classify("my card has not arrived yet").status_code == 200
+
+
+def test_overload_sheds_fast_and_recovers(deployment) -> None:
+    """300 requests at once against 4 threads + 16 queued: 200s and immediate 503s with Retry-After, nothing else."""
+    labels = set(deployment["labels"])
+
+    async def burst() -> list[tuple[int, float, dict, str | None]]:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits, headers=AUTH) as client:
+            async def one(i: int) -> tuple[int, float, dict, str | None]:
+                t = time.perf_counter()
+                r = await client.post(URL, json={"query": f"my card number {i} has not arrived"})
+                label = r.json().get("label") if r.status_code == 200 else None
+                return r.status_code, time.perf_counter() - t, dict(r.headers), label
+
+            return await asyncio.gather(*(one(i) for i in range(300)))
+
+    results = asyncio.run(burst())
+    statuses = [s for s, *_ in results]
+    shed = [(lat, h) for s, lat, h, _ in results if s == 503]
+    ok = [(lat, label) for s, lat, _, label in results if s == 200]
+    print(f"overload: {len(ok)} x 200 (max {max(lat for lat, _ in ok):.1f} s), {len(shed)} x 503 "
+          f"(max {max(lat for lat, _ in shed):.2f} s)")
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert ok and shed
+    assert all(lat < 2.0 and "retry-after" in h for lat, h in shed), max(lat for lat, _ in shed)
+    assert all(label in labels for _, label in ok)
+    r = classify("my card has not arrived yet")
+    assert r.status_code == 200 and r.json()["label"] in labels
+
+
+def test_healthz_answers_within_a_second_under_load(deployment) -> None:
+    """While clients keep the LLM and the classifier's queue full, healthz still answers at once."""
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load() -> None:  # clients that retry as told by Retry-After
+        with httpx.Client(headers=AUTH, timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(URL, json={"query": "how do I top up my card?"})
+                statuses.append(r.status_code)
+                time.sleep(float(r.headers.get("retry-after", 0)))
+
+    threads = [threading.Thread(target=load) for _ in range(24)]  # more than 4 threads + 16 queued
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(2.0)
+        timings = []
+        for _ in range(20):
+            t = time.perf_counter()
+            h = httpx.get(f"{URL}/healthz", headers=AUTH, timeout=10)
+            timings.append(time.perf_counter() - t)
+            assert h.status_code == 200 and h.json()["llm"] in ("up", "busy"), h.text
+            assert h.json()["llm_checked_s_ago"] < 10
+            time.sleep(0.25)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    print(f"healthz under load: max {max(timings):.3f} s, median {sorted(timings)[10]:.3f} s; "
+          f"load: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
+    assert max(timings) < 1.0, timings
+    assert set(statuses) <= {200, 503} and 200 in statuses
+
+
+@pytest.fixture
+def strict_timeout_app(deployment):
+    """A second program app on the same LLM, with a 2 s timeout and no query limits of its own."""
+    from ray import serve
+
+    from distill.serving.app import build_app
+
+    args = {**next(a for a in deployment["config"]["applications"] if a["name"] == "classify-intent")["args"],
+            "timeout_s": 2.0, "max_query_chars": 10**6, "max_query_tokens": 10**6, "tokenizer": None}
+    serve.run(build_app(args), name="classify-loose", route_prefix="/classify_loose", blocking=False)
+    url = "http://127.0.0.1:8000/classify_loose"
+    try:
+        wait_until_healthy(f"{url}/healthz", 120, AUTH)
+        yield url
+    finally:
+        serve.delete("classify-loose")
+
+
+def test_llm_rejection_is_a_422_and_a_timed_out_request_is_cancelled(deployment, strict_timeout_app) -> None:
+    # An over-long query that only the LLM can refuse: its 400 (context window) becomes a plain 422.
+    r = httpx.post(strict_timeout_app, json={"query": "\U0001F600" * 900}, headers=AUTH, timeout=60)
+    assert r.status_code == 422, r.text
+    assert "context window" in r.json()["detail"] and not INTERNALS.search(r.text), r.text
+
+    # Hold the model with two long generations; a classification queued behind them times out after 2 s ...
+    with cf.ThreadPoolExecutor(3) as pool:
+        hogs = []
+        for _ in range(2):
+            hogs.append(pool.submit(httpx.post, f"{LLM}/chat/completions", json=long_generation(deployment["model"]),
+                                    headers=AUTH, timeout=120))
+            time.sleep(0.1)
+        t = time.perf_counter()
+        r = httpx.post(strict_timeout_app, json={"query": "my card has not arrived"}, headers=AUTH, timeout=60)
+        waited = time.perf_counter() - t
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        assert 1.8 < waited < 3.0, waited  # timeout_s counts from arrival
+        assert not hogs[1].done(), "the long generations were too short to hold the model"
+        # ... and its LLM call is withdrawn: a tiny request sent now runs right after the long ones,
+        # not after the abandoned classification (~430 prompt tokens: over a second on 2 cores).
+        tiny = pool.submit(httpx.post, f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]),
+                           headers=AUTH, timeout=60)
+        assert all(h.result().status_code == 200 for h in hogs)
+        hogs_done = time.perf_counter()
+        assert tiny.result().status_code == 200
+        assert time.perf_counter() - hogs_done < 0.6
+
+
 def test_llm_app_down_is_a_503_with_a_message(deployment) -> None:
+    """Runs last: it deletes the LLM application."""
     from ray import serve
 
     serve.delete("llm")
     r = classify("where is my card")
-    assert r.status_code == 503, r.text
-    assert "LLM application is unavailable" in r.json()["detail"] and "Traceback" not in r.text
-    h = httpx.get(f"{URL}/healthz", headers=AUTH, timeout=30)
-    assert h.status_code == 503 and h.json()["llm"] != "up"
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+    assert "LLM application is unavailable" in r.json()["detail"] and not INTERNALS.search(r.text)
+    deadline = time.monotonic() + 10  # the probe runs every 2 s
+    while (h := httpx.get(f"{URL}/healthz", headers=AUTH, timeout=30)).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert h.status_code == 503 and h.json()["llm"] not in ("up", "busy"), h.text

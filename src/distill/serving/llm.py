@@ -176,15 +176,16 @@ class ChatCompletionRequest(_Req):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param}},
-                        headers=headers)
+                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    error = {"message": message, "type": type_, "param": param, "code": code}
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
 
 
 # --- the engine -----------------------------------------------------------------------------------
@@ -274,7 +275,9 @@ class LlamaCppEngine:
                 grammar=grammar,
             )
         except ValueError as e:  # e.g. "Requested tokens (...) exceed context window of ..."
-            raise APIError(400, str(e), param="messages") from None
+            # OpenAI's code for it, which clients (DSPy included) turn into a context-window error.
+            code = "context_length_exceeded" if "context window" in str(e) else None
+            raise APIError(400, str(e), param="messages", code=code) from None
         finally:
             llama.stop_flag = None
         if stop.is_set():
@@ -325,7 +328,7 @@ def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param)
+        return error_response(exc.status, exc.message, exc.type, exc.param, code=exc.code)
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
