@@ -226,7 +226,7 @@ def test_cancellation_storm_leaves_the_replicas_up(deployment, pipeline_artifact
 
 
 def test_overload_sheds_fast_and_recovers(deployment) -> None:
-    """300 requests at once against 4 threads + 16 queued: 200s and immediate 503s with Retry-After, nothing else."""
+    """300 requests at once against 4 threads + 16 queued: 200s, and 503s with Retry-After that never waited in the queue."""
     labels = set(deployment["labels"])
 
     async def burst() -> list[tuple[int, float, dict, str | None]]:
@@ -248,7 +248,11 @@ def test_overload_sheds_fast_and_recovers(deployment) -> None:
           f"(max {max(lat for lat, _ in shed):.2f} s)")
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert ok and shed
-    assert all(lat < 2.0 and "retry-after" in h for lat, h in shed), max(lat for lat, _ in shed)
+    assert all("retry-after" in h for _, h in shed)
+    # Shed means "not queued": every 503 arrives before half of the accepted requests are answered.
+    # Relative, because 300 client coroutines and the server share the same 2 cores in CI.
+    ok_median = sorted(lat for lat, _ in ok)[len(ok) // 2]
+    assert max(lat for lat, _ in shed) < ok_median, (max(lat for lat, _ in shed), ok_median)
     assert all(label in labels for _, label in ok)
     r = classify("my card has not arrived yet")
     assert r.status_code == 200 and r.json()["label"] in labels
