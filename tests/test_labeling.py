@@ -23,7 +23,8 @@ from distill.labeling import TeacherQualityError, label_queries, quality_gate, q
 from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
 from distill.serving.control import serving
-from distill.teacher import GoldIndex, build_teacher
+from distill.teacher import GoldIndex, build_teacher, build_vote
+from distill.vote import C_GRID, LabelVote
 
 # Tests that take `teacher_lm` start a real teacher endpoint on Ray Serve.
 slow = pytest.mark.slow
@@ -34,7 +35,8 @@ N_QUERIES = 24
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("local_ci")
+    # These tests are about labeling, not the vote: every query goes through the LLM.
+    return load_config("local_ci", overrides={"teacher": {"vote_confidence": 1.0}})
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ KILLABLE = textwrap.dedent(
     from distill.lm import make_lm
     from distill.teacher import build_teacher
 
-    cfg = load_config("local_ci")
+    cfg = load_config("local_ci", overrides={"teacher": {"vote_confidence": 1.0}})
     data = prepare_data(cfg)
     teacher = build_teacher(cfg, data.labels, data.gold)
     label_queries(teacher, make_lm(cfg.models.teacher, cache=False), data.to_label[: int(sys.argv[2])],
@@ -140,6 +142,18 @@ def test_teacher_leave_one_out_never_sees_its_own_label(cfg, data) -> None:
     q = data.gold[0]
     assert index.nearest(q.text, 1)[0].text == q.text
     assert all(ex.text != q.text for ex in index.nearest(q.text, 8, exclude_identical=True))
+
+
+def test_the_votes_leave_one_out_model_never_saw_the_held_out_example(cfg, data) -> None:
+    index = GoldIndex(data.gold, cfg.teacher.embedder)
+    vote = build_vote(index, data.labels)
+    assert set(vote.loo_accuracy) == set(C_GRID) and vote.c in C_GRID
+    assert max(vote.loo_accuracy.values()) == vote.loo_accuracy[vote.c] > 0.5
+    for i in range(5):
+        ex, vec = data.gold[i], index.vectors[i]
+        seen = dict(zip(*LabelVote.ranked(vote.model, vec)))[ex.label]
+        unseen = dict(zip(*LabelVote.ranked(vote.without(i), vec)))[ex.label]
+        assert unseen < seen  # trained on it, the vote is surer of its label than without it
 
 
 def test_quality_gate() -> None:

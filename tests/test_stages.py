@@ -16,7 +16,7 @@ from dspy.utils import DummyLM
 
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.labeling import TeacherQualityError
+from distill.labeling import TeacherQualityError, read_records
 from distill.lm import CompactJSONAdapter
 from distill.report import assemble_report
 from distill.stages.base import Manifest, Stage
@@ -63,7 +63,9 @@ class CountStage(Stage[CountManifest]):
 def cfg(tmp_path, monkeypatch, with_banking77):
     monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
     return load_config("local_ci", overrides={"data": {"num_to_label": 8, "test_size": 25, "devset_size": 3, "optimizer_val_size": 2},
-                                              "teacher": {"gate_size": 12}, "evaluation": {"latency_queries": 2}})
+                                              # vote_confidence 1: every query goes to the scripted LM
+                                              "teacher": {"gate_size": 12, "vote_confidence": 1.0},
+                                              "evaluation": {"latency_queries": 2}})
 
 
 def test_a_current_stage_is_skipped_and_a_changed_one_rewrites_its_whole_manifest(cfg) -> None:
@@ -157,3 +159,18 @@ def test_the_quality_gate_holds_for_a_current_teacher_too(cfg) -> None:
     with pytest.raises(TeacherQualityError, match="below the floor"):
         ScriptedTeacher(tuned, data, gold_wrong).ensure()
     assert TeacherStage(tuned, data).load() is None  # a failed gate leaves no manifest behind
+
+
+def test_a_confident_vote_answers_without_the_llm_and_the_manifest_says_so(cfg) -> None:
+    data = DataStage(cfg).data
+    DataStage(cfg, data).ensure()
+    vote_only = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"vote_confidence": 0.0})})
+    stage = ScriptedTeacher(vote_only, data, {ex.text: ex.label for ex in data.test})  # for the LLM-path timing
+    m = stage.ensure()
+    assert stage.calls == vote_only.evaluation.latency_queries  # only the timing of the LLM path
+    assert m.llm_share_gold == 0.0 and m.llm_share_test == 0.0 and m.labeled == len(data.to_label)
+    assert m.vote is not None and m.vote.accuracy_test == m.accuracy_test  # the vote alone is the teacher
+    assert m.vote.accuracy_test > 0.4  # far above chance (4%) with 100 gold examples over 25 labels
+    assert f"{m.vote.c:g}" in m.vote.loo_accuracy_gold
+    records = read_records(stage.labels_path)
+    assert {r["source"] for r in records} == {"vote"} and all(0 < r["confidence"] <= 1 for r in records)

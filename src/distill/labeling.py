@@ -37,6 +37,7 @@ class TeacherScore:
     valid_rate: float  # share of answers that are one of the labels (failures count as invalid)
     n: int
     seconds: float
+    llm_share: float | None = None  # vote_llm: share of the queries the LLM answered (the vote the rest)
 
     @property
     def per_s(self) -> float:
@@ -56,7 +57,9 @@ def score_teacher(
         )(teacher)
     seconds = time.perf_counter() - t0
     n_valid = sum(1 for ex, pred, _ in result.results if pred is not None and valid(ex, pred))
-    return TeacherScore(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds)
+    sources = [pred.get("source") for _, pred, _ in result.results if pred is not None]
+    llm_share = sources.count("llm") / max(1, len(examples)) if any(sources) else None
+    return TeacherScore(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds, llm_share)
 
 
 def quality_gate(accuracy: float, n: int, floor: float) -> None:
@@ -161,6 +164,9 @@ def label_queries(
                     rec = {"id": qid, "text": q.text, "label": pred.label, "latency_s": round(seconds, 3)}
                     if "reasoning" in pred:  # ChainOfThought programs: the SFT assistant turn needs it
                         rec["reasoning"] = pred.reasoning
+                    for key in ("source", "confidence"):  # vote_llm: who answered, how sure the vote was
+                        if key in pred:
+                            rec[key] = pred[key]
                     out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     out.flush()
                     new += 1

@@ -66,8 +66,9 @@ def assemble_report(cfg: Config) -> dict[str, Any]:
     manifests = current_manifests(cfg)
     report: dict[str, Any] = {name: m.model_dump(mode="json") for name, m in manifests.items()}
     # Latency and cost side by side: the teacher and the best student, timed on the same test queries.
-    calls = {who: report[stage]["calls"] for who, stage in (("teacher", "teacher"), ("student_best", "eval"))
-             if stage in report}
+    calls = {who: report[stage][key] for who, stage, key in (
+        ("teacher", "teacher", "calls"), ("teacher_llm_path", "teacher", "calls_llm"), ("student_best", "eval", "calls"))
+        if report.get(stage, {}).get(key)}
     tokens = ("prompt_tokens_per_query", "completion_tokens_per_query")
     if calls:
         report["latency"] = {who: {k: v for k, v in c.items() if k not in tokens} for who, c in calls.items()}
@@ -122,6 +123,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if t:
         rows.append(("teacher accuracy: gold (leave-one-out) / test",
                      f"{_pct(t['accuracy_gold'])} / {_pct(t['accuracy_test'])} ({t['test_size']} test queries)"))
+        if t.get("vote"):
+            rows.append(("teacher: its vote alone (test) / share of test queries the LLM answered",
+                         f"{_pct(t['vote']['accuracy_test'])} / {_pct(t['llm_share_test'])}"))
     if t or c:
         rows.append(("labeled -> kept after curation", f"{t.get('labeled', '-')} -> {c.get('kept', '-')}"))
     if f:
@@ -136,11 +140,15 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("best variant (test set)", f"{b['kind']} {b['variant']} ({b['model']}) {_pct(b['test_score'])}"))
         if t.get("accuracy_test"):
             rows.append(("best student / teacher (test set)", f"{b['test_score'] / t['accuracy_test']:.2f}x"))
-    for who in ("teacher", "student_best"):
+    for who in ("teacher", "teacher_llm_path", "student_best"):
         if who in lat:
             rows.append((f"{who}: p50 per call, tokens/query (prompt + completion)",
                          f"{lat[who]['p50_s']:.3f} s, {cost[who]['prompt_tokens_per_query']:.0f} + "
                          f"{cost[who]['completion_tokens_per_query']:.0f}"))
+    teacher_lat = lat.get("teacher_llm_path") or lat.get("teacher")
+    if teacher_lat and "student_best" in lat and teacher_lat["p50_s"]:
+        rows.append(("best student p50 / teacher p50 (through its LLM)",
+                     f"{lat['student_best']['p50_s'] / teacher_lat['p50_s']:.2f}x"))
     if srv:
         rows.append(("served /classify_intent: ok, valid labels, accuracy",
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))

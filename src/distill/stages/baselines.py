@@ -33,7 +33,8 @@ class BaselinesStage(Stage[BaselinesManifest]):
         return {"data": data_fingerprint(self.data)}
 
     def fingerprint(self) -> str:
-        return fingerprint(self.inputs(), self.cfg.teacher.embedder, self.cfg.seed)
+        # "lr-loo": how C is chosen; baselines computed with the former 5-fold CV are not current.
+        return fingerprint(self.inputs(), self.cfg.teacher.embedder, "lr-loo")
 
     def outputs(self, m: BaselinesManifest) -> list[Path]:
         return [self.dir / "predictions" / f"{name}.jsonl" for name in m.accuracy]
@@ -43,7 +44,7 @@ class BaselinesStage(Stage[BaselinesManifest]):
 
     def run(self) -> BaselinesManifest:
         data, embedder = self.data, self.cfg.teacher.embedder
-        results = run_baselines(data.gold, data.test, embedder, self.cfg.seed)
+        results = run_baselines(data.gold, data.test, embedder)
         for name, r in results.items():
             write_jsonl(self.dir / "predictions" / f"{name}.jsonl", [
                 {"text": ex.text, "label": ex.label, "predicted": p, "correct": p == ex.label}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from distill.config import Config
 from distill.data import Banking77Data
 from distill.errors import DistillError
@@ -15,7 +17,13 @@ from distill.evaluation import measure_calls
 from distill.labeling import label_queries, quality_gate, score_teacher
 from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint
 from distill.stages.data import data_fingerprint
-from distill.teacher import GoldIndex, build_teacher
+from distill.teacher import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
+
+
+class VoteSummary(BaseModel):
+    c: float  # logistic regression's C, chosen by leave-one-out on gold
+    loo_accuracy_gold: dict[str, float]  # C -> leave-one-out accuracy of plain LR on gold (how C was chosen)
+    accuracy_test: float  # the vote alone on the same test queries as the teacher
 
 
 class TeacherManifest(Manifest):
@@ -34,6 +42,12 @@ class TeacherManifest(Manifest):
     to_label: int
     labels_per_s: float | None  # None when every label was already there (a resumed run)
     calls: CallStats
+    # vote_llm only: share of queries the LLM answered (the vote answered the rest), and the vote alone.
+    llm_share_gold: float | None = None
+    llm_share_test: float | None = None
+    vote: VoteSummary | None = None
+    calls_llm: CallStats | None = None  # vote_llm: the teacher timed with every query going to the LLM
+
 
 
 class TeacherStage(Stage[TeacherManifest]):
@@ -77,22 +91,32 @@ class TeacherStage(Stage[TeacherManifest]):
         with self.endpoint(t):
             lm = self.lm(t)
             index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
-            loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index)
+            vote = build_vote(index, data.labels) if cfg.teacher.strategy == "vote_llm" else None
+            loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index, vote=vote)
             gate_set = data.gold[: cfg.teacher.gate_size] if cfg.teacher.gate_size else data.gold
             gate = score_teacher(loo, lm, gate_set, data.labels, cfg.teacher.threads)
             quality_gate(gate.accuracy, gate.n, cfg.teacher.min_accuracy_gold)
-            teacher = build_teacher(cfg, data.labels, data.gold, index=index)
+            teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote)
             test = score_teacher(teacher, lm, data.test, data.labels, cfg.teacher.threads)
-            print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})")
+            print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
+                  + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
+            vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
             result = label_queries(teacher, lm, queries, self.dir, threads=cfg.teacher.threads,
                                    fingerprint=self.labeling_fingerprint())
             if result.labeled < len(queries):  # no manifest: the next run retries the failed ones
                 raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
                                    f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
             # The same test queries the best student is timed on in the evaluation stage.
-            calls = CallStats(model=t.model, **measure_calls(teacher, self.lm(t, cache=False),
-                                                             data.test[: cfg.evaluation.latency_queries]))
+            timed = data.test[: cfg.evaluation.latency_queries]
+            calls = CallStats(model=t.model, **measure_calls(teacher, self.lm(t, cache=False), timed))
+            calls_llm = None
+            if isinstance(teacher, HybridTeacher):  # the vote is instant: also time the path through the LLM
+                always_llm = HybridTeacher(teacher.program, teacher.index, teacher.vote, teacher.k,
+                                           teacher.candidate_m, vote_confidence=1.01)
+                calls_llm = CallStats(model=t.model, **measure_calls(always_llm, self.lm(t, cache=False), timed))
         print(calls.line("teacher"))
+        if calls_llm:
+            print(calls_llm.line("teacher, every query through the LLM"))
         return TeacherManifest(
             fingerprint=self.fingerprint(), model=t.model, strategy=cfg.teacher.strategy, k=cfg.teacher.k,
             candidate_k=cfg.teacher.candidate_k, accuracy_gold=round(gate.accuracy, 4),
@@ -100,4 +124,15 @@ class TeacherStage(Stage[TeacherManifest]):
             valid_rate=round(test.valid_rate, 4), test_size=test.n, test_queries_per_s=round(test.per_s, 3),
             labeled=result.labeled, to_label=len(queries),
             labels_per_s=round(result.new / result.seconds, 3) if result.new else None, calls=calls,
+            llm_share_gold=gate.llm_share, llm_share_test=test.llm_share, vote=vote_summary, calls_llm=calls_llm,
         )
+
+    def vote_summary(self, teacher: HybridTeacher) -> VoteSummary:
+        """The teacher's vote alone on the test queries: what the LLM adds on top of it."""
+        vecs = embed(self.cfg.teacher.embedder, [ex.text for ex in self.data.test])
+        predicted = teacher.vote.model.predict(vecs)
+        accuracy = sum(str(p) == ex.label for p, ex in zip(predicted, self.data.test)) / max(1, len(self.data.test))
+        print(f"the teacher's vote alone: {accuracy:.1%} on the test queries (C={teacher.vote.c:g})")
+        return VoteSummary(c=teacher.vote.c, loo_accuracy_gold={f"{c:g}": round(a, 4) for c, a in
+                                                                teacher.vote.loo_accuracy.items()},
+                           accuracy_test=round(accuracy, 4))
