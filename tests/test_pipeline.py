@@ -40,6 +40,10 @@ def test_run_fills_the_report(artifacts) -> None:
     assert 0.0 <= t["accuracy_test"] <= 1.0 and t["test_size"] == cfg.data.test_size
     assert t["valid_rate"] == 1.0  # grammar-constrained: every answer is a label
     assert t["labeled"] == cfg.data.num_to_label and t["labels_per_s"] > 0
+    # vote_llm: the vote alone is measured on the same queries, and each label says who gave it
+    assert 0.0 <= t["llm_share_test"] <= 1.0 and 0.0 < t["vote"]["accuracy_test"] <= 1.0
+    records = [json.loads(x) for x in (artifacts / "teacher" / "labels.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in records} <= {"vote", "llm"} and all(0 < r["confidence"] <= 1 for r in records)
     c = report["curation"]
     assert c["input"] == cfg.data.num_to_label
     assert c["kept"] == c["input"] - c["invalid_label"] - c["duplicate"] - c["test_overlap"]
@@ -99,12 +103,13 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
     params = json.loads((artifacts / "deploy_params.json").read_text())
     assert params["model"] == best["model"] and len(params["labels"]) == cfg.data.top_n_labels
     assert (cfg.root / params["program_path"]).is_file()
-    for who in ("teacher", "student_best"):
+    for who in ("teacher", "teacher_llm_path", "student_best"):
         assert report["latency"][who]["p50_s"] > 0 and report["latency"][who]["n"] == cfg.evaluation.latency_queries
+    for who in ("teacher_llm_path", "student_best"):  # the vote alone calls no LLM
         assert report["cost"][who]["completion_tokens_per_query"] > 0
     # local_ci runs the finetuned student with the compact prompt: a fraction of the full prompt's tokens
     assert params["program"]["prompt"] == ("compact" if best["kind"] == "finetuned" else "full")
-    full_tokens = report["cost"]["teacher"]["prompt_tokens_per_query"]
+    full_tokens = report["cost"]["teacher_llm_path"]["prompt_tokens_per_query"]
     assert full_tokens > 300
     if params["program"]["prompt"] == "compact":
         assert report["cost"]["student_best"]["prompt_tokens_per_query"] < full_tokens / 4
