@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,12 @@ def load_report(cfg: Config) -> dict[str, Any]:
 
 
 def finish_run(cfg: Config, started: float | None, setup_seconds: float | None = None) -> dict[str, Any]:
-    """Write the run manifest (wall time since `started`, sizes, versions) and the report."""
+    """Write the run manifest (wall time since `started`, sizes, versions) and the report.
+
+    `setup_seconds` defaults to what `make setup` recorded when it built this environment.
+    """
+    if setup_seconds is None and (recorded := Path(sys.prefix) / "setup-seconds").is_file():
+        setup_seconds = float(recorded.read_text().strip() or 0)
     stages = {name: m.fingerprint for name, m in current_manifests(cfg).items() if name != "run"}
     run = RunManifest(
         fingerprint=fingerprint(stages), inputs=stages, profile=cfg.name,
@@ -154,6 +160,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))
     if r.get("wall_seconds"):
         rows.append(("wall time (set-up excluded)", f"{r['wall_seconds'] / 60:.1f} min"))
+    if r.get("setup_seconds"):
+        rows.append(("one-time set-up of this environment (make setup)", f"{r['setup_seconds'] / 60:.1f} min"))
     return rows
 
 
