@@ -69,7 +69,7 @@ def _cmd_finetune_job(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from distill.pipeline import run
 
-    run(args.profile)
+    run(args.profile, verbose=args.verbose or None)
     return 0
 
 
@@ -96,7 +96,7 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
     from distill.report import load_report, print_summary
 
     profile = args.profile or load_config(None).name
-    out = execute_notebook(profile, args.notebook, args.output, args.timeout, args.section or None)
+    out = execute_notebook(profile, args.notebook, args.output, args.timeout, args.section or None, args.verbose)
     print(f"executed notebook: {out}")
     print_summary(load_report(load_config(profile)))
     return 0
@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--result", required=True, help="where to write the result JSON")
     f.set_defaults(func=_cmd_finetune_job)
 
-    r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common])
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true",
+                         help="show Ray's, Serve's and the finetune job's logs too (always written to <artifacts>/logs/)")
+
+    r = sub.add_parser("run", help="run the pipeline's stages in order", parents=[common, verbose])
     r.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("report", help="the measured numbers of the profile's current stages", parents=[common])
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     n = sub.add_parser("notebook", help="execute README.ipynb headlessly (make demo), then print the summary",
-                       parents=[common])
+                       parents=[common, verbose])
     n.add_argument("--notebook", default=None, help="default: README.ipynb at the project root")
     n.add_argument("--output", default=None, help="default: <artifacts>/README.executed.ipynb")
     n.add_argument("--timeout", type=float, default=3600, help="seconds per cell")

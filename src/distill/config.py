@@ -134,6 +134,9 @@ class Config(_Strict):
     serving: ServingConfig = ServingConfig()
     models: ModelsConfig
     required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
+    # False: Ray's, Serve's and the finetune job's logs go to files under <artifacts>/logs/ (distill.logs);
+    # True: into the notebook/terminal as well. DISTILL_VERBOSE=1 sets it for one run.
+    verbose: bool = False
 
     @property
     def root(self) -> Path:
@@ -224,6 +227,8 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     raw.setdefault("name", path.stem)
     if os.environ.get("DISTILL_ARTIFACTS_DIR"):  # e.g. tests and CI runs that must not touch ./artifacts
         raw["artifacts_dir"] = os.environ["DISTILL_ARTIFACTS_DIR"]
+    if os.environ.get("DISTILL_VERBOSE"):
+        raw["verbose"] = os.environ["DISTILL_VERBOSE"].lower() not in ("0", "false", "no", "")
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

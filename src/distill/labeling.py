@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 import dspy
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tqdm import tqdm
 
 from distill.errors import DistillError
 from distill.program import ValidLabel, exact_match
@@ -147,14 +148,14 @@ def label_queries(
 
     new = failed = 0
     t0 = time.perf_counter()
-    columns = (TextColumn("labeling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    # tqdm's text bar, as dspy.Evaluate's: it updates in place in a terminal and in Jupyter, and an executed
+    # notebook keeps its final line (distill.notebook). rich's live display needs ipywidgets in Jupyter.
     with (
         ThreadPoolExecutor(threads) as pool,
-        Progress(*columns, console=console) as progress,
+        tqdm(total=len(ids), initial=len(done), desc="labeling", unit="query", file=sys.stdout) as progress,
         path.open("a", encoding="utf-8") as out,
         err_path.open("a", encoding="utf-8") as err,
     ):
-        task = progress.add_task("labeling", total=len(ids), completed=len(done))
         futures = {pool.submit(label_one, q): (qid, q) for qid, q in todo}
         try:
             for fut in as_completed(futures):
@@ -175,7 +176,7 @@ def label_queries(
                     err.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     err.flush()
                     failed += 1
-                progress.advance(task)
+                progress.update()
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -3,6 +3,7 @@ executed notebook written next to the report, a summary table printed at the end
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from distill.config import load_config, project_root
@@ -38,10 +39,13 @@ def execute_notebook(
     output: str | Path | None = None,
     timeout_s: float = 3600,
     sections: list[str] | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Run the notebook (or only `sections`) with `PROFILE = profile`; returns the executed notebook's path.
 
-    The executed notebook is written even when a cell fails.
+    With `verbose` the kernel runs with DISTILL_VERBOSE=1: Ray's, Serve's and the finetune job's logs go
+    into the notebook as well as to `<artifacts>/logs/`. The executed notebook is written even when a cell
+    fails.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -61,11 +65,14 @@ def execute_notebook(
     injected = nbformat.v4.new_code_cell(f"PROFILE = {profile!r}")
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(params[0] + 1, injected)
-    client = NotebookClient(nb, timeout=int(timeout_s), kernel_name="python3",
+    # coalesce_streams: a cell's stream output is merged and its carriage returns applied, as Jupyter shows
+    # it, so a progress bar that updates in place (tqdm, dspy.Evaluate) keeps its final line, not one per item.
+    client = NotebookClient(nb, timeout=int(timeout_s), kernel_name="python3", coalesce_streams=True,
                             resources={"metadata": {"path": str(project_root())}})
     out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **({"DISTILL_VERBOSE": "1"} if verbose else {})}
     try:
-        client.execute()
+        client.execute(env=env)
     except CellExecutionError as e:
         nbformat.write(nb, out)
         raise DistillError(f"{src} failed in a cell (executed notebook: {out}):\n{str(e)[-2000:]}") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dspy
 
+from distill import logs
 from distill.config import Config, load_config
 from distill.data import Banking77Data
 from distill.env import check_env, missing
@@ -32,12 +33,15 @@ __all__ = ["setup", "data_stage", "baselines_stage", "teacher_stage", "curation_
            "serving_stage", "deploy_config", "client_headers", "finish_run", "print_summary", "run"]
 
 
-def setup(cfg: Config) -> float:
-    """Environment check and DSPy's LM cache inside the artifact directory (so re-runs reuse calls).
+def setup(cfg: Config, verbose: bool | None = None) -> float:
+    """Environment check, where logs go, and DSPy's LM cache inside the artifact directory (so re-runs reuse
+    calls).
 
-    Returns the run's start time, for `finish_run`.
+    Ray's, Serve's and the finetune job's logs go to `<artifacts>/logs/`; with `verbose` (default: the
+    profile's `verbose`) they are shown here too. Returns the run's start time, for `finish_run`.
     """
     started = time.time()
+    logs.configure(cfg.artifacts / "logs", cfg.verbose if verbose is None else verbose)
     checks = check_env(cfg)
     for c in checks:
         console.print(c.line(), markup=False)
@@ -121,10 +125,10 @@ def finish_run(cfg: Config, started: float | None = None) -> dict:
     return report.get("run", {})
 
 
-def run(profile: str | None = None) -> Config:
+def run(profile: str | None = None, verbose: bool | None = None) -> Config:
     cfg = load_config(profile)
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
-    started = setup(cfg)
+    started = setup(cfg, verbose)
     data = data_stage(cfg)
     baselines_stage(cfg, data)
     teacher_stage(cfg, data)

@@ -4,6 +4,8 @@ This does what `serve run <config>.yaml` does, through Ray's public API, so the 
 tests run the same YAML that users run. Secrets never go into the YAML: the variables named in
 `forward_env` are copied from this process's environment into Ray's job runtime_env at start time,
 and every application deployed from here inherits them.
+
+Ray's and Serve's logs go where `distill.logs` says (files under `<artifacts>/logs/` unless verbose).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import httpx
 import yaml
 
+from distill import logs
 from distill.errors import DistillError
 
 if TYPE_CHECKING:
@@ -71,10 +74,12 @@ def forward_env_names(cfg: "Config") -> list[str]:
 def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
     """Start (or join) Ray with the named environment variables in the job's runtime_env.
 
-    Returns the dashboard address ("" without one); the dashboard hosts Ray's job server.
+    Returns the dashboard address ("" without one); the dashboard hosts Ray's job server. Worker output
+    reaches this process only when `distill.logs` is verbose; `<logs>/ray` links to the session's logs.
     """
     import ray
 
+    logs.apply_levels()
     if ray.is_initialized():
         if dashboard:
             raise DistillError("Ray is already running in this process without a job server; call shutdown() first")
@@ -82,12 +87,14 @@ def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
     env_vars = {k: os.environ[k] for k in forward_env if os.environ.get(k)}
     kwargs: dict[str, Any] = {
         "include_dashboard": dashboard, "runtime_env": {"env_vars": env_vars} if env_vars else None,
+        **logs.ray_init_kwargs(),
     }
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
     if os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = os.environ["RAY_ADDRESS"]
     ctx = ray.init(**kwargs)
+    logs.link_ray_session(ctx.address_info.get("session_dir"))
     return ctx.dashboard_url or ""
 
 
@@ -109,11 +116,16 @@ def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] 
         # Otherwise we would silently talk to whatever else is listening there.
         raise DistillError(f"{path}: {host}:{port} is already in use by another process; stop it or change http_options.port")
     ensure_ray(forward_env)
-    serve.start(http_options=cfg.get("http_options") or {}, proxy_location=cfg.get("proxy_location"))
+    # Controller, proxy and replica logs (access log included) to files; a config's own settings win.
+    logging_config = {**logs.serve_logging_config(), **(cfg.get("logging_config") or {})}
+    serve.start(http_options=cfg.get("http_options") or {}, proxy_location=cfg.get("proxy_location"),
+                logging_config=logging_config)
+    logs.apply_levels()  # importing ray.serve set its driver logger to INFO
     names = []
     for app in cfg["applications"]:
         application = build_application(app["import_path"], app.get("args"))
-        serve.run(application, blocking=False, name=app["name"], route_prefix=app.get("route_prefix", "/"))
+        serve.run(application, blocking=False, name=app["name"], route_prefix=app.get("route_prefix", "/"),
+                  logging_config={**logging_config, **(app.get("logging_config") or {})})
         names.append(app["name"])
     return names
 
@@ -138,7 +150,8 @@ def wait_until_ready(
         except httpx.HTTPError as e:
             last = f"{type(e).__name__}: {e}"
         time.sleep(1.0)
-    raise DistillError(f"{config or api_base}: {api_base}/models did not become ready in {timeout_s:.0f}s; last: {last}")
+    raise DistillError(f"{config or api_base}: {api_base}/models did not become ready in {timeout_s:.0f}s; "
+                       f"last: {last} ({logs.where()})")
 
 
 def wait_until_healthy(url: str, timeout_s: float = 180.0, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -154,7 +167,7 @@ def wait_until_healthy(url: str, timeout_s: float = 180.0, headers: dict[str, st
         except httpx.HTTPError as e:
             last = f"{type(e).__name__}: {e}"
         time.sleep(1.0)
-    raise DistillError(f"{url} did not become healthy in {timeout_s:.0f}s; last: {last}")
+    raise DistillError(f"{url} did not become healthy in {timeout_s:.0f}s; last: {last} ({logs.where()})")
 
 
 def replica_ids(app: str) -> dict[str, list[str]]:
