@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +77,12 @@ def sft_config(training: dict[str, Any], output_dir: str, use_cpu: bool) -> Any:
         # pass (and the recomputation) still stops at the lowest adapted layer.
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     try:
-        return SFTConfig(**kwargs)
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* and keeps the old
+            # names as aliases until v6; the recipes (and TRL's docs) use the old ones, which still work.
+            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing(_kwargs)?` is deprecated",
+                                    category=FutureWarning)
+            return SFTConfig(**kwargs)
     except TypeError as e:  # an unknown keyword: name it
         raise ConfigError(f"training: not an SFTConfig argument ({e})") from None
     except ValueError as e:

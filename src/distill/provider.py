@@ -20,6 +20,7 @@ from distill.data import write_jsonl
 from distill.errors import DistillError
 from distill.finetune import TrainJob, load_recipe
 from distill.jobs import load_job_config, runtime_env, submit_and_wait
+from distill.logs import JobLog
 
 
 class RayTrainingJob(TrainingJob):
@@ -69,7 +70,12 @@ class RayJobProvider(Provider):
         entrypoint = job_cfg["entrypoint"].format(
             python=kw.get("python") or sys.executable, job=spec_path, result=result_path
         )
-        submit_and_wait(kw["address"], entrypoint, runtime_env(job_cfg), timeout_s=kw.get("timeout_s", 3600))
+        # The job's log (Ray Train, transformers, TRL) goes to <logs>/finetune-<name>.log, and here when verbose.
+        log = JobLog(f"finetune-{spec.name}")
+        submit_and_wait(kw["address"], entrypoint, runtime_env(job_cfg), timeout_s=kw.get("timeout_s", 3600),
+                        on_log=log)
+        if not log.verbose:
+            print(f"finetune job log: {log.path}")
         if not result_path.is_file():
             raise DistillError(f"the finetune job succeeded but wrote no {result_path}")
         job.train_kwargs["result"] = json.loads(result_path.read_text())
