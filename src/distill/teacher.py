@@ -21,7 +21,7 @@ import dspy
 import numpy as np
 
 from distill.config import Config, TeacherConfig
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.lm import CandidateJSONAdapter
 from distill.program import IntentClassificationModule
 from distill.vote import LabelVote, label_text
@@ -111,8 +111,8 @@ class RetrievalTeacher(dspy.Module):
 class HybridTeacher(dspy.Module):
     """A vote over the gold embeddings answers when it is confident; the LLM answers the rest.
 
-    The vote (`LabelVote`) gives every label a probability. At or above `vote_confidence` its top label is
-    the answer and no LLM is called. Below it, the program asks the LLM with the `k` nearest gold examples
+    The vote (`LabelVote`) gives every label a probability. Above `vote_confidence` its top label is the
+    answer and no LLM is called. Below it, the program asks the LLM with the `k` nearest gold examples
     as demonstrations (nearest last), and the server's grammar restricts the answer to the vote's top
     `candidate_m` labels. `vote_confidence=0` is the vote alone, `1` is the LLM over the vote's shortlist
     for every query. Each prediction says who answered (`source`) and the vote's `confidence`.
@@ -137,7 +137,7 @@ class HybridTeacher(dspy.Module):
     def forward(self, text: str) -> dspy.Prediction:
         vector = embed(self.index.embedder, [text])[0]
         candidates, confidence = self.shortlist(text, vector)
-        if confidence >= self.vote_confidence:
+        if confidence > self.vote_confidence:
             return dspy.Prediction(label=candidates[0], source="vote", confidence=round(confidence, 4))
         near = self.index.nearest(text, self.k, self.exclude_identical, vector=vector)
         with dspy.context(adapter=CandidateJSONAdapter(candidates)):
@@ -162,6 +162,9 @@ def build_teacher(
         return RetrievalTeacher(program, None, k=0, restrict=False)
     index = index or GoldIndex(gold, t.embedder)
     if t.strategy == "vote_llm":
+        if cfg.program.reasoning:  # the vote answers without words, so most labels would carry no reasoning
+            raise ConfigError("teacher.strategy vote_llm gives no reasoning to train a reasoning student on: "
+                              "use knn or knn_candidates with program.reasoning: true")
         return HybridTeacher(program, index, vote or build_vote(index, labels), k=t.k, candidate_m=t.candidate_m,
                              vote_confidence=t.vote_confidence, exclude_identical=exclude_identical)
     return RetrievalTeacher(

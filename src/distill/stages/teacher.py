@@ -49,7 +49,6 @@ class TeacherManifest(Manifest):
     calls_llm: CallStats | None = None  # vote_llm: the teacher timed with every query going to the LLM
 
 
-
 class TeacherStage(Stage[TeacherManifest]):
     name = "teacher"
     title = "teacher: quality gate and labeling"
@@ -112,7 +111,7 @@ class TeacherStage(Stage[TeacherManifest]):
             calls_llm = None
             if isinstance(teacher, HybridTeacher):  # the vote is instant: also time the path through the LLM
                 always_llm = HybridTeacher(teacher.program, teacher.index, teacher.vote, teacher.k,
-                                           teacher.candidate_m, vote_confidence=1.01)
+                                           teacher.candidate_m, vote_confidence=1.0)
                 calls_llm = CallStats(model=t.model, **measure_calls(always_llm, self.lm(t, cache=False), timed))
         print(calls.line("teacher"))
         if calls_llm:
