@@ -18,7 +18,7 @@ import pytest
 from distill.config import load_config
 from distill.curation import curate, normalize_text, sft_messages, to_sft
 from distill.data import prepare_data
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
 from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
@@ -195,3 +195,9 @@ def test_sft_for_a_reasoning_program_carries_the_reasoning(data) -> None:
     (ex,) = to_sft([rec], program, adapter())
     parsed = adapter().parse(program.predictor.signature, ex["messages"][-1]["content"])
     assert parsed == {"reasoning": rec["reasoning"], "label": "card_arrival"}
+
+
+def test_vote_llm_refuses_a_reasoning_program(cfg, data) -> None:
+    reasoning = cfg.model_copy(update={"program": cfg.program.model_copy(update={"reasoning": True})})
+    with pytest.raises(ConfigError, match="no reasoning to train"):
+        build_teacher(reasoning, data.labels, data.gold)
