@@ -65,6 +65,9 @@ def apply_levels() -> None:
     # dspy.Evaluate logs its score once more after its progress bar's last line has shown it.
     for name in ("ray", "ray.serve", "dspy.evaluate"):
         logging.getLogger(name).setLevel(level)
+    # `import ray` sets the "ray" logger to INFO, and while importing Ray says (at INFO) that without ipywidgets
+    # its objects show as text in notebooks, which is all we show of them.
+    logging.getLogger("ray.widgets.util").setLevel(level)
     # Ray announces, as a warning, that a new local cluster uses token authentication (its default, kept
     # here). Setting RAY_AUTH_MODE=token ourselves would say the same without it, but Ray reads the variable
     # into its config once per process, so a late setting leaves the driver without the token.
