@@ -8,7 +8,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # What `distill.serving.*` may import from the package (beyond itself).
-SERVING_MAY_IMPORT = {"distill.config", "distill.errors", "distill.lm", "distill.models", "distill.program"}
+# distill.logs is a leaf (standard library only): where Ray's and Serve's logs go.
+SERVING_MAY_IMPORT = {"distill.config", "distill.errors", "distill.lm", "distill.logs", "distill.models",
+                      "distill.program"}
 
 
 def _module_name(path: Path) -> str:
@@ -68,3 +70,7 @@ def test_serving_depends_only_on_program_lm_and_config() -> None:
         if name.startswith("distill.serving"):
             outside = {d for d in deps if not d.startswith("distill.serving")} - SERVING_MAY_IMPORT
             assert not outside, f"{name} imports {sorted(outside)}"
+
+
+def test_logs_is_a_leaf() -> None:
+    assert not {d for d in import_graph()["distill.logs"] if d.startswith("distill")}
