@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,26 +30,30 @@ def fit_lr(x: np.ndarray, y: Sequence[str], c: float, balanced: bool = False) ->
         return LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None).fit(x, list(y))
 
 
-def loo_predictions(x: np.ndarray, y: Sequence[str], c: float, balanced: bool = False,
-                    extra: tuple[np.ndarray, Sequence[str]] | None = None) -> list[str]:
-    """Each row predicted by a model fitted on every other row (plus `extra`, which is never held out)."""
+def loo_predictions(x: np.ndarray, y: Sequence[str], c: float) -> list[str]:
+    """Each row predicted by a model fitted on every other row."""
     y = list(y)
     out = []
     for i in range(len(y)):
         keep = [j for j in range(len(y)) if j != i]
-        xs, ys = x[keep], [y[j] for j in keep]
-        if extra is not None:
-            xs, ys = np.vstack([xs, extra[0]]), ys + list(extra[1])
-        out.append(str(fit_lr(xs, ys, c, balanced).predict(x[i : i + 1])[0]))
+        out.append(str(fit_lr(x[keep], [y[j] for j in keep], c).predict(x[i : i + 1])[0]))
     return out
 
 
-def choose_c(x: np.ndarray, y: Sequence[str], balanced: bool = False,
-             extra: tuple[np.ndarray, Sequence[str]] | None = None,
-             grid: Sequence[float] = C_GRID) -> tuple[float, dict[float, float]]:
-    """The C with the best leave-one-out accuracy on (x, y); ties go to the smaller C."""
-    scores = {c: float(np.mean([p == t for p, t in zip(loo_predictions(x, y, c, balanced, extra), y)]))
-              for c in grid}
+def choose_c(x: np.ndarray, y: Sequence[str], grid: Sequence[float] = C_GRID) -> tuple[float, dict[float, float]]:
+    """The C with the best leave-one-out accuracy on (x, y); ties go to the smaller C.
+
+    The baselines and the teacher's vote both ask this of the same gold embeddings in one run, and it is
+    hundreds of fits: the answer is kept per content of (x, y, grid).
+    """
+    return _choose_c(x.astype(np.float32).tobytes(), x.shape, tuple(y), tuple(grid))
+
+
+@lru_cache(maxsize=4)
+def _choose_c(x_bytes: bytes, shape: tuple[int, ...], y: tuple[str, ...],
+              grid: tuple[float, ...]) -> tuple[float, dict[float, float]]:
+    x = np.frombuffer(x_bytes, dtype=np.float32).reshape(shape)
+    scores = {c: float(np.mean([p == t for p, t in zip(loo_predictions(x, y, c), y)])) for c in grid}
     return max(grid, key=lambda c: (scores[c], -c)), scores
 
 
@@ -66,7 +71,8 @@ class LabelVote:
         self.names = (name_vecs, list(labels))
         # C as the logistic-regression baseline chooses it (gold only). Not re-chosen with the names and
         # weights: those flatten the probabilities at small C, and `vote_confidence` is a probability.
-        self.c, self.loo_accuracy = choose_c(gold_vecs, self.gold_labels, grid=grid)
+        self.c, loo = choose_c(gold_vecs, self.gold_labels, grid=grid)
+        self.loo_accuracy = dict(loo)  # a copy: the cached answer is shared
         self.model = self._fit(range(len(self.gold_labels)))
         self._without: dict[int, Any] = {}
         self._lock = threading.Lock()
