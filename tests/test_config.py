@@ -40,6 +40,11 @@ def test_wrong_type_is_named(tmp_path) -> None:
         load_config(_write(tmp_path, "extends: local\nprofile: laptop\n"))
 
 
+def test_a_rule_across_keys_is_one_line_naming_both(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"p\.yaml: curation\.min_confidence needs teacher\.strategy vote_llm .*not knn$"):
+        load_config(_write(tmp_path, "extends: local\nteacher: {strategy: knn}\ncuration: {min_confidence: 0.5}\n"))
+
+
 def test_missing_and_malformed(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_profile")

@@ -18,7 +18,7 @@ import pytest
 from distill.config import load_config
 from distill.curation import curate, normalize_text, sft_messages, to_sft
 from distill.data import prepare_data
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DataError, DistillError
 from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
 from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
@@ -173,11 +173,24 @@ def test_curation_counts_and_sft_only_from_kept(data) -> None:
         {"text": "My top-up is still pending", "label": "pending_top_up"},
     ]
     result = curate(records, labels, [ex.text for ex in data.test])
-    assert result.counts == {"input": 6, "invalid_label": 1, "duplicate": 2, "test_overlap": 1, "kept": 2}
+    assert result.counts == {"input": 6, "invalid_label": 1, "low_confidence": 0, "duplicate": 2, "test_overlap": 1,
+                             "kept": 2}
     assert [r["text"] for r in result.kept] == ["Where is my card?", "My top-up is still pending"]
     assert normalize_text("Café, 100%!") == "cafe 100"
     sft = to_sft(result.kept, IntentClassificationModule(labels), adapter())
     assert len(sft) == 2 and all('"hacked"' not in m["content"] for ex in sft for m in ex["messages"])
+
+
+def test_curation_drops_the_labels_the_teacher_was_unsure_of(data) -> None:
+    a, b = data.labels[:2]
+    records = [{"text": "sure", "label": a, "confidence": 0.9}, {"text": "unsure", "label": a, "confidence": 0.3},
+               {"text": "at the floor", "label": b, "confidence": 0.5}, {"text": "bad", "label": "x", "confidence": 1.0}]
+    result = curate(records, data.labels, [], min_confidence=0.5)
+    assert result.counts["invalid_label"] == 1 and result.counts["low_confidence"] == 1
+    assert [r["text"] for r in result.kept] == ["sure", "at the floor"]
+    assert curate(records, data.labels, []).counts["low_confidence"] == 0  # no floor: all valid labels kept
+    with pytest.raises(DataError, match="1 teacher labels carry no confidence"):
+        curate([{"text": "old", "label": a}], data.labels, [], min_confidence=0.5)
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path) -> None:

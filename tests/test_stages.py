@@ -17,7 +17,9 @@ from dspy.utils import DummyLM
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.labeling import TeacherQualityError, read_records
-from distill.lm import CompactJSONAdapter
+from distill.data import read_jsonl
+from distill.lm import CompactJSONAdapter, CompactPromptAdapter
+from distill.program import IntentClassificationModule
 from distill.report import assemble_report
 from distill.stages.base import Manifest, Stage
 from distill.stages.curation import CurationStage
@@ -174,3 +176,22 @@ def test_a_confident_vote_answers_without_the_llm_and_the_manifest_says_so(cfg) 
     assert f"{m.vote.c:g}" in m.vote.loo_accuracy_gold
     records = read_records(stage.labels_path)
     assert {r["source"] for r in records} == {"vote"} and all(0 < r["confidence"] <= 1 for r in records)
+
+
+@pytest.mark.parametrize("source", ["gold", "both"])
+def test_the_student_can_learn_from_the_gold_labels_alone_or_with_the_teachers(cfg, source) -> None:
+    data = DataStage(cfg).data
+    DataStage(cfg, data).ensure()
+    right = {ex.text: ex.label for ex in [*data.gold, *data.test]} | {ex.text: data.labels[0] for ex in data.to_label}
+    ScriptedTeacher(cfg, data, right).ensure()
+    teacher_only = CurationStage(cfg, data).ensure()
+    other = cfg.model_copy(update={"curation": cfg.curation.model_copy(update={"sft_source": source})})
+    stage = CurationStage(other, data)
+    assert not stage.is_current()  # another SFT set: the finetune must not reuse the old one
+    m = stage.ensure()
+    sft_users = [ex["messages"][-2]["content"] for ex in read_jsonl(stage.sft_path)]
+    gold_users = [m_["content"] for ex in data.gold for m_ in CompactPromptAdapter().format(
+        IntentClassificationModule(data.labels).predictor.signature, [], {"text": ex.text}) if m_["role"] == "user"]
+    assert m.sft_source == source and set(gold_users) <= set(sft_users)
+    assert m.sft_examples == len(data.gold) + (teacher_only.sft_examples if source == "both" else 0)
+    assert (m.devset, m.optimizer_val) == (teacher_only.devset, teacher_only.optimizer_val)  # teacher-labeled

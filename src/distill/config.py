@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError
 
@@ -80,6 +80,15 @@ class TeacherConfig(_Strict):
     threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling.")
 
 
+class CurationConfig(_Strict):
+    # Drop a teacher label when the teacher was less sure than this: vote_llm records the vote's probability
+    # for its top label as `confidence` (the labels the LLM gave carry the vote's, below vote_confidence).
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0, description="null keeps every valid label.")
+    # What the student is finetuned on: the teacher's labels (distillation), the gold labels alone (what
+    # distillation must beat), or both. The devset and the optimizer's sets are teacher-labeled either way.
+    sft_source: Literal["teacher", "gold", "both"] = "teacher"
+
+
 class FinetuneConfig(_Strict):
     recipe: str = Field(..., description="configs/training/lora/<recipe>.yaml")
     job_config: str = "configs/job.yaml"
@@ -129,6 +138,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     program: ProgramConfig = ProgramConfig()
     teacher: TeacherConfig = TeacherConfig()
+    curation: CurationConfig = CurationConfig()
     finetune: FinetuneConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
@@ -145,6 +155,13 @@ class Config(_Strict):
     def path(self, p: str | os.PathLike[str]) -> Path:
         """Resolve a config path: absolute stays, relative is taken from the project root."""
         return resolve_path(p)
+
+    @model_validator(mode="after")
+    def _confidence_needs_a_vote(self) -> "Config":
+        if self.curation.min_confidence is not None and self.teacher.strategy != "vote_llm":
+            raise ValueError(f"curation.min_confidence needs teacher.strategy vote_llm (the only teacher that "
+                             f"records a confidence), not {self.teacher.strategy}")
+        return self
 
     @property
     def artifacts(self) -> Path:
@@ -210,6 +227,8 @@ def _format_error(path: Path, err: ValidationError) -> str:
         key = ".".join(str(x) for x in e["loc"]) or "<top level>"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif not e["loc"]:  # a rule across keys (Config's validators)
+            parts.append(e["msg"].removeprefix("Value error, "))
         elif e["type"] == "missing":
             parts.append(f"missing key '{key}'")
         else:

@@ -1,7 +1,8 @@
 """Curation of the teacher's labels and conversion into chat SFT data for the student.
 
-Steps, each counted: keep valid labels -> drop exact and near-exact duplicate queries (normalised
-text) -> drop queries that also appear in the test set (decontamination).
+Steps, each counted: keep valid labels -> drop labels the teacher was unsure of (optional) -> drop exact
+and near-exact duplicate queries (normalised text) -> drop queries that also appear in the test set
+(decontamination).
 
 SFT examples are exactly the messages the student sees at inference -- built with the same adapter's
 own `format(...)` (no demos) -- plus the teacher's answer as the assistant turn, formatted by the same
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.data import write_jsonl
+from distill.errors import DataError
 from distill.program import IntentClassificationModule
 
 console = Console()
@@ -41,11 +43,22 @@ class CurationResult:
     label_counts: dict[str, int] = field(default_factory=dict)
 
 
-def curate(records: Sequence[dict[str, Any]], labels: Sequence[str], test_texts: Sequence[str]) -> CurationResult:
+def curate(records: Sequence[dict[str, Any]], labels: Sequence[str], test_texts: Sequence[str],
+           min_confidence: float | None = None) -> CurationResult:
+    """The kept records and how many each step dropped. `min_confidence` drops records whose `confidence`
+    (the teacher's, see `HybridTeacher`) is below it; records without one are an error then."""
     valid = set(labels)
     counts = {"input": len(records)}
     step = [r for r in records if r.get("label") in valid]
     counts["invalid_label"] = len(records) - len(step)
+    if min_confidence is not None:
+        if unrated := sum(1 for r in step if r.get("confidence") is None):
+            raise DataError(f"curation.min_confidence is set but {unrated} teacher labels carry no confidence "
+                            "(only teacher.strategy vote_llm records one); unset it or change the strategy")
+        sure = [r for r in step if r["confidence"] >= min_confidence]
+        counts["low_confidence"], step = len(step) - len(sure), sure
+    else:
+        counts["low_confidence"] = 0
     seen: set[str] = set()
     deduped = []
     for r in step:

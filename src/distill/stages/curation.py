@@ -21,6 +21,7 @@ SPLITS = ("devset", "optimizer_train", "optimizer_val")
 class CurationManifest(Manifest):
     input: int
     invalid_label: int
+    low_confidence: int = 0  # below curation.min_confidence
     duplicate: int
     test_overlap: int
     kept: int
@@ -28,6 +29,7 @@ class CurationManifest(Manifest):
     optimizer_train: int
     optimizer_val: int
     sft_examples: int
+    sft_source: str = "teacher"  # curation.sft_source: teacher | gold | both
     label_counts: dict[str, int]
     plot: str
 
@@ -59,7 +61,8 @@ class CurationStage(Stage[CurationManifest]):
     def fingerprint(self) -> str:
         d = self.cfg.data
         return fingerprint(self.inputs(), data_fingerprint(self.data), prompt_fingerprint(self.cfg, self.data.labels),
-                           d.devset_size, d.optimizer_val_size, d.optimizer_train_size, self.cfg.program.model_dump())
+                           d.devset_size, d.optimizer_val_size, d.optimizer_train_size, self.cfg.program.model_dump(),
+                           self.cfg.curation.model_dump())
 
     def outputs(self, m: CurationManifest) -> list[Path]:
         return [self.sft_path, Path(m.plot), *(self.split_path(n) for n in SPLITS)]
@@ -71,7 +74,7 @@ class CurationStage(Stage[CurationManifest]):
         cfg, data = self.cfg, self.data
         records = read_records(self.teacher.labels_path)
         # Decontaminate against the whole test set, not only the profile's subset of it.
-        result = curate(records, data.labels, [ex.text for ex in data.full_test])
+        result = curate(records, data.labels, [ex.text for ex in data.full_test], cfg.curation.min_confidence)
         print_curation(result)
         plot = plot_label_distribution(result.label_counts, self.dir / "label_distribution.png")
         examples = [make_example(r["text"], r["label"]) for r in result.kept]
@@ -81,11 +84,15 @@ class CurationStage(Stage[CurationManifest]):
             write_jsonl(self.split_path(name), [dict(ex.items()) for ex in split])
         # The student is finetuned on the optimizer trainset only: the synthetic devset stays unseen.
         train_texts = {ex.text for ex in train}
+        source = cfg.curation.sft_source
+        sft_records = [r for r in result.kept if r["text"] in train_texts] if source != "gold" else []
+        if source != "teacher":  # the gold labels (disjoint from the queries the teacher labels)
+            sft_records += [{"text": ex.text, "label": ex.label} for ex in data.gold]
         program = IntentClassificationModule(data.labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
         # Exactly the messages the finetuned student's program sends at inference (its prompt style).
-        sft = to_sft([r for r in result.kept if r["text"] in train_texts], program, adapter(cfg.program.student_prompt))
+        sft = to_sft(sft_records, program, adapter(cfg.program.student_prompt))
         save_sft(sft, self.sft_path)
         print(f"wrote {len(sft)} SFT examples to {self.sft_path}, label chart {plot}")
         return CurationManifest(
             fingerprint=self.fingerprint(), **result.counts, devset=len(dev), optimizer_train=len(train),
-            optimizer_val=len(val), sft_examples=len(sft), label_counts=result.label_counts, plot=str(plot))
+            optimizer_val=len(val), sft_examples=len(sft), sft_source=source, label_counts=result.label_counts, plot=str(plot))
