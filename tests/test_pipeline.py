@@ -12,6 +12,8 @@ import yaml
 
 from distill import pipeline
 from distill.config import load_config
+from distill.curve import measure_point, profile_rows
+from distill.learning_curve import curve_csv, plot_curve, read_curve, write_curve
 from distill.report import load_report
 
 # The main job on real served models, a real Ray job and the notebook: minutes on 2 cores.
@@ -119,7 +121,8 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
                 rows = [json.loads(x) for x in (artifacts / "eval" / "predictions" / split /
                                                 f"{kind}_{variant}.jsonl").read_text().splitlines()]
                 assert len(rows) == n and round(sum(r["correct"] for r in rows) / n, 4) == score
-    for name in ("devset", "testset", "confusion"):
+    # the learning curve chart, with this run's student on it, once a curve is committed under docs/
+    for name in ("devset", "testset", "confusion", *(["learning_curve"] if curve_csv().is_file() else [])):
         assert Path(ev["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     params = json.loads((artifacts / "deploy_params.json").read_text())
     assert params["model"] == best["model"] and len(params["labels"]) == cfg.data.top_n_labels
@@ -199,3 +202,24 @@ def test_only_the_evaluation_section_after_a_restart_reuses_the_artifacts(artifa
     assert "eval is current" in text
     assert_quiet(nb, max_lines=100)  # set-up, data and one skipped stage: tens of lines, no Ray at all
     assert [p.stat().st_mtime_ns for p in (labels, adapter, *programs)] == before  # nothing relabeled/retrained
+
+
+def test_a_learning_curve_point_is_a_real_finetune_scored_in_served_form(artifacts, tmp_path) -> None:
+    cfg = load_config("local_ci")
+    row = measure_point(cfg, "gold", cfg.data.num_gold, min_steps=2)  # the gold-only student
+    point = artifacts / "curve" / f"gold_{cfg.data.num_gold}"
+    ft = json.loads((point / "finetune" / "manifest.json").read_text())
+    assert (row.kind, row.name, row.labels, row.test_size) == ("student", "gold labels", cfg.data.num_gold,
+                                                               cfg.data.test_size)
+    assert row.steps == ft["steps"] == cfg.finetune.training["max_steps"] and ft["examples"] == cfg.data.num_gold
+    preds = [json.loads(x) for x in (point / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == row.test_size and round(sum(p["correct"] for p in preds) / len(preds), 4) == row.test_accuracy
+    # the teacher's labels were copied, not made again; a measured point is read back, not measured again
+    assert (point / "teacher" / "labels.jsonl").read_text() == (artifacts / "teacher" / "labels.jsonl").read_text()
+    mtime = (point / "point.json").stat().st_mtime
+    assert measure_point(cfg, "gold", cfg.data.num_gold, min_steps=2) == row
+    assert (point / "point.json").stat().st_mtime == mtime
+    rows = [*profile_rows(cfg), row]
+    assert [r.kind for r in rows].count("reference") == 3  # the teacher and the two baselines
+    assert read_curve(write_curve(rows, tmp_path / "curve.csv")) == rows
+    assert plot_curve(rows, tmp_path / "curve.png", "curve").is_file()
