@@ -125,7 +125,8 @@ def load_recipe(path: str | Path, training: dict[str, Any] | None = None) -> Rec
     try:
         recipe = Recipe.model_validate(raw)
         # CPU here: the hardware checks belong to the job's machine, the argument names to the recipe.
-        sft_config(recipe.training, tempfile.mkdtemp(prefix="distill-check-"), use_cpu=True)
+        with tempfile.TemporaryDirectory(prefix="distill-check-") as scratch:  # SFTConfig wants an output_dir
+            sft_config(recipe.training, scratch, use_cpu=True)
     except ValidationError as e:
         raise ConfigError(f"{p}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     except ConfigError as e:
