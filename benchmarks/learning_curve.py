@@ -29,12 +29,16 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000],
                     help="teacher labels per point (the profile's own run adds the point with all of them)")
     ap.add_argument("--no-gold", action="store_true", help="skip the student on the gold labels alone")
+    ap.add_argument("--confident-sizes", type=int, nargs="+", default=[],
+                    help="also these sizes with the labels below --min-confidence dropped (a curation lever)")
+    ap.add_argument("--min-confidence", type=float, default=0.5)
     ap.add_argument("--min-steps", type=int, default=120, help="optimizer steps every point trains for at least")
     args = ap.parse_args()
     load_env()
     cfg = load_config(args.profile)
     pipeline.setup(cfg)
-    for rows in measure_curve(cfg, sorted(args.sizes), gold=not args.no_gold, min_steps=args.min_steps):
+    for rows in measure_curve(cfg, sorted(args.sizes), gold=not args.no_gold, min_steps=args.min_steps,
+                              confident_sizes=args.confident_sizes, min_confidence=args.min_confidence):
         csv_path = write_curve(rows)  # after every point: an interrupted run keeps what it measured
         png = plot_curve(rows, csv_path.with_suffix(".png"),
                          f"How many teacher labels? ({cfg.name}, {rows[0].test_size} test queries)")

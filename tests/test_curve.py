@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distill.config import load_config
-from distill.curve import point_config
+from distill.curve import point_config, series
 from distill.learning_curve import CurveRow, plot_curve, read_curve, write_curve
 
 
@@ -19,6 +19,9 @@ def test_a_point_is_the_profile_cut_to_n_labels_and_trains_at_least_min_steps() 
     gold = point_config(full, "gold", 100, min_steps=120)
     assert gold.curation.sft_source == "gold" and gold.data == full.data
     assert gold.artifacts.name == "gold_100" and gold.finetune.training == {"max_steps": 120}
+    sure = point_config(full, "teacher", 1000, min_steps=120, min_confidence=0.5)  # a curation lever at n
+    assert sure.curation.min_confidence == 0.5 and sure.artifacts.name == "teacher_1000_conf0.5"
+    assert series("teacher", 0.5) == "teacher labels, confidence >= 0.5" and series("gold") == "gold labels"
     # everything upstream of curation is the profile's: the points reuse its labels
     assert (gold.teacher, gold.models, gold.program) == (full.teacher, full.models, full.program)
 

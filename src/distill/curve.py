@@ -17,7 +17,7 @@ which would measure the step count rather than the labels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 import shutil
 
 from pydantic import BaseModel, ConfigDict
@@ -55,12 +55,15 @@ def batch_size(cfg: Config) -> int:
     return int(t.get("per_device_train_batch_size", 8)) * int(t.get("gradient_accumulation_steps", 1))
 
 
-def point_config(cfg: Config, source: str, n: int | None, min_steps: int) -> Config:
+def point_config(cfg: Config, source: str, n: int | None, min_steps: int, min_confidence: float | None = None) -> Config:
     """The profile for one point: its own artifact directory, the SFT set cut to `n` (source "teacher") or
-    the gold labels (source "gold", `n` = their number), and at least `min_steps` steps."""
+    the gold labels (source "gold", `n` = their number), and at least `min_steps` steps. `min_confidence`
+    drops the labels the teacher was less sure of before the cut (`curation.min_confidence`)."""
     name = f"gold_{n}" if source == "gold" else f"teacher_{n}"
+    if min_confidence is not None:
+        name += f"_conf{min_confidence:g}"
     data = cfg.data.model_copy(update={"optimizer_train_size": n}) if source == "teacher" else cfg.data
-    curation = cfg.curation.model_copy(update={"sft_source": source})
+    curation = cfg.curation.model_copy(update={"sft_source": source, "min_confidence": min_confidence})
     training = dict(cfg.finetune.training)
     if n is not None and math.ceil(n / batch_size(cfg)) < min_steps:  # one epoch is too short: steps instead
         training = {k: v for k, v in training.items() if k != "num_train_epochs"} | {"max_steps": min_steps}
@@ -70,9 +73,16 @@ def point_config(cfg: Config, source: str, n: int | None, min_steps: int) -> Con
     })
 
 
-def measure_point(cfg: Config, source: str, n: int, min_steps: int, threads: int | None = None) -> CurveRow:
+def series(source: str, min_confidence: float | None = None) -> str:
+    """A point's series on the chart: what the student learned from."""
+    name = "teacher labels" if source == "teacher" else "gold labels"
+    return name if min_confidence is None else f"{name}, confidence >= {min_confidence:g}"
+
+
+def measure_point(cfg: Config, source: str, n: int, min_steps: int, threads: int | None = None,
+                  min_confidence: float | None = None) -> CurveRow:
     """Finetune and score one point (resumable; a measured point is read back)."""
-    pcfg = point_config(cfg, source, n, min_steps)
+    pcfg = point_config(cfg, source, n, min_steps, min_confidence)
     for name in UPSTREAM:  # the profile's own labels and references: nothing labeled twice
         if not (pcfg.artifacts / name / "manifest.json").is_file():
             shutil.copytree(cfg.artifacts / name, pcfg.artifacts / name, dirs_exist_ok=True)
@@ -88,7 +98,7 @@ def measure_point(cfg: Config, source: str, n: int, min_steps: int, threads: int
     if done is not None and done.finetune_fingerprint == ft.fingerprint:
         console.print(f"{path}: measured; skipped")
         return done.row
-    row = _score(pcfg, data, ft, "teacher labels" if source == "teacher" else "gold labels", threads)
+    row = _score(pcfg, data, ft, series(source, min_confidence), threads)
     write_manifest(path, PointManifest(finetune_fingerprint=ft.fingerprint, row=row))
     return row
 
@@ -127,11 +137,14 @@ def profile_rows(cfg: Config) -> list[CurveRow]:
 
 
 def measure_curve(cfg: Config, sizes: list[int], gold: bool = True, min_steps: int = 120,
-                  threads: int | None = None) -> Iterator[list[CurveRow]]:
-    """The profile's run, then a point per size (teacher labels) and the gold-only student: yields the rows
-    so far after each point, for the caller to write as it goes."""
+                  threads: int | None = None, confident_sizes: Sequence[int] = (),
+                  min_confidence: float | None = None) -> Iterator[list[CurveRow]]:
+    """The profile's run, then the gold-only student, a point per size (teacher labels), and a point per
+    `confident_sizes` with the labels below `min_confidence` dropped: yields the rows so far after each
+    point, for the caller to write as it goes."""
     rows = profile_rows(cfg)
-    todo = [("gold", cfg.data.num_gold)] if gold else []
-    for source, n in [*todo, *(("teacher", n) for n in sizes)]:  # the cheapest, most telling point first
-        rows.append(measure_point(cfg, source, n, min_steps, threads))
+    todo = [("gold", cfg.data.num_gold, None)] if gold else []  # the cheapest, most telling point first
+    todo += [("teacher", n, None) for n in sizes] + [("teacher", n, min_confidence) for n in confident_sizes]
+    for source, n, floor in todo:
+        rows.append(measure_point(cfg, source, n, min_steps, threads, floor))
         yield rows

@@ -69,12 +69,11 @@ def plot_curve(rows: Sequence[CurveRow], path: str | Path, title: str, this_run:
     """Accuracy against labels (log scale); references as horizontal lines; `this_run` as a star."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     students = [r for r in rows if r.kind == "student" and r.labels]
-    for (name, marker), color in zip((("teacher labels", "o-"), ("gold labels", "s")), ("tab:blue", "tab:orange")):
+    for i, name in enumerate(dict.fromkeys(r.name for r in students)):  # one series per "what it learned from"
         pts = sorted((r.labels, 100 * r.test_accuracy) for r in students if r.name == name)
-        if pts:
-            ax.plot(*zip(*pts), marker, color=color, label=f"student on {name}")
-            for x, y in pts:
-                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=f"C{i}", label=f"student on {name}")
+        for x, y in pts:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     styles = ["--", ":", "-.", (0, (5, 1))]
     for i, r in enumerate(r for r in rows if r.kind == "reference"):
         ax.axhline(100 * r.test_accuracy, color="black" if i == 0 else "dimgray", linestyle=styles[i % len(styles)],
