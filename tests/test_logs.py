@@ -5,6 +5,7 @@ checks the executed README notebook itself."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import nbformat
@@ -95,3 +96,33 @@ def test_notebook_verbose_reaches_the_kernel(tmp_path: Path) -> None:
     nb = _notebook(tmp_path / "nb.ipynb", code)
     assert _lines(execute_notebook("local_ci", nb, tmp_path / "quiet.ipynb")) == ["False"]
     assert _lines(execute_notebook("local_ci", nb, tmp_path / "verbose.ipynb", verbose=True)) == ["True"]
+
+
+def test_quiet_drops_ray_s_retry_notices_at_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve.shutdown() makes Ray's driver print '(raylet) Task ServeController.graceful_shutdown failed ...
+    will be retried'; quiet sets the RayConfig setting that stops that push (a RAY_* variable Ray reads when
+    it is imported), verbose takes it back, and a value the user set is left alone."""
+    name = "RAY_enable_output_error_log_if_still_retry"
+    monkeypatch.delenv(name, raising=False)
+    logs.configure(None, verbose=True)
+    logs.configure(None)
+    assert os.environ[name] == "0"
+    logs.configure(None, verbose=True)
+    assert name not in os.environ
+    monkeypatch.setenv(name, "1")
+    logs.configure(None)
+    logs.configure(None, verbose=True)
+    assert os.environ[name] == "1"
+
+
+def test_chatter_goes_to_a_log_file_unless_verbose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure(tmp_path / "logs")
+    with logs.chatter_to_log("bfrs") as real:
+        print("Scores so far: [28.0]")
+        print("progress", file=real)
+    assert capsys.readouterr().out == "progress\n"
+    assert (tmp_path / "logs" / "bfrs.log").read_text() == "Scores so far: [28.0]\n"
+    logs.configure(tmp_path / "logs", verbose=True)
+    with logs.chatter_to_log("bfrs") as real:
+        print("Scores so far: [28.0]")
+    assert real is None and capsys.readouterr().out == "Scores so far: [28.0]\n"

@@ -10,6 +10,8 @@ here filters output after the fact: each library is configured through its own s
 - The finetune job: its whole log goes to `<logs>/<job>.log` (`JobLog`).
 - Warnings known to be harmless are ignored where they come from (`configure`, and next to the code that
   triggers them).
+- Libraries that `print()` their progress instead of logging it (DSPy's optimizers) run inside
+  `chatter_to_log`, which sends their stdout and stderr to `<logs>/<name>.log`.
 
 `configure(log_dir, verbose=True)` (the `verbose` setting, `pipeline.setup`) brings it all back into
 the notebook. Logging is per process, so this is process-wide state, set once by `pipeline.setup`.
@@ -17,12 +19,14 @@ the notebook. Logging is per process, so this is process-wide state, set once by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 
 @dataclass
@@ -32,6 +36,16 @@ class LogSettings:
 
 
 _settings = LogSettings()
+
+# Ray's driver prints "(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+# remaining, so the task will be retried" on every `serve.shutdown()`: Serve's controller kills itself while
+# the driver waits on that call, as designed (Serve catches the resulting error). The line is not a log
+# record but an error the driver's core worker pushes for any task it is about to retry, so no logger level
+# reaches it; this RayConfig setting stops the push at its source. A process reads RAY_* settings when it
+# first uses Ray's config (the driver: on `import ray`), so it is set here, before the pipeline imports Ray,
+# and Ray's processes inherit it. A task that finally fails still raises.
+_RETRY_NOTICE = "RAY_enable_output_error_log_if_still_retry"
+_set_retry_notice = False
 
 
 def settings() -> LogSettings:
@@ -46,6 +60,7 @@ def configure(log_dir: Path | None, verbose: bool = False) -> LogSettings:
         log_dir.mkdir(parents=True, exist_ok=True)
     _settings = LogSettings(log_dir, verbose)
     apply_levels()
+    _quiet_retry_notices(not verbose)
     if not verbose:
         from tqdm import TqdmWarning
 
@@ -53,6 +68,17 @@ def configure(log_dir: Path | None, verbose: bool = False) -> LogSettings:
         # falls back to the text bar, which Jupyter updates in place just as well.
         warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
     return _settings
+
+
+def _quiet_retry_notices(quiet: bool) -> None:
+    """Set (or, when verbose, take back) the RayConfig setting that drops Ray's task-retry notices."""
+    global _set_retry_notice
+    if quiet and _RETRY_NOTICE not in os.environ:
+        os.environ[_RETRY_NOTICE] = "0"
+        _set_retry_notice = True
+    elif not quiet and _set_retry_notice:
+        os.environ.pop(_RETRY_NOTICE, None)
+        _set_retry_notice = False
 
 
 def apply_levels() -> None:
@@ -110,6 +136,26 @@ def where() -> str:
     return f"logs: {_settings.dir}"
 
 
+@contextlib.contextmanager
+def chatter_to_log(name: str) -> Iterator[TextIO | None]:
+    """Inside this block, stdout and stderr go to `<logs>/<name>.log` (appended), unless verbose.
+
+    For libraries that `print()` what others log -- DSPy's BootstrapFewShotWithRandomSearch prints its
+    sampling plan, each candidate's score and the running list of scores -- so no logging level reaches
+    it. DSPy's own log handler writes to whatever `sys.stderr` is, so its records in the block go to the
+    file too; an error that stops the block still raises here. Yields the real stdout (for a progress
+    display of one's own), or None when nothing is redirected.
+    """
+    if _settings.verbose:
+        yield None
+        return
+    path = (_settings.dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real = sys.stdout
+    with path.open("a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield real
+
+
 class JobLog:
     """An `on_log` for `distill.jobs.submit_and_wait`: appends to `<logs>/<name>.log`; prints too when verbose."""
 
@@ -127,4 +173,4 @@ class JobLog:
 
 
 __all__ = ["LogSettings", "configure", "settings", "apply_levels", "ray_init_kwargs", "link_ray_session",
-           "serve_logging_config", "where", "JobLog"]
+           "serve_logging_config", "where", "chatter_to_log", "JobLog"]
