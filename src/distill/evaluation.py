@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import dspy
+from dspy.utils.callback import BaseCallback
 from rich.console import Console
+from tqdm import tqdm
 
+from distill import logs
 from distill.bench import latency_summary
 from distill.data import write_jsonl
 from distill.errors import DistillError
@@ -83,6 +86,63 @@ def evaluate(
     return out
 
 
+# BFRS scores three programs before its random candidates; by the seed it gives each.
+BFRS_BASELINES = {-3: "zero-shot", -2: "labeled demos", -1: "bootstrapped demos"}
+
+
+def bfrs_optimizer(bfrs: Mapping[str, Any], threads: int, max_errors: int) -> Any:
+    """The `BootstrapFewShotWithRandomSearch` each student's program is compiled with: exact match as the
+    metric and the profile's `evaluation.bfrs` (max bootstrapped / labeled demos, random candidates).
+
+    The evaluation stage compiles with this optimizer and the notebook prints it (`optimizer_call`), so
+    what the notebook shows is what runs.
+    """
+    from dspy.teleprompt import BootstrapFewShotWithRandomSearch
+
+    with logs.chatter_to_log("bfrs"):  # the constructor prints its sampling plan
+        return BootstrapFewShotWithRandomSearch(metric=exact_match, num_threads=threads, max_errors=max_errors,
+                                                **bfrs)
+
+
+def optimizer_call(optimizer: Any) -> str:
+    """The optimizer written as the call that makes it, read back from the object's own settings."""
+    settings = {
+        "metric": getattr(optimizer.metric, "__name__", repr(optimizer.metric)),
+        "max_bootstrapped_demos": optimizer.max_num_samples, "max_labeled_demos": optimizer.max_labeled_demos,
+        "num_candidate_programs": optimizer.num_candidate_sets, "num_threads": optimizer.num_threads,
+        "max_errors": optimizer.max_errors,
+    }
+    return "BootstrapFewShotWithRandomSearch(" + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")"
+
+
+class CandidateProgress(BaseCallback):
+    """One progress line for a BFRS run: a step per candidate program scored on the valset, and the best score.
+
+    BFRS scores each candidate with `dspy.Evaluate` and nothing else in its compile does, so DSPy's
+    `on_evaluate_end` hook fires once per candidate.
+    """
+
+    def __init__(self, total: int, desc: str, file: Any) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="candidate", file=file)
+        self.scores: list[float] = []
+
+    def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        if outputs is not None:
+            self.scores.append(float(outputs.score))
+            self.bar.set_postfix_str(f"best {max(self.scores):.1f}%", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def candidate_summary(optimized: dspy.Module) -> str:
+    """BFRS's candidates by score, e.g. 'zero-shot 28.0, random #1 26.0, ...' (best first)."""
+    ranked = getattr(optimized, "candidate_programs", [])
+    names = [BFRS_BASELINES.get(c["seed"], f"random #{c['seed']}") for c in ranked]
+    return ", ".join(f"{n} {c['score']:.1f}" for n, c in zip(names, ranked))
+
+
 def optimize(
     program: dspy.Module,
     lm: dspy.LM,
@@ -92,15 +152,30 @@ def optimize(
     threads: int,
     max_errors: int,
     prompt: Prompt = "full",
+    name: str = "",
 ) -> dspy.Module:
-    """BootstrapFewShotWithRandomSearch: demos bootstrapped from the trainset, candidates picked on the valset."""
-    from dspy.teleprompt import BootstrapFewShotWithRandomSearch
+    """BootstrapFewShotWithRandomSearch: demos bootstrapped from the trainset, candidates picked on the valset.
 
-    optimizer = BootstrapFewShotWithRandomSearch(
-        metric=exact_match, num_threads=threads, max_errors=max_errors, **bfrs,
-    )
-    with using(lm, prompt):
-        return optimizer.compile(program, trainset=list(trainset), valset=list(valset))
+    BFRS prints its running scores after every candidate; unless verbose they go to `<logs>/bfrs.log` and
+    one progress line per run stands for them, followed by the candidates' scores.
+    """
+    optimizer = bfrs_optimizer(bfrs, threads, max_errors)
+    with logs.chatter_to_log("bfrs") as real_stdout:
+        progress = None
+        callbacks: list[BaseCallback] = []
+        if real_stdout is not None:
+            progress = CandidateProgress(optimizer.num_candidate_sets + len(BFRS_BASELINES),
+                                         f"BFRS {name}".strip(), real_stdout)
+            callbacks.append(progress)
+        try:
+            with using(lm, prompt), dspy.context(callbacks=[*dspy.settings.get("callbacks", []), *callbacks]):
+                optimized = optimizer.compile(program, trainset=list(trainset), valset=list(valset))
+        finally:
+            if progress is not None:
+                progress.close()
+    # print, not the rich console: one unwrapped line in the notebook and in the log
+    print(f"BFRS {name}: candidates on {len(valset)} valset queries: {candidate_summary(optimized)}")
+    return optimized
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -148,7 +223,7 @@ def evaluate_and_prompt_optimize(
         else:
             console.rule(f"BootstrapFewShotWithRandomSearch: {kind} student ({model})")
             optimized = optimize(IntentClassificationModule(labels, reasoning, max_reasoning_chars), lm, trainset,
-                                 valset, bfrs, threads, max_errors, prompt)
+                                 valset, bfrs, threads, max_errors, prompt, name=f"{kind} student")
             optimized.save(str(bfrs_path))
             meta[kind] = fp
             meta_path.write_text(json.dumps(meta, indent=2))
