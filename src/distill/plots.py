@@ -1,4 +1,5 @@
-"""Evaluation charts (matplotlib, Agg backend): variant scores per split, and the best variant's confusion matrix."""
+"""Charts (matplotlib, Agg backend): the finetune's loss curve, variant scores per split, and the best
+variant's confusion matrix."""
 
 from __future__ import annotations
 
@@ -72,6 +73,36 @@ def plot_confusion_matrix(
                     color="white" if v > matrix.max() / 2 else "black")
     fig.colorbar(im, ax=ax, fraction=0.03)
     ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps: int | None = None) -> Path:
+    """The training loss as the trainer logged it; x is the training step when `steps` (the run's total) is given.
+
+    The trainer logs every `logging_steps` steps, so the i-th of n values is placed at step (i + 1) * steps / n.
+    A moving average is drawn over long, noisy curves (one value per step).
+    """
+    if not losses:
+        raise ValueError("plot_loss_curve needs at least one loss value")
+    y = np.asarray(losses, dtype=float)
+    n = len(y)
+    x = np.arange(1, n + 1) * (steps / n if steps else 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(x, y, color="tab:blue", alpha=0.45 if n > 20 else 1.0, linewidth=1, marker="o" if n <= 20 else None,
+            label="training loss")
+    if n > 20:
+        window = max(2, n // 15)
+        smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+        ax.plot(x[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"moving average ({window} logs)")
+    ax.set_xlabel("training step" if steps else "logged step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_yscale("log" if y.min() > 0 and y.max() / y.min() > 20 else "linear")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.annotate(f"{y[-1]:.3f}", (x[-1], y[-1]), textcoords="offset points", xytext=(-10, 6), fontsize=8, ha="right")
     fig.tight_layout()
     return _save(fig, path)
 

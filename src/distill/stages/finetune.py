@@ -5,7 +5,11 @@ the finetuned model next to the base one."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import dspy
 
 from distill.config import Config
 from distill.data import read_jsonl
@@ -13,6 +17,7 @@ from distill.deploy import template_serve_config
 from distill.errors import DistillError
 from distill.finetune import load_recipe
 from distill.lm import make_lm
+from distill.plots import plot_loss_curve
 from distill.provider import RayJobProvider
 from distill.publish import adapter_name, publish_adapter
 from distill.serving.control import ensure_ray, shutdown
@@ -33,6 +38,38 @@ class FinetuneManifest(Manifest):
     last_loss: float | None
     recipe: str
     published: str | None  # where ray.serve.llm loads the adapter from (cluster)
+    loss_plot: str | None = None  # the loss curve (None: the trainer logged no loss)
+
+
+@dataclass
+class FinetuneCall:
+    """DSPy's `LM.finetune` call the stage makes: the student LM with our provider, the SFT data, the kwargs.
+
+    The stage builds it (`FinetuneStage.call`) and runs it; the notebook prints the same object.
+    """
+
+    lm: dspy.LM
+    train_data: list[dict[str, Any]]
+    train_kwargs: dict[str, Any]
+
+    def run(self) -> tuple[dspy.LM, dict[str, Any]]:
+        """Submit and wait; the finetuned student's LM and the job's result (raises if the job failed)."""
+        job = self.lm.finetune(train_data=self.train_data, train_data_format=None, train_kwargs=self.train_kwargs)
+        finetuned = job.result()
+        return finetuned, job.train_kwargs["result"]
+
+    def __str__(self) -> str:
+        """The call as code, with this run's values."""
+        shown = {k: "<the Ray the stage starts>" if k == "address" and v is None else repr(v)
+                 for k, v in self.train_kwargs.items()}
+        kwargs = "".join(f"        {k!r}: {v},\n" for k, v in shown.items())
+        return (f"student = make_lm(cfg.models.student, provider={type(self.lm.provider).__name__}())"
+                f"  # {self.lm.model}\n"
+                "job = student.finetune(\n"
+                f"    train_data=[...],  # {len(self.train_data)} chat examples (the SFT data)\n"
+                "    train_data_format=None,\n"
+                "    train_kwargs={\n" + kwargs + "    },\n)\n"
+                "finetuned = job.result()  # the finetuned student's dspy.LM; raises if the job failed")
 
 
 class FinetuneStage(Stage[FinetuneManifest]):
@@ -55,8 +92,30 @@ class FinetuneStage(Stage[FinetuneManifest]):
         return fingerprint(sft.read_text(), self.cfg.path(ft.recipe).read_text(), ft.training, ft.finetuned_model,
                            ft.adapter_storage, self.cfg.path(self.cfg.models.student.serve_config).read_text())
 
+    @property
+    def loss_plot_path(self) -> Path:
+        return self.dir / "loss_curve.png"
+
     def outputs(self, m: FinetuneManifest) -> list[Path]:
-        return [Path(m.serve_config), Path(m.adapter)] if not m.published else [Path(m.serve_config)]
+        out = [Path(m.serve_config), Path(m.adapter)] if not m.published else [Path(m.serve_config)]
+        # A manifest from before the loss plot existed has a loss history but no plot: not current.
+        return out + ([Path(m.loss_plot or self.loss_plot_path)] if m.loss_history else [])
+
+    def configured_address(self) -> str | None:
+        """The Ray job server the profile names (or RAY_ADDRESS); None: the stage starts a local Ray."""
+        return self.cfg.finetune.address or os.environ.get("RAY_ADDRESS")
+
+    def call(self, address: str | None) -> FinetuneCall:
+        """The `LM.finetune` call on the curated SFT data (`address`: the Ray job server; None until started)."""
+        cfg, ft, st = self.cfg, self.cfg.finetune, self.cfg.models.student
+        return FinetuneCall(
+            lm=make_lm(st, provider=RayJobProvider()), train_data=read_jsonl(self.curation.sft_path),
+            train_kwargs={
+                "recipe": str(cfg.path(ft.recipe)), "overrides": ft.training, "output_dir": str(self.dir),
+                "job_config": str(cfg.path(ft.job_config)), "address": address, "python": ft.python,
+                "finetuned_model": ft.finetuned_model, "timeout_s": ft.timeout_s,
+            },
+        )
 
     def describe(self, m: FinetuneManifest) -> str:
         return f"{m.model}, adapter {m.adapter}"
@@ -64,25 +123,15 @@ class FinetuneStage(Stage[FinetuneManifest]):
     def run(self) -> FinetuneManifest:
         cfg, ft, st = self.cfg, self.cfg.finetune, self.cfg.models.student
         load_recipe(cfg.path(ft.recipe), ft.training)  # a bad recipe fails here, before Ray starts
-        address = ft.address or os.environ.get("RAY_ADDRESS")
+        address = self.configured_address()
         started_ray = address is None
         try:
             if started_ray:  # a local Ray with its job server; the job's trainer uses both cores
                 address = "http://" + ensure_ray(dashboard=True)
-            student = make_lm(st, provider=RayJobProvider())
-            job = student.finetune(
-                train_data=read_jsonl(self.curation.sft_path), train_data_format=None,
-                train_kwargs={
-                    "recipe": str(cfg.path(ft.recipe)), "overrides": ft.training, "output_dir": str(self.dir),
-                    "job_config": str(cfg.path(ft.job_config)), "address": address, "python": ft.python,
-                    "finetuned_model": ft.finetuned_model, "timeout_s": ft.timeout_s,
-                },
-            )
-            finetuned = job.result()  # raises if the job failed
+            finetuned, result = self.call(address).run()  # raises if the job failed
         finally:
             if started_ray:
                 shutdown()
-        result = job.train_kwargs["result"]
         published = None
         if ft.adapter_storage:  # cluster: where ray.serve.llm loads the adapter from
             published = publish_adapter(result["adapter_dir"], ft.adapter_storage, adapter_name(ft.finetuned_model))
@@ -92,10 +141,13 @@ class FinetuneStage(Stage[FinetuneManifest]):
             st.serve_config or "", self.dir / "serve_student.yaml", base_model=st.model,
             finetuned_model=ft.finetuned_model, adapter=adapter, lora_storage=ft.adapter_storage)
         losses = [float(x) for x in result.get("loss_history") or []]
+        loss_plot = plot_loss_curve(
+            losses, self.loss_plot_path, f"LoRA finetune of {st.model} ({result['examples']} examples, "
+            f"{result['epochs']:g} epochs)", steps=result["steps"]) if losses else None
         return FinetuneManifest(
             fingerprint=self.fingerprint(), model=finetuned.model.split("/", 1)[-1], adapter=adapter,
             serve_config=str(serve_config), train_seconds=result.get("train_seconds"), examples=result["examples"],
             epochs=result["epochs"], steps=result["steps"], loss_history=losses,
             first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None, recipe=ft.recipe,
-            published=published,
+            published=published, loss_plot=str(loss_plot) if loss_plot else None,
         )
