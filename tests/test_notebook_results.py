@@ -1,0 +1,123 @@
+"""What the notebook's sections show: the calls the stages make (the BFRS optimizer, the `LM.finetune` call,
+the teacher), and the results they end with (the loss curve, the tables). Fast: DSPy's DummyLM stands in
+for a served model; no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+from rich.console import Console
+
+from distill import logs, pipeline
+from distill.config import load_config
+from distill.data import make_example, write_jsonl
+from distill.evaluation import bfrs_optimizer, optimize, optimizer_call
+from distill.plots import plot_loss_curve
+from distill.program import IntentClassificationModule
+from distill.stages.curation import CurationStage
+from distill.stages.evaluation import BestVariant, EvalManifest
+from distill.stages.base import CallStats
+from distill.stages.finetune import FinetuneManifest, FinetuneStage
+
+
+@pytest.fixture(autouse=True)
+def restore_logs():
+    before = logs.settings()
+    yield
+    logs.configure(before.dir, before.verbose)
+
+
+def _text(renderable: object) -> str:
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_the_loss_curve_is_a_png(tmp_path: Path) -> None:
+    path = plot_loss_curve([3.5 / (i + 1) for i in range(40)], tmp_path / "loss.png", "loss", steps=120)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot_loss_curve([], tmp_path / "empty.png", "no loss")
+
+
+def _finetune_manifest(**kw: object) -> FinetuneManifest:
+    base = dict(fingerprint="f", model="m-ft", adapter="a.gguf", serve_config="s.yaml", train_seconds=12.0,
+                examples=8, epochs=3.0, steps=6, loss_history=[2.0, 1.0, 0.5], first_loss=2.0, last_loss=0.5,
+                recipe="r.yaml", published=None)
+    return FinetuneManifest(**{**base, **kw})
+
+
+def test_the_finetune_stage_shows_its_own_lm_finetune_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("local_ci")
+    stage = FinetuneStage(cfg, CurationStage(cfg, None))  # type: ignore[arg-type]  # only its paths are used
+    sft = [{"messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": "card?"},
+                         {"role": "assistant", "content": '{"label": "card_arrival"}'}]}] * 3
+    write_jsonl(stage.curation.sft_path, sft)
+    call = stage.call(stage.configured_address())
+    assert type(call.lm.provider).__name__ == "RayJobProvider" and call.lm.model.endswith(cfg.models.student.model)
+    assert call.train_data == sft and call.train_kwargs["output_dir"] == str(stage.dir)
+    shown = str(call)
+    assert "student.finetune(" in shown and "3 chat examples" in shown and "<the Ray the stage starts>" in shown
+    assert repr(cfg.finetune.finetuned_model) in shown and "job.result()" in shown
+
+    # The stage lists the loss curve among its outputs: a manifest without one (older) is not current.
+    assert stage.loss_plot_path in stage.outputs(_finetune_manifest())
+    assert Path("p.png") in stage.outputs(_finetune_manifest(loss_plot="p.png"))
+    assert stage.loss_plot_path not in stage.outputs(_finetune_manifest(loss_history=[]))
+
+
+def test_bfrs_runs_quietly_with_one_progress_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The optimizer the stage compiles with is the one the notebook prints; its per-candidate prints go to
+    <logs>/bfrs.log and one progress line plus the candidates' scores stand for them."""
+    logs.configure(tmp_path / "logs")
+    bfrs = {"max_bootstrapped_demos": 2, "max_labeled_demos": 2, "num_candidate_programs": 1}
+    assert optimizer_call(bfrs_optimizer(bfrs, threads=1, max_errors=3)) == (
+        "BootstrapFewShotWithRandomSearch(metric=exact_match, max_bootstrapped_demos=2, max_labeled_demos=2, "
+        "num_candidate_programs=1, num_threads=1, max_errors=3)")
+    labels = ["card_arrival", "pending_top_up"]
+    train = [make_example(f"where is my card {i}", "card_arrival") for i in range(4)]
+    val = [make_example(f"top up pending {i}", "pending_top_up") for i in range(3)]
+    lm = DummyLM([{"label": "pending_top_up"}] * 100, adapter=dspy.JSONAdapter())
+    capsys.readouterr()
+    optimize(IntentClassificationModule(labels), lm, train, val, bfrs, threads=1, max_errors=3, name="base student")
+    out = capsys.readouterr()
+    assert "Scores so far" not in out.out + out.err and "Going to sample" not in out.out + out.err
+    assert "Scores so far" in (tmp_path / "logs" / "bfrs.log").read_text()
+    lines = [line for line in out.out.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == ("BFRS base student: candidates on 3 valset queries: zero-shot 100.0, labeled demos 100.0, "
+                         "bootstrapped demos 100.0, random #0 100.0")
+    assert "4/4" in lines[-2] and "best 100.0%" in lines[-2], lines
+
+
+def test_verbose_bfrs_prints_as_dspy_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure(tmp_path / "logs", verbose=True)
+    lm = DummyLM([{"label": "a"}] * 50, adapter=dspy.JSONAdapter())
+    optimize(IntentClassificationModule(["a", "b"]), lm, [make_example("x", "a")] * 2, [make_example("y", "a")],
+             {"max_bootstrapped_demos": 1, "max_labeled_demos": 1, "num_candidate_programs": 0}, 1, 3)
+    assert "Scores so far" in capsys.readouterr().out and not (tmp_path / "logs" / "bfrs.log").exists()
+
+
+def test_the_evaluation_table_shows_the_four_variants_and_the_best() -> None:
+    m = EvalManifest(
+        fingerprint="f", devset={"base": {"vanilla": 0.3, "bfrs": 0.31}, "finetuned": {"vanilla": 0.7, "bfrs": 0.69}},
+        testset={"base": {"vanilla": 0.25, "bfrs": 0.26}, "finetuned": {"vanilla": 0.72, "bfrs": 0.7}},
+        best=BestVariant(kind="finetuned", variant="vanilla", model="m-ft", program_path="p.json", test_score=0.72,
+                         devset_score=0.7),
+        sizes={"devset": 100, "testset": 200, "optimizer_train": 148, "optimizer_val": 50},
+        bfrs={"max_bootstrapped_demos": 3, "max_labeled_demos": 3, "num_candidate_programs": 2}, plots={},
+        calls=CallStats(model="m-ft", n=1, p50_s=0.1, p95_s=0.1, prompt_tokens_per_query=1,
+                        completion_tokens_per_query=1))
+    rows = [line for line in _text(pipeline.evaluation_table(m)).splitlines() if "student" in line]
+    assert len(rows) == 4
+    assert [r for r in rows if "best" in r] == [r for r in rows if "finetuned student, zero-shot" in r]
+    assert "72.0%" in rows[2] and "70.0%" in rows[2]
+
+
+def test_the_finetune_table_reads_the_manifest() -> None:
+    text = _text(pipeline.finetune_table(_finetune_manifest()))
+    assert "2.000 -> 0.500" in text and "8 x 3" in text and "12 s" in text
