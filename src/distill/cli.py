@@ -92,10 +92,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_notebook(args: argparse.Namespace) -> int:
     from distill.config import load_config
-    from distill.notebook import execute_notebook
+    from distill.notebook import execute_notebook, publish_notebook
     from distill.report import load_report, print_summary
 
     profile = args.profile or load_config(None).name
+    if args.publish:  # no execution: the outputs of the last `make demo` go into README.ipynb
+        publish_notebook(args.output or load_config(profile).artifacts / "README.executed.ipynb", args.notebook)
+        return 0
     out = execute_notebook(profile, args.notebook, args.output, args.timeout, args.section or None, args.verbose)
     print(f"executed notebook: {out}")
     print_summary(load_report(load_config(profile)))
@@ -148,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--output", default=None, help="default: <artifacts>/README.executed.ipynb")
     n.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
     n.add_argument("--section", action="append", help="run only this section (repeatable; set-up and data always run)")
+    n.add_argument("--publish", action="store_true",
+                   help="execute nothing: copy the outputs of the executed notebook (--output, default "
+                        "<artifacts>/README.executed.ipynb) into README.ipynb (--notebook), if its code cells are "
+                        "README.ipynb's, and record their hash")
     n.set_defaults(func=_cmd_notebook)
     return p
 
