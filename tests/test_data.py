@@ -141,6 +141,14 @@ def _write_hub_layout(src: Path, dst: Path) -> None:
         ds.to_parquet(str(dst / "default" / split / "0000.parquet"))
 
 
+def _with_hub(cfg, hub_id: str):
+    """The profile with its task's hub dataset somewhere else."""
+    task = cfg.task
+    hub = task.source.hub.model_copy(update={"id": hub_id})
+    task = task.model_copy(update={"source": task.source.model_copy(update={"hub": hub})})
+    return cfg.model_copy(update={"task": task})
+
+
 def test_hub_path_gives_the_same_records(monkeypatch, banking77_dir, tmp_path, full_cfg) -> None:
     monkeypatch.setenv("BANKING77_DIR", str(banking77_dir))
     from_csv = prepare_data(full_cfg)
@@ -148,7 +156,7 @@ def test_hub_path_gives_the_same_records(monkeypatch, banking77_dir, tmp_path, f
     monkeypatch.delenv("BANKING77_DIR")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     _write_hub_layout(banking77_dir, tmp_path / "hub")
-    hub_cfg = full_cfg.model_copy(update={"data": full_cfg.data.model_copy(update={"hub_id": str(tmp_path / "hub")})})
+    hub_cfg = _with_hub(full_cfg, str(tmp_path / "hub"))
     from_hub = prepare_data(hub_cfg)
 
     assert from_hub.source.startswith("hub:")
@@ -160,6 +168,6 @@ def test_hub_path_gives_the_same_records(monkeypatch, banking77_dir, tmp_path, f
 
 def test_unreachable_hub_is_a_clear_error(monkeypatch, tmp_path, full_cfg) -> None:
     monkeypatch.delenv("BANKING77_DIR", raising=False)
-    cfg = full_cfg.model_copy(update={"data": full_cfg.data.model_copy(update={"hub_id": str(tmp_path / "nope")})})
+    cfg = _with_hub(full_cfg, str(tmp_path / "nope"))
     with pytest.raises(DataError, match="BANKING77_DIR"):
         prepare_data(cfg)

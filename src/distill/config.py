@@ -2,6 +2,10 @@
 
 A profile may start with `extends: <other profile>`; its keys are deep-merged over the parent's.
 Unknown keys and wrong types are rejected with a message that names the key.
+
+The task (`task:`: the dataset, its columns and labels, what the models are told) is a file of its own,
+`configs/tasks/<name>.yaml` named by the profile (`task: banking77`, the default), or a mapping inside the
+profile. Everything else in a profile says how a run uses it: sizes, models, recipes.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError
 
 DEFAULT_PROFILE = "local"
+# The task of a profile that names none (profiles written before tasks were data).
+DEFAULT_TASK = "banking77"
 
 
 class _Strict(BaseModel):
@@ -23,17 +29,130 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dir: str | None = Field(None, description="Directory with banking77's train.csv/test.csv (BANKING77_DIR wins).")
-    hub_id: str = "PolyAI/banking77"
-    # Script datasets are gone from the hub; the parquet conversion is what `datasets` can still read.
-    hub_revision: str = "refs/convert/parquet"
-    top_n_labels: int = Field(25, ge=2)
+    """How much of the task a run uses (the task itself is `task:`)."""
+
+    dir: str | None = Field(None, description="Directory holding the task's files (its dir_env / DISTILL_DATA_DIR win).")
+    # hub_id, hub_revision and top_n_labels are where banking77's source lived before `task:`; a profile
+    # may still set them (cluster.yaml does), but only to the task's own values (Config checks it).
+    hub_id: str | None = "PolyAI/banking77"
+    hub_revision: str | None = "refs/convert/parquet"
+    top_n_labels: int | None = Field(25, ge=2)
     num_gold: int = Field(100, ge=1)
     num_to_label: int | None = Field(None, ge=1, description="Unlabeled queries the teacher labels; null = all.")
     devset_size: int = Field(1000, ge=1)
     optimizer_train_size: int | None = Field(None, ge=1, description="null = all that is left.")
     optimizer_val_size: int = Field(300, ge=1)
     test_size: int | None = Field(None, ge=1, description="Stratified subset of the test set; null = all.")
+
+
+# --- the task ------------------------------------------------------------------------------------
+
+
+class Columns(_Strict):
+    text: str = Field("text", min_length=1, description="The column holding the text to classify.")
+    label: str = Field("label", min_length=1, description="The column holding its label.")
+
+
+class HubSource(_Strict):
+    id: str = Field(..., min_length=1, description="Hugging Face dataset id (or a local copy of its layout).")
+    revision: str | None = None
+    train_split: str = "train"
+    test_split: str | None = Field("test", description="null: split train by task.test_fraction.")
+    columns: Columns | None = Field(None, description="The hub copy's column names, if not task.columns.")
+
+
+DATA_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+class FilesSource(_Strict):
+    # CSV, JSONL or Parquet, by suffix. Relative paths are taken from the data directory when one is given
+    # (the task's dir_env, DISTILL_DATA_DIR, data.dir), else from the project root.
+    train: list[str] = Field(..., min_length=1)
+    test: list[str] | None = Field(None, description="null: split train by task.test_fraction.")
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("train", "test")
+    @classmethod
+    def _known_format(cls, v: list[str] | None) -> list[str] | None:
+        for f in v or []:
+            if not f.lower().endswith(DATA_SUFFIXES):
+                raise ValueError(f"{f!r} is not one of {', '.join(DATA_SUFFIXES)}")
+        return v
+
+
+
+class SourceConfig(_Strict):
+    hub: HubSource | None = None
+    files: FilesSource | None = None
+    # A variable naming the data directory for this task alone, checked before DISTILL_DATA_DIR
+    # (banking77: BANKING77_DIR, which predates tasks).
+    dir_env: str | None = None
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "SourceConfig":
+        if self.hub is None and self.files is None:
+            raise ValueError("task.source needs hub (a dataset id) or files (CSV / JSONL / Parquet paths)")
+        return self
+
+
+class LabelsConfig(_Strict):
+    top_n: int | None = Field(None, ge=2, description="The n most frequent labels of the train split.")
+    names: list[str] | None = Field(None, min_length=2, description="Exactly these labels, in this order.")
+    # Shown to the models (in the program's instructions) when given; keys are label names.
+    descriptions: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "LabelsConfig":
+        if (self.top_n is None) == (self.names is None):
+            raise ValueError("task.labels needs exactly one of top_n (the most frequent) or names (a list)")
+        return self
+
+
+class PromptConfig(_Strict):
+    """What the program's signature tells the models. `{n}` in the instructions is the number of labels."""
+
+    instructions: str = Field("Classify the message into exactly one of the {n} labels.", min_length=1)
+    text: str = Field("The message", min_length=1, description="The input field's description.")
+    label: str = Field("The label of the message", min_length=1, description="The output field's description.")
+
+
+class TaskConfig(_Strict):
+    name: str = Field(..., min_length=1)
+    source: SourceConfig
+    columns: Columns = Columns()
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0,
+                                        description="Held out of train (per label, seeded) when there is no test split.")
+    labels: LabelsConfig
+    prompt: PromptConfig = PromptConfig()
+    # Where the task was read from, for messages that name the file and the key (set by the loader).
+    _file: str = PrivateAttr("")
+    _prefix: str = PrivateAttr("task.")
+
+    @model_validator(mode="after")
+    def _one_test_split(self) -> "TaskConfig":
+        hub, files = self.source.hub, self.source.files
+        tests = {name: has for name, has in (("hub.test_split", hub and hub.test_split is not None),
+                                             ("files.test", files and files.test is not None)) if has is not None}
+        if len(set(tests.values())) > 1:  # hub and files are one dataset in two places: one split for both
+            raise ValueError("task.source.hub.test_split and task.source.files.test must both be given or both null")
+        has_test = any(tests.values())
+        if has_test and self.test_fraction is not None:
+            raise ValueError("task.test_fraction splits train when the source has no test split, but it has one")
+        if not has_test and self.test_fraction is None:
+            raise ValueError("task.test_fraction is needed: the source has no test split")
+        return self
+
+    def where(self, key: str) -> str:
+        """`<file>: key '<key>'` -- how data errors name the place to fix."""
+        return f"{self._file or '<task>'}: key '{self._prefix}{key}'"
+
+    def located(self, file: str | os.PathLike[str], prefix: str) -> "TaskConfig":
+        self._file, self._prefix = str(file), prefix
+        return self
 
 
 class ProgramConfig(_Strict):
@@ -135,6 +254,7 @@ class Config(_Strict):
     name: str = Field("", description="Config name (file stem); filled in by the loader.")
     artifacts_dir: str
     seed: int = 0
+    task: TaskConfig
     data: DataConfig = DataConfig()
     program: ProgramConfig = ProgramConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -161,6 +281,20 @@ class Config(_Strict):
         if self.curation.min_confidence is not None and self.teacher.strategy != "vote_llm":
             raise ValueError(f"curation.min_confidence needs teacher.strategy vote_llm (the only teacher that "
                              f"records a confidence), not {self.teacher.strategy}")
+        return self
+
+    @model_validator(mode="after")
+    def _old_data_keys_agree_with_the_task(self) -> "Config":
+        # data.hub_id / hub_revision / top_n_labels predate `task:`: set, they must say what the task says,
+        # so a profile never runs a task other than the one it reads as.
+        hub, top_n = self.task.source.hub, self.task.labels.top_n
+        told = {"hub_id": hub.id if hub else None, "hub_revision": hub.revision if hub else None, "top_n_labels": top_n}
+        for key in ("hub_id", "hub_revision", "top_n_labels"):
+            if key in self.data.model_fields_set and getattr(self.data, key) is not None and getattr(self.data, key) != told[key]:
+                task_key = {"hub_id": "source.hub.id", "hub_revision": "source.hub.revision", "top_n_labels": "labels.top_n"}[key]
+                raise ValueError(f"data.{key} is {getattr(self.data, key)!r} but task '{self.task.name}' has "
+                                 f"task.{task_key} {told[key]!r}: data.{key} is the old place of the task's "
+                                 f"setting; set it to null or drop it")
         return self
 
     @property
@@ -194,6 +328,44 @@ def config_path(profile: str) -> Path:
     return project_root() / "configs" / f"{profile}.yaml"
 
 
+def task_path(task: str, relative_to: Path | None = None) -> Path:
+    """A task name (`banking77`: configs/tasks/banking77.yaml) or a path to a YAML file (relative: from the
+    file that names it, else the cwd, else the project root)."""
+    p = Path(os.path.expanduser(task))
+    if p.suffix not in {".yaml", ".yml"}:
+        return project_root() / "configs" / "tasks" / f"{task}.yaml"
+    if p.is_absolute():
+        return p
+    for base in (relative_to, Path.cwd()):
+        if base is not None and (base / p).exists():
+            return base / p
+    return project_root() / p
+
+
+def load_task(task: str, relative_to: Path | None = None) -> TaskConfig:
+    """Read and validate a task file; its errors name the file and the key."""
+    path = task_path(task, relative_to)
+    raw = _read_yaml(path, "task file")
+    try:
+        return TaskConfig.model_validate(raw).located(path, "")
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None
+
+
+def _read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -206,12 +378,11 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     if path in seen:
         raise ConfigError(f"config 'extends' loop: {' -> '.join(str(s) for s in (*seen, path))}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    raw = _read_yaml(path)
+    if isinstance(raw.get("task"), str):
+        # A task named by file is read where it is named: its relative path is the naming profile's,
+        # and its errors name the task file (an inline task's name the profile).
+        raw["task"] = _TaskRef(raw["task"], path.parent)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -219,6 +390,17 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: 'extends' must be a profile name or a YAML path")
     parent_path = config_path(parent) if not parent.endswith((".yaml", ".yml")) else path.parent / parent
     return _deep_merge(_read_raw(parent_path, (*seen, path)), raw)
+
+
+class _TaskRef(str):
+    """A `task:` value that names a file, with the directory of the profile that names it."""
+
+    def __new__(cls, value: str, base: Path) -> "_TaskRef":
+        ref = super().__new__(cls, value)
+        ref.base = base
+        return ref
+
+    base: Path
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -244,11 +426,20 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     if overrides:
         raw = _deep_merge(raw, overrides)
     raw.setdefault("name", path.stem)
+    raw.setdefault("task", _TaskRef(DEFAULT_TASK, path.parent))
+    task = raw["task"]
+    if isinstance(task, str):  # a task file: validated on its own, so its errors name it
+        raw["task"] = load_task(task, getattr(task, "base", None))
     if os.environ.get("DISTILL_ARTIFACTS_DIR"):  # e.g. tests and CI runs that must not touch ./artifacts
         raw["artifacts_dir"] = os.environ["DISTILL_ARTIFACTS_DIR"]
     if os.environ.get("DISTILL_VERBOSE"):
         raw["verbose"] = os.environ["DISTILL_VERBOSE"].lower() not in ("0", "false", "no", "")
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(path, e)) from None
+    if isinstance(raw["task"], TaskConfig):
+        cfg.task.located(raw["task"]._file, "")
+    else:
+        cfg.task.located(path, "task.")
+    return cfg

@@ -1,27 +1,31 @@
-"""Data stage: banking77 -> top-n labels -> seeded shuffle -> 100 gold + unlabeled pool -> splits.
+"""Data stage: the task's data -> its labels -> seeded shuffle -> gold + unlabeled pool -> splits.
 
-Two sources give the same records: the Hugging Face hub (the dataset's parquet conversion) or a
-directory holding the original `train.csv` / `test.csv` (BANKING77_DIR or `data.dir`).
+The task (`cfg.task`, a YAML file such as configs/tasks/banking77.yaml) says where the data is -- a hub
+dataset, or CSV / JSONL / Parquet files -- which columns hold the text and the label, how train and test
+are split and which labels are used. A data directory (the task's own variable such as BANKING77_DIR, else
+DISTILL_DATA_DIR, else the profile's `data.dir`) holds the task's files when given. Whatever is wrong with
+the data is one `DataError` line naming the file and the task key to fix, before anything is started.
 """
 
 from __future__ import annotations
 
-import csv
+import io
 import json
 import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import dspy
 
-from distill.config import Config
+from distill.config import Columns, Config, PromptConfig, TaskConfig, project_root
 from distill.errors import DataError
 
-CSV_COLUMNS = ("text", "category")
+CSV_COLUMNS = ("text", "category")  # banking77's CSVs (load_csv_split)
 SPLITS = ("train", "test")
+DATA_DIR_ENV = "DISTILL_DATA_DIR"
 
 
 def normalize_label(label: str) -> str:
@@ -34,76 +38,194 @@ def make_example(text: str, label: str | None = None) -> dspy.Example:
     return dspy.Example(**rec).with_inputs("text")
 
 
+class TaskLabels(list[str]):
+    """The labels in use, and what the task tells the models about them.
+
+    Every stage builds its program from `data.labels`; carrying the task's prompt with them gives each of
+    those places the task's wording without threading the config through. It is a plain list to everything
+    else (JSON, pydantic, fingerprints), so the labels alone are what gets recorded.
+    """
+
+    def __init__(self, names: Iterable[str], prompt: PromptConfig | None = None,
+                 descriptions: dict[str, str] | None = None) -> None:
+        super().__init__(names)
+        self.prompt = prompt or PromptConfig()
+        self.descriptions = {k: v for k, v in (descriptions or {}).items() if k in self}
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 
-def data_dir(cfg: Config | None = None) -> Path | None:
-    """The CSV directory to use, if any: BANKING77_DIR, else `data.dir` in the profile."""
-    env = os.environ.get("BANKING77_DIR")
-    if env:
-        return Path(env).expanduser()
-    if cfg is not None and cfg.data.dir:
-        return cfg.path(cfg.data.dir)
+def task_data_dir(cfg: Config) -> tuple[Path, str] | None:
+    """The directory the task's files are read from, if one is given, and who gave it: the task's own
+    variable (banking77: BANKING77_DIR), DISTILL_DATA_DIR, else `data.dir` in the profile."""
+    for var in (cfg.task.source.dir_env, DATA_DIR_ENV):
+        if var and os.environ.get(var):
+            return Path(os.environ[var]).expanduser(), var
+    if cfg.data.dir:
+        return cfg.path(cfg.data.dir), "data.dir"
     return None
 
 
-def load_csv_split(directory: Path, split: str) -> list[dspy.Example]:
-    """Read `<directory>/<split>.csv` (columns `text,category`) with normalised labels."""
-    if not directory.is_dir():
-        raise DataError(f"banking77 directory does not exist: {directory} (set BANKING77_DIR or data.dir)")
-    path = directory / f"{split}.csv"
+def data_dir(cfg: Config | None = None) -> Path | None:
+    """The directory `distill.env` checks for train.csv and test.csv: the task's data directory when the task
+    reads exactly those two files from it (as banking77 does), else None (the loader checks the files)."""
+    if cfg is None:
+        env = os.environ.get("BANKING77_DIR")
+        return Path(env).expanduser() if env else None
+    given = task_data_dir(cfg)
+    files = cfg.task.source.files
+    if given is None or files is None or (files.train, files.test) != (["train.csv"], ["test.csv"]):
+        return None
+    return given[0]
+
+
+def _cell(value: Any, path: Path) -> str:
+    if isinstance(value, bytes):  # a Parquet binary column
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte 0x{value[e.start]:02x} in a value)") from None
+    return "" if value is None or value != value else str(value)  # None / NaN: empty
+
+
+def read_table(path: Path, columns: Columns, where: str) -> list[dspy.Example]:
+    """Examples (stripped text, normalised label) from a CSV / JSONL / Parquet file.
+
+    `where` is the task key that names the file (`<task file>: key 'source.files.train'`); every error names
+    it and the file, in one line.
+    """
+    import pandas as pd  # a data dependency: the profile's other readers need none of it
+
     if not path.is_file():
-        raise DataError(f"{path} is missing: the banking77 directory needs train.csv and test.csv")
+        raise DataError(f"{where}: {path} is missing")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{where}: {path} is an empty file (missing column(s) {columns.text}, {columns.label} "
+                        f"and every row)")
+    suffix = path.suffix.lower()
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(
-                    f"{path}: missing column(s) {', '.join(missing)}; "
-                    f"expected a header '{','.join(CSV_COLUMNS)}', got {reader.fieldnames}"
-                )
-            rows = []
-            for lineno, row in enumerate(reader, start=2):
-                text, cat = (row.get("text") or "").strip(), (row.get("category") or "").strip()
-                if not text or not cat:
-                    raise DataError(f"{path}:{lineno}: empty text or category")
-                rows.append(make_example(text, normalize_label(cat)))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: not a readable UTF-8 CSV ({e})") from None
-    if not rows:
-        raise DataError(f"{path}: no data rows")
+        if suffix == ".parquet":
+            df = pd.read_parquet(io.BytesIO(raw))
+        else:
+            try:
+                text = raw.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not part of the header
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise DataError(f"{where}: {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                                "save it as UTF-8") from None
+            if suffix == ".csv":
+                # Every cell a string, none turned into NaN ("NA", "null" are texts too).
+                df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            else:
+                df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types; all mean "cannot be read"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{where}: {path} is not a readable {suffix[1:].upper()} file ({type(e).__name__}: {first})") from None
+    names = [str(c) for c in df.columns]
+    missing = [c for c in (columns.text, columns.label) if c not in names]
+    if missing:
+        raise DataError(f"{where}: {path}: missing column(s) {', '.join(missing)} (set task.columns); "
+                        f"it has {', '.join(names) or 'none'}")
+    if df.empty:
+        raise DataError(f"{where}: {path} has a header but no data rows")
+    rows = []
+    for i, (text, label) in enumerate(zip(df[columns.text].tolist(), df[columns.label].tolist()), start=1):
+        text, label = _cell(text, path).strip(), _cell(label, path).strip()
+        if not text or not label:
+            raise DataError(f"{path}: data row {i}: empty {columns.text if not text else columns.label}")
+        rows.append(make_example(text, normalize_label(label)))
     return rows
 
 
-def load_hub_split(hub_id: str, revision: str | None, split: str) -> list[dspy.Example]:
-    """Load a split from the hub (or a local copy of the repo's parquet layout) with `datasets`."""
+def load_csv_split(directory: Path, split: str) -> list[dspy.Example]:
+    """Read banking77's `<directory>/<split>.csv` (columns `text,category`) with normalised labels."""
+    if not directory.is_dir():
+        raise DataError(f"data directory does not exist: {directory} (set BANKING77_DIR or data.dir)")
+    return read_table(directory / f"{split}.csv", Columns(text="text", label="category"), f"banking77 {split}")
+
+
+def load_hub_split(hub_id: str, revision: str | None, split: str, columns: Columns | None = None,
+                   hint: str = "set BANKING77_DIR to a directory with banking77's train.csv/test.csv",
+                   where: str = "") -> list[dspy.Example]:
+    """Load a split from the hub (or a local copy of the repo's parquet layout) with `datasets`; a
+    ClassLabel column is read as its names."""
     import datasets
 
+    columns = columns or Columns()
+    prefix = f"{where}: " if where else ""
     try:
         ds = datasets.load_dataset(hub_id, revision=revision, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not load"
         raise DataError(
-            f"could not load {hub_id!r} (revision {revision!r}, split {split!r}) with datasets: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "-- offline? set BANKING77_DIR to a directory with banking77's train.csv/test.csv"
+            f"{prefix}could not load {hub_id!r} (revision {revision!r}, split {split!r}) with datasets: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- offline? {hint}"
         ) from None
-    missing = [c for c in ("text", "label") if c not in ds.column_names]
+    missing = [c for c in (columns.text, columns.label) if c not in ds.column_names]
     if missing:
-        raise DataError(f"{hub_id} split {split!r}: missing column(s) {missing}; got {ds.column_names}")
-    names = getattr(ds.features["label"], "names", None)
-    if names is None:
-        raise DataError(f"{hub_id}: the 'label' column is not a ClassLabel with names")
-    return [make_example(t.strip(), normalize_label(names[i])) for t, i in zip(ds["text"], ds["label"])]
+        raise DataError(f"{prefix}{hub_id} split {split!r}: missing column(s) {', '.join(missing)}; "
+                        f"it has {', '.join(ds.column_names)}")
+    names = getattr(ds.features[columns.label], "names", None)
+    labels = ds[columns.label] if names is None else [names[i] for i in ds[columns.label]]
+    return [make_example(str(t).strip(), normalize_label(lab)) for t, lab in zip(ds[columns.text], labels)]
+
+
+def split_by_fraction(examples: Sequence[dspy.Example], fraction: float, seed: int,
+                      ) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """(train, test): `fraction` of each label's distinct texts held out, chosen with `seed`; both keep the
+    file's order. A text that repeats stays on one side."""
+    texts_by_label: dict[str, list[str]] = defaultdict(list)
+    for ex in examples:
+        if ex.text not in texts_by_label[ex.label]:
+            texts_by_label[ex.label].append(ex.text)
+    rng = random.Random(seed)
+    held_out: set[str] = set()
+    for label in sorted(texts_by_label):
+        texts = list(texts_by_label[label])
+        rng.shuffle(texts)
+        held_out.update(texts[: round(fraction * len(texts))])
+    return [ex for ex in examples if ex.text not in held_out], [ex for ex in examples if ex.text in held_out]
+
+
+def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example], str]:
+    """The task's full train/test records and a description of where they came from."""
+    task: TaskConfig = cfg.task
+    src, given = task.source, task_data_dir(cfg)
+    if given is not None or src.hub is None:
+        if src.files is None:
+            raise DataError(f"{task.where('source.files')}: a data directory is given ({given[0] if given else ''}, "
+                            f"from {given[1] if given else ''}) but the task names no files to read from it")
+        base = project_root()
+        if given is not None:
+            base = given[0]
+            if not base.is_dir():
+                raise DataError(f"data directory does not exist: {base} (from {given[1]})")
+        def read(key: str, names: list[str]) -> list[dspy.Example]:
+            return [ex for name in names for ex in read_table(base / name, task.columns, task.where(key))]
+
+        train = read("source.files.train", src.files.train)
+        test = read("source.files.test", src.files.test) if src.files.test else None
+        kinds = sorted({Path(n).suffix[1:].lower() for n in src.files.train + (src.files.test or [])})
+        source = f"{'+'.join(kinds)}:{given[0] if given else ', '.join(src.files.train + (src.files.test or []))}"
+    else:
+        hub = src.hub
+        columns, key = (hub.columns, "source.hub.columns") if hub.columns else (task.columns, "columns")
+        hint = (f"set {src.dir_env or DATA_DIR_ENV} to a directory with {', '.join(src.files.train + (src.files.test or []))}"
+                if src.files else "give the task's data as files (task.source.files)")
+        train = load_hub_split(hub.id, hub.revision, hub.train_split, columns, hint, task.where(key))
+        test = load_hub_split(hub.id, hub.revision, hub.test_split, columns, hint, task.where(key)) if hub.test_split else None
+        source = f"hub:{hub.id}@{hub.revision}"
+    if test is None:
+        assert task.test_fraction is not None  # TaskConfig requires it when there is no test split
+        train, test = split_by_fraction(train, task.test_fraction, cfg.seed)
+    return train, test, source
 
 
 def load_banking77(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example], str]:
-    """Full train/test records and a description of where they came from."""
-    d = data_dir(cfg)
-    if d is not None:
-        return load_csv_split(d, "train"), load_csv_split(d, "test"), f"csv:{d}"
-    train, test = (load_hub_split(cfg.data.hub_id, cfg.data.hub_revision, s) for s in SPLITS)
-    return train, test, f"hub:{cfg.data.hub_id}@{cfg.data.hub_revision}"
+    """The profile's task's train/test records (banking77 unless the profile names another task)."""
+    return load_task_data(cfg)
 
 
 # --- processing -----------------------------------------------------------------------------------
@@ -173,10 +295,10 @@ def stratified_subset(examples: Sequence[dspy.Example], size: int, seed: int) ->
 
 
 @dataclass
-class Banking77Data:
+class TaskData:
     """Everything the later stages start from."""
 
-    labels: list[str]
+    labels: list[str]  # a TaskLabels: the task's prompt travels with them
     train: list[dspy.Example]  # the filtered training set, with gold labels (for analysis only)
     test: list[dspy.Example]  # the real test set, or the profile's stratified subset of it
     gold: list[dspy.Example]  # the few hand labels we are allowed to use
@@ -209,15 +331,77 @@ class Banking77Data:
         }
 
 
-def prepare_data(cfg: Config) -> Banking77Data:
-    """Load, normalise, keep the top-n labels, shuffle with the profile's seed and delete labels."""
-    full_train, full_test, source = load_banking77(cfg)
-    labels = top_n_labels(full_train, cfg.data.top_n_labels)
+# The name it had while banking77 was the only task; the stages still import it by it.
+Banking77Data = TaskData
+
+
+def select_labels(cfg: Config, train: Sequence[dspy.Example], source: str) -> TaskLabels:
+    """The task's labels: the top n of the train split, or its list (each must occur in train)."""
+    task = cfg.task
+    spec = task.labels
+    if spec.names is not None:
+        names = [normalize_label(n) for n in spec.names]
+        if dupes := sorted(n for n, c in Counter(names).items() if c > 1):
+            raise DataError(f"{task.where('labels.names')}: {', '.join(dupes)} listed more than once "
+                            "(labels are compared lower-case, spaces as _)")
+        present = {ex.label for ex in train}
+        if never := [n for n in names if n not in present]:
+            raise DataError(f"{task.where('labels.names')}: {', '.join(repr(n) for n in never)} never occur(s) in "
+                            f"the train split ({source}); it has {', '.join(sorted(present)[:30])}")
+    else:
+        assert spec.top_n is not None
+        try:
+            names = top_n_labels(train, spec.top_n)
+        except DataError as e:
+            raise DataError(f"{task.where('labels.top_n')}: {e}") from None
+    descriptions = {normalize_label(k): v for k, v in spec.descriptions.items()}
+    if unknown := sorted(set(descriptions) - set(names)):
+        raise DataError(f"{task.where('labels.descriptions')}: {', '.join(unknown)} not among the labels in use "
+                        f"({', '.join(names)})")
+    return TaskLabels(names, task.prompt, descriptions)
+
+
+def check_sizes(cfg: Config, train: Sequence[dspy.Example]) -> None:
+    """Enough training examples for the gold set and the teacher-labeled sets the profile asks for."""
+    d = cfg.data
+    # The curation stage splits the teacher's labels into devset + optimizer valset + at least one to train
+    # on (how many more, optimizer_train_size, it checks itself: the teacher's valid labels decide).
+    need = d.num_gold + d.devset_size + d.optimizer_val_size + 1
+    if len(train) < need:
+        raise DataError(
+            f"{cfg.task.where('source')}: {len(train)} training examples of the {len(set(ex.label for ex in train))} "
+            f"labels in use, fewer than data.num_gold ({d.num_gold}) + data.devset_size ({d.devset_size}) + "
+            f"data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on = {need}; "
+            f"lower those sizes in profile '{cfg.name}' or give more data")
+    if d.num_to_label is not None and d.num_to_label < need - d.num_gold:
+        raise DataError(
+            f"profile '{cfg.name}': data.num_to_label ({d.num_to_label}) cannot fill data.devset_size "
+            f"({d.devset_size}) + data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on = {need - d.num_gold}")
+
+
+def check_no_test_texts_in_train(cfg: Config, train: Sequence[dspy.Example], test: Sequence[dspy.Example],
+                                 source: str) -> None:
+    """A test text that is also a training text would be scored on what the models were shown."""
+    both = {ex.text for ex in train} & {ex.text for ex in test}
+    if both:
+        example = sorted(both)[0]
+        raise DataError(f"{cfg.task.where('source')}: {len(both)} text(s) are in both the train and the test split "
+                        f"({source}), e.g. {example[:80]!r}; remove them from one of the two")
+
+
+def prepare_data(cfg: Config) -> TaskData:
+    """Load the task, keep its labels, check it, shuffle with the profile's seed and delete labels."""
+    full_train, full_test, source = load_task_data(cfg)
+    labels = select_labels(cfg, full_train, source)
     train, test = filter_labels(full_train, labels), filter_labels(full_test, labels)
+    if not test:
+        raise DataError(f"{cfg.task.where('source')}: the test split ({source}) has no example of the labels in use")
+    check_no_test_texts_in_train(cfg, train, test, source)
+    check_sizes(cfg, train)
     gold, unlabeled = delete_labels(seeded_shuffle(train, cfg.seed), cfg.data.num_gold)
     test_used = stratified_subset(test, cfg.data.test_size, cfg.seed) if cfg.data.test_size else test
     counts = Counter(ex.label for ex in train)
-    return Banking77Data(
+    return TaskData(
         labels=labels,
         train=train,
         test=test_used,
@@ -247,7 +431,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_data(data: Banking77Data, directory: Path) -> dict[str, Path]:
+def save_data(data: TaskData, directory: Path) -> dict[str, Path]:
     """Write the splits under `directory` (the profile's artifacts/data; the data stage's manifest holds
     the summary)."""
     files = {

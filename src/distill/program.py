@@ -10,34 +10,46 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
 from pydantic_core import core_schema
 
-from distill.config import project_root, resolve_path
+from distill.config import PromptConfig, project_root, resolve_path
 from distill.data import normalize_label
 from distill.errors import DistillError
 from distill.lm import Prompt, register
 
-INSTRUCTIONS = (
-    "As part of a bank's customer-support triage system, classify the intent of a customer's message "
-    "into exactly one of the {n} intent labels."
-)
+def instructions(labels: Sequence[str], prompt: PromptConfig | None = None,
+                 descriptions: Mapping[str, str] | None = None) -> str:
+    """The signature's instructions: the task's text with `{n}` the number of labels, then what the labels
+    mean, for those the task describes."""
+    prompt = prompt or getattr(labels, "prompt", None) or PromptConfig()
+    descriptions = descriptions if descriptions is not None else getattr(labels, "descriptions", {})
+    # replace, not str.format: a task's instructions may hold braces of their own (a JSON example).
+    text = prompt.instructions.replace("{n}", str(len(labels)))
+    described = [f"- {label}: {descriptions[label]}" for label in labels if label in descriptions]
+    return text if not described else text + "\n\nWhat the labels mean:\n" + "\n".join(described)
 
 
-def make_signature(labels: Sequence[str]) -> type[dspy.Signature]:
-    """`IntentClassification`: text -> label, with `label: Literal[<labels>]`."""
+def make_signature(labels: Sequence[str], prompt: PromptConfig | None = None,
+                   descriptions: Mapping[str, str] | None = None) -> type[dspy.Signature]:
+    """`IntentClassification`: text -> label, with `label: Literal[<labels>]`.
+
+    The wording is the task's: `prompt` (default: the one the labels carry, `distill.data.TaskLabels`, else a
+    generic one) and the labels' `descriptions`.
+    """
     if not labels:
         raise ValueError("make_signature needs at least one label")
+    prompt = prompt or getattr(labels, "prompt", None) or PromptConfig()
     label_type = Literal[tuple(labels)]  # type: ignore[valid-type]
     return dspy.make_signature(
         {
-            "text": (str, dspy.InputField(desc="The customer's message")),
-            "label": (label_type, dspy.OutputField(desc="The intent label of the message")),
+            "text": (str, dspy.InputField(desc=prompt.text)),
+            "label": (label_type, dspy.OutputField(desc=prompt.label)),
         },
-        INSTRUCTIONS.format(n=len(labels)),
+        instructions(labels, prompt, descriptions),
         signature_name="IntentClassification",
     )
 
@@ -60,12 +72,14 @@ def bounded_text(max_chars: int) -> type[str]:
 
 
 class IntentClassificationModule(dspy.Module):
-    """Classify a banking query into one of `labels`, directly or after a bounded reasoning step."""
+    """Classify a text into one of `labels`, directly or after a bounded reasoning step. The prompt's wording
+    is the one `labels` carry (`distill.data.TaskLabels`), or `prompt`."""
 
-    def __init__(self, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400) -> None:
+    def __init__(self, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400,
+                 prompt: PromptConfig | None = None) -> None:
         super().__init__()
         self.labels = list(labels)
-        signature = make_signature(self.labels)
+        signature = make_signature(labels, prompt)
         if reasoning:
             # Bounded reasoning: the schema's maxLength becomes part of the server's grammar, so the
             # model cannot ramble into max_tokens and leave truncated JSON.

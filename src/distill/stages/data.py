@@ -1,11 +1,11 @@
-"""The data stage: banking77 loaded, top-n labels kept, shuffled, labels deleted, splits written."""
+"""The data stage: the profile's task loaded and checked, its labels kept, shuffled, labels deleted, splits written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from distill.config import Config
-from distill.data import Banking77Data, prepare_data, save_data
+from distill.data import TaskData, prepare_data, save_data
 from distill.stages.base import Manifest, Stage, fingerprint
 
 
@@ -21,7 +21,7 @@ class DataManifest(Manifest):
     to_label: int
 
 
-def data_fingerprint(data: Banking77Data) -> str:
+def data_fingerprint(data: TaskData) -> str:
     """Changes whenever any split the later stages read changes (texts, labels, order)."""
     return fingerprint(
         data.labels, [(ex.text, ex.label) for ex in data.gold], [ex.text for ex in data.to_label],
@@ -34,7 +34,7 @@ class DataStage(Stage[DataManifest]):
     title = "data"
     manifest_type = DataManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data | None = None) -> None:
+    def __init__(self, cfg: Config, data: TaskData | None = None) -> None:
         super().__init__(cfg)
         self.data = data if data is not None else prepare_data(cfg)  # ~2 s: every stage needs it in memory
         self._fp = data_fingerprint(self.data)
