@@ -413,6 +413,8 @@ def _format_error(path: Path, err: ValidationError) -> str:
             parts.append(e["msg"].removeprefix("Value error, "))
         elif e["type"] == "missing":
             parts.append(f"missing key '{key}'")
+        elif e["type"] == "value_error":  # a rule of a block (task:): its message says what is wrong
+            parts.append(f"key '{key}': {e['msg'].removeprefix('Value error, ')}")
         else:
             parts.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
     return f"{path}: " + "; ".join(parts)
