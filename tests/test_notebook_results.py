@@ -121,3 +121,29 @@ def test_the_evaluation_table_shows_the_four_variants_and_the_best() -> None:
 def test_the_finetune_table_reads_the_manifest() -> None:
     text = _text(pipeline.finetune_table(_finetune_manifest()))
     assert "2.000 -> 0.500" in text and "8 x 3" in text and "12 s" in text
+
+
+def test_the_teacher_table_puts_the_teacher_next_to_the_baselines(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill.stages.base import write_manifest
+    from distill.stages.baselines import BaselinesManifest
+    from distill.stages.teacher import TeacherManifest, VoteSummary
+
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path))
+    cfg = load_config("local_ci")
+    calls = CallStats(model="t", n=1, p50_s=0.1, p95_s=0.1, prompt_tokens_per_query=1, completion_tokens_per_query=1)
+    teacher = TeacherManifest(
+        fingerprint="t", model="smollm2", strategy="vote_llm", k=2, candidate_k=6, accuracy_gold=0.81,
+        valid_rate_gold=1.0, n_gold=100, accuracy_test=0.775, valid_rate=1.0, test_size=200, test_queries_per_s=5.0,
+        labeled=450, to_label=450, labels_per_s=None, calls=calls, llm_share_test=0.11,
+        vote=VoteSummary(c=1000.0, loo_accuracy_gold={"1000": 0.7}, accuracy_test=0.77))
+    assert "1-NN" not in _text(pipeline.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]  # no baselines yet
+    write_manifest(tmp_path / "baselines" / "manifest.json", BaselinesManifest(
+        fingerprint="b", accuracy={"nearest_neighbour": 0.68, "logistic_regression": 0.73}, params={},
+        test_size=200, n_gold=100, embedder="e"))
+    text = _text(pipeline.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]
+    rows = [line for line in text.splitlines() if "%" in line and "│" in line]
+    assert [r.split("│")[0].strip() for r in rows] == [
+        "1-NN on gold", "log. regression on gold", "the teacher's vote alone (C=1000)",
+        "teacher: vote_llm (smollm2), the LLM answered 11%"]
+    assert "77.5%" in rows[-1] and "81.0%" in rows[-1] and "450 of 450 queries labeled" in text
