@@ -21,9 +21,9 @@ from distill.config import Config, load_config
 from distill.data import Banking77Data
 from distill.env import check_env, missing
 from distill.errors import DistillError
+from distill.plots import VARIANT_NAMES
 from distill.report import finish_run as _finish_run
 from distill.report import print_summary, write_report
-from distill.plots import VARIANT_NAMES
 from distill.stages.base import Manifest, Stage, console, require
 from distill.stages.baselines import BaselinesManifest, BaselinesStage
 from distill.stages.curation import CurationManifest, CurationStage
