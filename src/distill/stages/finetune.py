@@ -143,7 +143,7 @@ class FinetuneStage(Stage[FinetuneManifest]):
         losses = [float(x) for x in result.get("loss_history") or []]
         loss_plot = plot_loss_curve(
             losses, self.loss_plot_path, f"LoRA finetune of {st.model} ({result['examples']} examples, "
-            f"{result['epochs']:g} epochs)", steps=result["steps"]) if losses else None
+            f"{result['epochs']:.3g} epochs)", steps=result["steps"]) if losses else None
         return FinetuneManifest(
             fingerprint=self.fingerprint(), model=finetuned.model.split("/", 1)[-1], adapter=adapter,
             serve_config=str(serve_config), train_seconds=result.get("train_seconds"), examples=result["examples"],
