@@ -19,7 +19,7 @@ from distill.plots import plot_loss_curve
 from distill.program import IntentClassificationModule
 from distill.stages.curation import CurationStage
 from distill.stages.evaluation import BestVariant, EvalManifest
-from distill.stages.base import CallStats
+from distill.stages.base import CallStats, read_manifest, write_manifest
 from distill.stages.finetune import FinetuneManifest, FinetuneStage
 
 
@@ -65,10 +65,19 @@ def test_the_finetune_stage_shows_its_own_lm_finetune_call(tmp_path: Path, monke
     assert "student.finetune(" in shown and "3 chat examples" in shown and "<the Ray the stage starts>" in shown
     assert repr(cfg.finetune.finetuned_model) in shown and "job.result()" in shown
 
-    # The stage lists the loss curve among its outputs: a manifest without one (older) is not current.
-    assert stage.loss_plot_path in stage.outputs(_finetune_manifest())
-    assert Path("p.png") in stage.outputs(_finetune_manifest(loss_plot="p.png"))
-    assert stage.loss_plot_path not in stage.outputs(_finetune_manifest(loss_history=[]))
+    # The loss curve is no output of the stage: a manifest without one (older) is still current, and
+    # `ensure` redraws the plot from its loss history instead of training again.
+    assert stage.loss_plot_path not in stage.outputs(_finetune_manifest())
+    m = _finetune_manifest(adapter=str(tmp_path / "a.gguf"), serve_config=str(tmp_path / "s.yaml"))
+    write_manifest(stage.manifest_path, m)
+    for path in stage.outputs(m):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    stage.fingerprint = lambda: m.fingerprint  # type: ignore[method-assign]  # current without a real finetune
+    stage.inputs = lambda: m.inputs  # type: ignore[method-assign]
+    redrawn = stage.ensure()
+    assert redrawn.loss_plot == str(stage.loss_plot_path) and stage.loss_plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert read_manifest(stage.manifest_path, FinetuneManifest).loss_plot == redrawn.loss_plot
 
 
 def test_bfrs_runs_quietly_with_one_progress_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ from distill.plots import plot_loss_curve
 from distill.provider import RayJobProvider
 from distill.publish import adapter_name, publish_adapter
 from distill.serving.control import ensure_ray, shutdown
-from distill.stages.base import Manifest, Stage, fingerprint, require
+from distill.stages.base import Manifest, Stage, fingerprint, require, write_manifest
 from distill.stages.curation import CurationStage
 
 
@@ -97,9 +97,21 @@ class FinetuneStage(Stage[FinetuneManifest]):
         return self.dir / "loss_curve.png"
 
     def outputs(self, m: FinetuneManifest) -> list[Path]:
-        out = [Path(m.serve_config), Path(m.adapter)] if not m.published else [Path(m.serve_config)]
-        # A manifest from before the loss plot existed has a loss history but no plot: not current.
-        return out + ([Path(m.loss_plot or self.loss_plot_path)] if m.loss_history else [])
+        # Not the loss plot: it is redrawn from the manifest (`ensure`), never a reason to train again.
+        return [Path(m.serve_config), Path(m.adapter)] if not m.published else [Path(m.serve_config)]
+
+    def ensure(self) -> FinetuneManifest:
+        m = super().ensure()
+        if m.loss_history and not (m.loss_plot and Path(m.loss_plot).is_file()):
+            # e.g. a manifest from before the plot existed, or a deleted PNG: seconds, not a finetune
+            m = m.model_copy(update={"loss_plot": str(self._plot_losses(m.loss_history, m.examples, m.epochs,
+                                                                          m.steps))})
+            write_manifest(self.manifest_path, m)
+        return m
+
+    def _plot_losses(self, losses: list[float], examples: int, epochs: float, steps: int) -> Path:
+        return plot_loss_curve(losses, self.loss_plot_path, f"LoRA finetune of {self.cfg.models.student.model} "
+                               f"({examples} examples, {epochs:.3g} epochs)", steps=steps)
 
     def configured_address(self) -> str | None:
         """The Ray job server the profile names (or RAY_ADDRESS); None: the stage starts a local Ray."""
@@ -141,9 +153,7 @@ class FinetuneStage(Stage[FinetuneManifest]):
             st.serve_config or "", self.dir / "serve_student.yaml", base_model=st.model,
             finetuned_model=ft.finetuned_model, adapter=adapter, lora_storage=ft.adapter_storage)
         losses = [float(x) for x in result.get("loss_history") or []]
-        loss_plot = plot_loss_curve(
-            losses, self.loss_plot_path, f"LoRA finetune of {st.model} ({result['examples']} examples, "
-            f"{result['epochs']:.3g} epochs)", steps=result["steps"]) if losses else None
+        loss_plot = self._plot_losses(losses, result["examples"], result["epochs"], result["steps"]) if losses else None
         return FinetuneManifest(
             fingerprint=self.fingerprint(), model=finetuned.model.split("/", 1)[-1], adapter=adapter,
             serve_config=str(serve_config), train_seconds=result.get("train_seconds"), examples=result["examples"],
