@@ -419,3 +419,19 @@ def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monk
     for text in (sft, *programs):
         assert "exactly one of the 6 topics" in text
         assert not [w for w in BANKING_WORDS if w in text.lower()]
+
+
+def test_the_readme_walk_through_is_the_tiny_task(tmp_path, monkeypatch) -> None:
+    """README.md's "Bring your own task" profile, as printed, loads the tests' tiny task."""
+    import re
+
+    section = (ROOT / "README.md").read_text().split("## Bring your own task", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "topics.yaml").write_text(block)
+    pd.DataFrame(tiny_rows()).to_csv(tmp_path / "topics.csv", index=False)
+    monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path))
+    cfg = load_config(str(tmp_path / "topics.yaml"))
+    assert cfg.task.model_dump() == load_config(str(write_tiny_task(tmp_path / "t"))).task.model_dump()
+    assert cfg.data == load_config("local_ci").data and cfg.artifacts.name == "topics"
+    data = prepare_data(cfg)
+    assert (len(data.train), data.full_test_size, len(data.labels)) == (270, 90, 6)

@@ -84,7 +84,6 @@ class FilesSource(_Strict):
         return v
 
 
-
 class SourceConfig(_Strict):
     hub: HubSource | None = None
     files: FilesSource | None = None
@@ -135,11 +134,12 @@ class TaskConfig(_Strict):
     @model_validator(mode="after")
     def _one_test_split(self) -> "TaskConfig":
         hub, files = self.source.hub, self.source.files
-        tests = {name: has for name, has in (("hub.test_split", hub and hub.test_split is not None),
-                                             ("files.test", files and files.test is not None)) if has is not None}
-        if len(set(tests.values())) > 1:  # hub and files are one dataset in two places: one split for both
+        # Does each given source have a test split? Hub and files are one dataset in two places (the files
+        # are read when a data directory is given): both have one, or neither.
+        tests = [src.test_split is not None for src in (hub,) if src] + [src.test is not None for src in (files,) if src]
+        if len(set(tests)) > 1:
             raise ValueError("task.source.hub.test_split and task.source.files.test must both be given or both null")
-        has_test = any(tests.values())
+        has_test = tests[0]
         if has_test and self.test_fraction is not None:
             raise ValueError("task.test_fraction splits train when the source has no test split, but it has one")
         if not has_test and self.test_fraction is None:

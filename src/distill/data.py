@@ -16,7 +16,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import dspy
 
@@ -80,20 +80,21 @@ def data_dir(cfg: Config | None = None) -> Path | None:
     return given[0]
 
 
-def _cell(value: Any, path: Path) -> str:
+def _cell(value: Any, path: Path, where: str) -> str:
     if isinstance(value, bytes):  # a Parquet binary column
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte 0x{value[e.start]:02x} in a value)") from None
+            raise DataError(f"{where}: {path} is not UTF-8 text (byte 0x{value[e.start]:02x} in a value)") from None
     return "" if value is None or value != value else str(value)  # None / NaN: empty
 
 
-def read_table(path: Path, columns: Columns, where: str) -> list[dspy.Example]:
+def read_table(path: Path, columns: Columns, where: str,
+               column_where: Callable[[str], str] | None = None) -> list[dspy.Example]:
     """Examples (stripped text, normalised label) from a CSV / JSONL / Parquet file.
 
-    `where` is the task key that names the file (`<task file>: key 'source.files.train'`); every error names
-    it and the file, in one line.
+    `where` names the task key that names the file (`<task file>: key 'source.files.train'`) and
+    `column_where("label")` the key of a column; every error names one of them and the file, in one line.
     """
     import pandas as pd  # a data dependency: the profile's other readers need none of it
 
@@ -125,17 +126,18 @@ def read_table(path: Path, columns: Columns, where: str) -> list[dspy.Example]:
         first = str(e).splitlines()[0] if str(e) else ""
         raise DataError(f"{where}: {path} is not a readable {suffix[1:].upper()} file ({type(e).__name__}: {first})") from None
     names = [str(c) for c in df.columns]
-    missing = [c for c in (columns.text, columns.label) if c not in names]
+    missing = [(key, c) for key, c in (("text", columns.text), ("label", columns.label)) if c not in names]
     if missing:
-        raise DataError(f"{where}: {path}: missing column(s) {', '.join(missing)} (set task.columns); "
+        at = column_where(missing[0][0]) if column_where else where
+        raise DataError(f"{at}: {path}: missing column(s) {', '.join(c for _, c in missing)}; "
                         f"it has {', '.join(names) or 'none'}")
     if df.empty:
         raise DataError(f"{where}: {path} has a header but no data rows")
     rows = []
     for i, (text, label) in enumerate(zip(df[columns.text].tolist(), df[columns.label].tolist()), start=1):
-        text, label = _cell(text, path).strip(), _cell(label, path).strip()
+        text, label = _cell(text, path, where).strip(), _cell(label, path, where).strip()
         if not text or not label:
-            raise DataError(f"{path}: data row {i}: empty {columns.text if not text else columns.label}")
+            raise DataError(f"{where}: {path}: data row {i}: empty {columns.text if not text else columns.label}")
         rows.append(make_example(text, normalize_label(label)))
     return rows
 
@@ -176,10 +178,9 @@ def split_by_fraction(examples: Sequence[dspy.Example], fraction: float, seed: i
                       ) -> tuple[list[dspy.Example], list[dspy.Example]]:
     """(train, test): `fraction` of each label's distinct texts held out, chosen with `seed`; both keep the
     file's order. A text that repeats stays on one side."""
-    texts_by_label: dict[str, list[str]] = defaultdict(list)
+    texts_by_label: dict[str, dict[str, None]] = defaultdict(dict)  # a dict: an ordered set
     for ex in examples:
-        if ex.text not in texts_by_label[ex.label]:
-            texts_by_label[ex.label].append(ex.text)
+        texts_by_label[ex.label][ex.text] = None
     rng = random.Random(seed)
     held_out: set[str] = set()
     for label in sorted(texts_by_label):
@@ -202,8 +203,10 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
             base = given[0]
             if not base.is_dir():
                 raise DataError(f"data directory does not exist: {base} (from {given[1]})")
+
         def read(key: str, names: list[str]) -> list[dspy.Example]:
-            return [ex for name in names for ex in read_table(base / name, task.columns, task.where(key))]
+            return [ex for name in names
+                    for ex in read_table(base / name, task.columns, task.where(key), lambda c: task.where(f"columns.{c}"))]
 
         train = read("source.files.train", src.files.train)
         test = read("source.files.test", src.files.test) if src.files.test else None
