@@ -242,6 +242,22 @@ def test_given_train_and_test_files(tmp_path, monkeypatch) -> None:
     assert [ex.text for ex in data.full_test] == [r["message"] for r in rows[300:]]
 
 
+def test_a_hub_source_without_a_test_split(tiny, tmp_path, monkeypatch) -> None:
+    """A hub dataset (here a local copy of the hub's parquet layout) with string labels and only a train
+    split: the same records as the CSV, split by the same seeded fraction."""
+    import datasets
+
+    monkeypatch.delenv("DISTILL_DATA_DIR")  # a data directory would mean: read the files instead
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "hub" / "default" / "train").mkdir(parents=True)
+    datasets.Dataset.from_list(tiny_rows()).to_parquet(str(tmp_path / "hub" / "default" / "train" / "0000.parquet"))
+    task = tiny_task(source={"hub": {"id": str(tmp_path / "hub"), "test_split": None}})
+    from_hub = prepare_data(load_config(str(write_tiny_task(tmp_path / "p", task))))
+    monkeypatch.setenv("DISTILL_DATA_DIR", str(tiny.parent))
+    assert from_hub.source == f"hub:{tmp_path / 'hub'}@None"
+    assert data_fingerprint(from_hub) == data_fingerprint(prepare_data(load_config(str(tiny))))
+
+
 def test_the_cli_data_command_on_a_profile_path(tiny) -> None:
     r = subprocess.run([sys.executable, "-m", "distill", "data", "--profile", str(tiny)], capture_output=True,
                        text=True, env=dict(os.environ), cwd=ROOT, timeout=120)
