@@ -194,7 +194,8 @@ def test_the_tiny_tasks_prompts_are_its_own(tiny) -> None:
     full = " ".join(m["content"] for m in adapter("full").format(sig, [], {"text": query}))
     assert "The topic of the message" in full and all(name in full for name in data.labels)
     # what the stages fingerprint moves with the task's wording
-    other = load_config(str(write_tiny_task(tiny.parent / "other", tiny_task(prompt={**TASK_PROMPT, "text": "A note"}))))
+    reworded = tiny_task(prompt={**TASK_PROMPT, "text": "A note"})
+    other = load_config(str(write_tiny_task(tiny.parent / "other", reworded)))
     assert prompt_fingerprint(other, prepare_data(other).labels) != prompt_fingerprint(cfg, data.labels)
 
 
@@ -380,7 +381,8 @@ def test_missing_task_file_and_old_data_keys_that_disagree(tmp_path) -> None:
         load_config(str(p))
     write_tiny_task(tmp_path / "t", task_file=True)
     p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\n")
-    with pytest.raises(ConfigError, match=r"data\.hub_id is 'PolyAI/banking77' but task 'topics' has task\.source\.hub\.id None"):
+    with pytest.raises(ConfigError,
+                       match=r"data\.hub_id is 'PolyAI/banking77' but task 'topics' has task\.source\.hub\.id None"):
         load_config(str(p))
     p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\n"
                  "data: {hub_id: null, hub_revision: null, top_n_labels: null}\n")

@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """How much of the task a run uses (the task itself is `task:`)."""
 
-    dir: str | None = Field(None, description="Directory holding the task's files (its dir_env / DISTILL_DATA_DIR win).")
+    dir: str | None = Field(None, description="Directory of the task's files (its dir_env, DISTILL_DATA_DIR win).")
     # hub_id, hub_revision and top_n_labels are where banking77's source lived before `task:`; a profile
     # may still set them (cluster.yaml does), but only to the task's own values (Config checks it).
     hub_id: str | None = "PolyAI/banking77"
@@ -123,8 +123,8 @@ class TaskConfig(_Strict):
     name: str = Field(..., min_length=1)
     source: SourceConfig
     columns: Columns = Columns()
-    test_fraction: float | None = Field(None, gt=0.0, lt=1.0,
-                                        description="Held out of train (per label, seeded) when there is no test split.")
+    test_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Held out of train (per label, seeded) when there is no test split.")
     labels: LabelsConfig
     prompt: PromptConfig = PromptConfig()
     # Where the task was read from, for messages that name the file and the key (set by the loader).
@@ -136,7 +136,7 @@ class TaskConfig(_Strict):
         hub, files = self.source.hub, self.source.files
         # Does each given source have a test split? Hub and files are one dataset in two places (the files
         # are read when a data directory is given): both have one, or neither.
-        tests = [src.test_split is not None for src in (hub,) if src] + [src.test is not None for src in (files,) if src]
+        tests = ([hub.test_split is not None] if hub else []) + ([files.test is not None] if files else [])
         if len(set(tests)) > 1:
             raise ValueError("task.source.hub.test_split and task.source.files.test must both be given or both null")
         has_test = tests[0]
@@ -288,13 +288,14 @@ class Config(_Strict):
         # data.hub_id / hub_revision / top_n_labels predate `task:`: set, they must say what the task says,
         # so a profile never runs a task other than the one it reads as.
         hub, top_n = self.task.source.hub, self.task.labels.top_n
-        told = {"hub_id": hub.id if hub else None, "hub_revision": hub.revision if hub else None, "top_n_labels": top_n}
-        for key in ("hub_id", "hub_revision", "top_n_labels"):
-            if key in self.data.model_fields_set and getattr(self.data, key) is not None and getattr(self.data, key) != told[key]:
-                task_key = {"hub_id": "source.hub.id", "hub_revision": "source.hub.revision", "top_n_labels": "labels.top_n"}[key]
-                raise ValueError(f"data.{key} is {getattr(self.data, key)!r} but task '{self.task.name}' has "
-                                 f"task.{task_key} {told[key]!r}: data.{key} is the old place of the task's "
-                                 f"setting; set it to null or drop it")
+        told = {("hub_id", "source.hub.id"): hub.id if hub else None,
+                ("hub_revision", "source.hub.revision"): hub.revision if hub else None,
+                ("top_n_labels", "labels.top_n"): top_n}
+        for (key, task_key), value in told.items():
+            old = getattr(self.data, key)
+            if key in self.data.model_fields_set and old is not None and old != value:
+                raise ValueError(f"data.{key} is {old!r} but task '{self.task.name}' has task.{task_key} {value!r}: "
+                                 f"data.{key} is the old place of the task's setting; set it to null or drop it")
         return self
 
     @property

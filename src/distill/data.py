@@ -124,7 +124,8 @@ def read_table(path: Path, columns: Columns, where: str,
         raise
     except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types; all mean "cannot be read"
         first = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"{where}: {path} is not a readable {suffix[1:].upper()} file ({type(e).__name__}: {first})") from None
+        raise DataError(f"{where}: {path} is not a readable {suffix[1:].upper()} file "
+                        f"({type(e).__name__}: {first})") from None
     names = [str(c) for c in df.columns]
     missing = [(key, c) for key, c in (("text", columns.text), ("label", columns.label)) if c not in names]
     if missing:
@@ -205,8 +206,8 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
                 raise DataError(f"data directory does not exist: {base} (from {given[1]})")
 
         def read(key: str, names: list[str]) -> list[dspy.Example]:
-            return [ex for name in names
-                    for ex in read_table(base / name, task.columns, task.where(key), lambda c: task.where(f"columns.{c}"))]
+            return [ex for name in names for ex in read_table(
+                base / name, task.columns, task.where(key), lambda c: task.where(f"columns.{c}"))]
 
         train = read("source.files.train", src.files.train)
         test = read("source.files.test", src.files.test) if src.files.test else None
@@ -215,10 +216,12 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
     else:
         hub = src.hub
         columns, key = (hub.columns, "source.hub.columns") if hub.columns else (task.columns, "columns")
-        hint = (f"set {src.dir_env or DATA_DIR_ENV} to a directory with {', '.join(src.files.train + (src.files.test or []))}"
-                if src.files else "give the task's data as files (task.source.files)")
+        files = ", ".join(src.files.train + (src.files.test or [])) if src.files else ""
+        hint = (f"set {src.dir_env or DATA_DIR_ENV} to a directory with {files}" if src.files
+                else "give the task's data as files (task.source.files)")
         train = load_hub_split(hub.id, hub.revision, hub.train_split, columns, hint, task.where(key))
-        test = load_hub_split(hub.id, hub.revision, hub.test_split, columns, hint, task.where(key)) if hub.test_split else None
+        test = (load_hub_split(hub.id, hub.revision, hub.test_split, columns, hint, task.where(key))
+                if hub.test_split else None)
         source = f"hub:{hub.id}@{hub.revision}"
     if test is None:
         assert task.test_fraction is not None  # TaskConfig requires it when there is no test split
@@ -379,7 +382,8 @@ def check_sizes(cfg: Config, train: Sequence[dspy.Example]) -> None:
     if d.num_to_label is not None and d.num_to_label < need - d.num_gold:
         raise DataError(
             f"profile '{cfg.name}': data.num_to_label ({d.num_to_label}) cannot fill data.devset_size "
-            f"({d.devset_size}) + data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on = {need - d.num_gold}")
+            f"({d.devset_size}) + data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on "
+            f"= {need - d.num_gold}")
 
 
 def check_no_test_texts_in_train(cfg: Config, train: Sequence[dspy.Example], test: Sequence[dspy.Example],

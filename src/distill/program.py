@@ -21,6 +21,7 @@ from distill.data import normalize_label
 from distill.errors import DistillError
 from distill.lm import Prompt, register
 
+
 def instructions(labels: Sequence[str], prompt: PromptConfig | None = None,
                  descriptions: Mapping[str, str] | None = None) -> str:
     """The signature's instructions: the task's text with `{n}` the number of labels, then what the labels
