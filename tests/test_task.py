@@ -375,17 +375,17 @@ def test_missing_task_file_and_old_data_keys_that_disagree(tmp_path) -> None:
     p.write_text("extends: local\ntask: no_such_task\n")
     with pytest.raises(ConfigError, match=r"task file not found: .*configs/tasks/no_such_task\.yaml"):
         load_config(str(p))
-    # cluster.yaml still spells banking77's source the old way (data.hub_id ...): that must agree with the task
+    # The old spelling of banking77's source (data.hub_id, data.top_n_labels) may stay in a profile only if it
+    # agrees with the task
     p.write_text("extends: cluster\ndata: {top_n_labels: 10}\n")
     with pytest.raises(ConfigError, match=r"data\.top_n_labels is 10 but task 'banking77' has task\.labels\.top_n 25"):
         load_config(str(p))
     write_tiny_task(tmp_path / "t", task_file=True)
-    p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\n")
+    p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\ndata: {{hub_id: PolyAI/banking77}}\n")
     with pytest.raises(ConfigError,
                        match=r"data\.hub_id is 'PolyAI/banking77' but task 'topics' has task\.source\.hub\.id None"):
         load_config(str(p))
-    p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\n"
-                 "data: {hub_id: null, hub_revision: null, top_n_labels: null}\n")
+    p.write_text(f"extends: cluster\ntask: {tmp_path / 't' / 'topics_task.yaml'}\n")  # cluster.yaml names a task
     assert load_config(str(p)).task.name == "topics"
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from dotenv import load_dotenv
 
 from distill.config import Config, project_root
-from distill.data import data_dir
+from distill.data import DATA_DIR_ENV, task_data_dir
 
 # Packages the `local` profile cannot run without, and why.
 LOCAL_PACKAGES = {
@@ -50,16 +50,17 @@ def check_env(cfg: Config) -> list[EnvCheck]:
             ok = bool(os.environ.get(lm.api_key_env))
             detail = "set" if ok else f"not set: the {role} endpoint {lm.api_base} expects a key in it"
             checks.append(EnvCheck(lm.api_key_env, ok, True, detail))
-    d = data_dir(cfg)
-    if d is None:
-        checks.append(
-            EnvCheck("BANKING77_DIR", True, False, f"not set: banking77 will be loaded from the hub ({cfg.data.hub_id})")
-        )
+    src, given = cfg.task.source, task_data_dir(cfg)
+    if given is None:
+        where = f"the hub ({src.hub.id})" if src.hub else "paths relative to the project root"
+        var = src.dir_env or DATA_DIR_ENV
+        checks.append(EnvCheck(var, True, False, f"not set: task {cfg.task.name} is read from {where}"))
     else:
-        ok = (d / "train.csv").is_file() and (d / "test.csv").is_file()
-        checks.append(
-            EnvCheck("BANKING77_DIR", ok, True, f"{d}" + ("" if ok else " has no train.csv/test.csv"))
-        )
+        d, who = given
+        files = [*src.files.train, *(src.files.test or [])] if src.files else []
+        absent = [f for f in files if not (d / f).is_file()]
+        ok = d.is_dir() and not absent
+        checks.append(EnvCheck(who, ok, True, f"{d}" + ("" if ok else f" has no {', '.join(absent) or 'such directory'}")))
     if cfg.profile == "local":
         for pkg, why in LOCAL_PACKAGES.items():
             try:

@@ -176,7 +176,7 @@ def data_table(data: Banking77Data, examples: int = 3) -> Table:
         ["test queries scored (of the test set's)", f"{len(data.test)} of {data.full_test_size}"],
     ]
     rows += [[f"  e.g. {ex.text!r}", ex.label] for ex in data.gold[:examples]]
-    return table(f"banking77, the {len(data.labels)} most frequent intents", ["", ""], rows, header=False)
+    return table(f"The {len(data.labels)} labels in use ({data.source})", ["", ""], rows, header=False)
 
 
 def baselines_table(baselines: BaselinesManifest) -> Table:

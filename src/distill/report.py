@@ -103,7 +103,8 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
     stages = {name: m.fingerprint for name, m in current_manifests(cfg).items() if name != "run"}
     run = RunManifest(
         fingerprint=fingerprint(stages), inputs=stages, profile=cfg.name,
-        sizes={**cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision"}),
+        sizes={"task": cfg.task.name, "labels": cfg.task.labels.top_n or len(cfg.task.labels.names or []),
+               **cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision", "top_n_labels"}),
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
         versions={d: md.version(d) for d in VERSIONS},
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
