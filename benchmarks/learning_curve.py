@@ -20,7 +20,7 @@ from distill import pipeline
 from distill.config import load_config
 from distill.curve import measure_curve
 from distill.env import load_env
-from distill.learning_curve import plot_curve, write_curve
+from distill.learning_curve import plot_curve, to_markdown, write_curve
 
 
 def main() -> None:
@@ -49,6 +49,8 @@ def main() -> None:
         table.add_row(r.name, *(str(v) if v is not None else "-" for v in (r.labels, r.steps, r.train_seconds)),
                       f"{r.test_accuracy:.1%} of {r.test_size}")
     Console().print(table)
+    print(f"\n<!-- generated: python benchmarks/learning_curve.py --profile {cfg.name} -->\n{to_markdown(rows)}\n"
+          "<!-- end generated -->")
 
 
 if __name__ == "__main__":

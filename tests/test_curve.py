@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distill.config import load_config
 from distill.curve import point_config, series
-from distill.learning_curve import CurveRow, plot_curve, read_curve, write_curve
+from distill.learning_curve import CurveRow, plot_curve, read_curve, to_markdown, write_curve
 
 
 def test_a_point_is_the_profile_cut_to_n_labels_and_trains_at_least_min_steps() -> None:
@@ -34,5 +34,7 @@ def test_the_curve_survives_its_csv_and_draws(tmp_path) -> None:
             CurveRow(kind="reference", name="teacher", test_accuracy=0.77, test_size=1000)]
     path = write_curve(rows, tmp_path / "curve.csv")
     assert read_curve(path) == rows
+    table = to_markdown(rows).splitlines()
+    assert table[2] == "| student on gold labels | 100 | 120 | 55.0% of 1000 |" and table[-1].startswith("| teacher | - |")
     png = plot_curve(rows, tmp_path / "curve.png", "t", this_run=rows[0].model_copy(update={"name": "local"}))
     assert png.stat().st_size > 10_000

@@ -65,6 +65,16 @@ def read_curve(path: Path | None = None) -> list[CurveRow]:
         return [CurveRow.model_validate(row) for row in csv.DictReader(f)]
 
 
+def to_markdown(rows: Sequence[CurveRow]) -> str:
+    """The curve as a README table (students by label count, then the references)."""
+    lines = ["| finetuned on / reference | labels | steps | test accuracy |", "|---|---|---|---|"]
+    students = sorted((r for r in rows if r.kind == "student"), key=lambda r: (r.name != "gold labels", r.labels or 0))
+    for r in [*students, *(r for r in rows if r.kind == "reference")]:
+        who = f"student on {r.name}" if r.kind == "student" else r.name
+        lines.append(f"| {who} | {r.labels or '-'} | {r.steps or '-'} | {100 * r.test_accuracy:.1f}% of {r.test_size} |")
+    return "\n".join(lines)
+
+
 def plot_curve(rows: Sequence[CurveRow], path: str | Path, title: str, this_run: CurveRow | None = None) -> Path:
     """Accuracy against labels (log scale); references as horizontal lines; `this_run` as a star."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
