@@ -26,7 +26,7 @@ from distill.learning_curve import plot_curve, to_markdown, write_curve
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="local_full")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000],
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100, 300, 1000],
                     help="teacher labels per point (the profile's own run adds the point with all of them)")
     ap.add_argument("--no-gold", action="store_true", help="skip the student on the gold labels alone")
     ap.add_argument("--confident-sizes", type=int, nargs="+", default=[],

@@ -140,9 +140,10 @@ def measure_curve(cfg: Config, sizes: list[int], gold: bool = True, min_steps: i
                   threads: int | None = None, confident_sizes: Sequence[int] = (),
                   min_confidence: float | None = None) -> Iterator[list[CurveRow]]:
     """The profile's run, then the gold-only student, a point per size (teacher labels), and a point per
-    `confident_sizes` with the labels below `min_confidence` dropped: yields the rows so far after each
-    point, for the caller to write as it goes."""
+    `confident_sizes` with the labels below `min_confidence` dropped: yields the rows so far, first the
+    profile's own and then after each point, for the caller to write as it goes."""
     rows = profile_rows(cfg)
+    yield rows
     todo = [("gold", cfg.data.num_gold, None)] if gold else []  # the cheapest, most telling point first
     todo += [("teacher", n, None) for n in sizes] + [("teacher", n, min_confidence) for n in confident_sizes]
     for source, n, floor in todo:
