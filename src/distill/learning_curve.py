@@ -83,7 +83,9 @@ def plot_curve(rows: Sequence[CurveRow], path: str | Path, title: str, this_run:
         pts = sorted((r.labels, 100 * r.test_accuracy) for r in students if r.name == name)
         ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=f"C{i}", label=f"student on {name}")
         for x, y in pts:
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            # the first series labels above its points, the others below: points at the same n stay legible
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6 if i == 0 else -13),
+                        ha="center", fontsize=8)
     styles = ["--", ":", "-.", (0, (5, 1))]
     for i, r in enumerate(r for r in rows if r.kind == "reference"):
         ax.axhline(100 * r.test_accuracy, color="black" if i == 0 else "dimgray", linestyle=styles[i % len(styles)],
