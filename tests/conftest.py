@@ -43,3 +43,13 @@ def pipeline_artifacts(tmp_path_factory: pytest.TempPathFactory, banking77_dir: 
     finally:
         mp.undo()
     return art
+
+
+@pytest.fixture
+def restore_logs():
+    """Put distill.logs back as it was: tests that call `logs.configure` change process-wide settings."""
+    from distill import logs
+
+    before = logs.settings()
+    yield
+    logs.configure(before.dir, before.verbose)

@@ -16,11 +16,7 @@ from distill.config import load_config
 from distill.notebook import execute_notebook
 
 
-@pytest.fixture(autouse=True)
-def restore_logs():
-    before = logs.settings()
-    yield
-    logs.configure(before.dir, before.verbose)
+pytestmark = pytest.mark.usefixtures("restore_logs")  # tests here reconfigure the process-wide logs
 
 
 def test_quiet_by_default_sends_logs_to_files(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ for a served model; no Ray."""
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import dspy
@@ -17,21 +19,17 @@ from distill.data import make_example, write_jsonl
 from distill.evaluation import bfrs_optimizer, optimize, optimizer_call
 from distill.plots import plot_loss_curve
 from distill.program import IntentClassificationModule
-from distill.stages.curation import CurationStage
+from distill.stages.curation import CurationManifest, CurationStage
 from distill.stages.evaluation import BestVariant, EvalManifest
 from distill.stages.base import CallStats, read_manifest, write_manifest
 from distill.stages.finetune import FinetuneManifest, FinetuneStage
 
 
-@pytest.fixture(autouse=True)
-def restore_logs():
-    before = logs.settings()
-    yield
-    logs.configure(before.dir, before.verbose)
+pytestmark = pytest.mark.usefixtures("restore_logs")  # tests here reconfigure the process-wide logs
 
 
 def _text(renderable: object) -> str:
-    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console = Console(width=120, record=True, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
 
@@ -156,3 +154,12 @@ def test_the_teacher_table_puts_the_teacher_next_to_the_baselines(tmp_path: Path
         "1-NN on gold", "log. regression on gold", "the teacher's vote alone (C=1000)",
         "teacher: vote_llm (smollm2), the LLM answered 11%"]
     assert "77.5%" in rows[-1] and "81.0%" in rows[-1] and "450 of 450 queries labeled" in text
+
+
+def test_the_curation_table_counts_every_step_it_dropped_labels_at() -> None:
+    m = CurationManifest(fingerprint="c", input=100, invalid_label=1, low_confidence=7, duplicate=2, test_overlap=0,
+                         kept=90, devset=20, optimizer_train=60, optimizer_val=10, sft_examples=60,
+                         label_counts={"a": 90}, plot="p.png")
+    rows = dict((cell.strip() for cell in line.split("│")) for line in _text(pipeline.curation_table(m)).splitlines()
+                if "│" in line)
+    assert rows["- teacher less sure than curation.min_confidence"] == "7" and rows["kept"] == "90"

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.data import TaskLabels, data_dir, prepare_data, task_data_dir
+from distill.data import TaskLabels, prepare_data, task_data_dir
+from distill.env import check_env
 from distill.errors import ConfigError, DataError
 from distill.lm import adapter
 from distill.program import IntentClassificationModule, make_signature
@@ -71,7 +72,8 @@ def test_banking77_dir_wins_over_distill_data_dir(with_banking77, tmp_path, monk
     monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path / "elsewhere"))
     cfg = load_config("local_ci")
     assert task_data_dir(cfg) == (with_banking77, "BANKING77_DIR")
-    assert data_dir(cfg) == with_banking77  # what `check-env` looks into for train.csv / test.csv
+    # what `check-env` looks into for the task's train.csv / test.csv
+    assert any(c.name == "BANKING77_DIR" and c.ok and c.detail == str(with_banking77) for c in check_env(cfg))
     monkeypatch.delenv("BANKING77_DIR")
     assert task_data_dir(cfg) == (tmp_path / "elsewhere", "DISTILL_DATA_DIR")
     with pytest.raises(DataError, match=r"does not exist: .*elsewhere \(from DISTILL_DATA_DIR\)"):

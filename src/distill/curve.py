@@ -23,7 +23,7 @@ import shutil
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
-from distill.data import Banking77Data
+from distill.data import TaskData
 from distill.errors import DistillError
 from distill.evaluation import evaluate
 from distill.finetune import load_recipe
@@ -103,7 +103,7 @@ def measure_point(cfg: Config, source: str, n: int, min_steps: int, threads: int
     return row
 
 
-def _score(cfg: Config, data: Banking77Data, ft: FinetuneManifest, name: str, threads: int | None) -> CurveRow:
+def _score(cfg: Config, data: TaskData, ft: FinetuneManifest, name: str, threads: int | None) -> CurveRow:
     """The finetuned student, zero-shot, served, on the test queries (as the evaluation stage scores it)."""
     st, ev, p = cfg.models.student, cfg.evaluation, cfg.program
     program = IntentClassificationModule(data.labels, p.reasoning, p.max_reasoning_chars)

@@ -23,8 +23,6 @@ import dspy
 from distill.config import Columns, Config, PromptConfig, TaskConfig, project_root
 from distill.errors import DataError
 
-CSV_COLUMNS = ("text", "category")  # banking77's CSVs (load_csv_split)
-SPLITS = ("train", "test")
 DATA_DIR_ENV = "DISTILL_DATA_DIR"
 
 
@@ -65,19 +63,6 @@ def task_data_dir(cfg: Config) -> tuple[Path, str] | None:
     if cfg.data.dir:
         return cfg.path(cfg.data.dir), "data.dir"
     return None
-
-
-def data_dir(cfg: Config | None = None) -> Path | None:
-    """The directory `distill.env` checks for train.csv and test.csv: the task's data directory when the task
-    reads exactly those two files from it (as banking77 does), else None (the loader checks the files)."""
-    if cfg is None:
-        env = os.environ.get("BANKING77_DIR")
-        return Path(env).expanduser() if env else None
-    given = task_data_dir(cfg)
-    files = cfg.task.source.files
-    if given is None or files is None or (files.train, files.test) != (["train.csv"], ["test.csv"]):
-        return None
-    return given[0]
 
 
 def _cell(value: Any, path: Path, where: str) -> str:
@@ -229,11 +214,6 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
     return train, test, source
 
 
-def load_banking77(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example], str]:
-    """The profile's task's train/test records (banking77 unless the profile names another task)."""
-    return load_task_data(cfg)
-
-
 # --- processing -----------------------------------------------------------------------------------
 
 
@@ -335,10 +315,6 @@ class TaskData:
             "unlabeled": len(self.unlabeled),
             "to_label": len(self.to_label),
         }
-
-
-# The name it had while banking77 was the only task; the stages still import it by it.
-Banking77Data = TaskData
 
 
 def select_labels(cfg: Config, train: Sequence[dspy.Example], source: str) -> TaskLabels:

@@ -30,9 +30,14 @@ def _tags(cell: Any) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def code_cells(nb: Any) -> list[Any]:
+    """The notebook's code cells, without a run's injected parameters."""
+    return [c for c in nb.cells if c.cell_type == "code" and INJECTED not in _tags(c)]
+
+
 def code_sources(nb: Any) -> list[str]:
     """The notebook's code, cell by cell, without a run's injected parameters."""
-    return [c.source for c in nb.cells if c.cell_type == "code" and INJECTED not in _tags(c)]
+    return [c.source for c in code_cells(nb)]
 
 
 def code_hash(nb: Any) -> str:
@@ -162,8 +167,7 @@ def publish_notebook(executed: str | Path, target: str | Path | None = None) -> 
                      min(len(run_code), len(own_code)))
         raise DistillError(f"{executed} was executed from other code than {target.name} (code cell {where + 1} "
                            f"differs; {len(run_code)} vs {len(own_code)} code cells): run `make demo` again")
-    run_cells = [c for c in run.cells if c.cell_type == "code" and INJECTED not in _tags(c)]
-    own_cells = [c for c in nb.cells if c.cell_type == "code" and INJECTED not in _tags(c)]
+    run_cells, own_cells = code_cells(run), code_cells(nb)
     for i, cell in enumerate(run_cells, 1):
         if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
             raise DistillError(f"{executed}: code cell {i} failed; publish a run that finished")

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from distill import logs
 from distill.config import Config, load_config
-from distill.data import Banking77Data
+from distill.data import TaskData
 from distill.env import check_env, missing
 from distill.errors import DistillError
 from distill.plots import VARIANT_NAMES
@@ -66,48 +66,48 @@ def _ensure(stage: Stage) -> Manifest:
         write_report(stage.cfg)  # also after a failure: the report shows what is current
 
 
-def data_stage(cfg: Config) -> Banking77Data:
+def data_stage(cfg: Config) -> TaskData:
     stage = DataStage(cfg)
     _ensure(stage)
     return stage.data
 
 
-def baselines_stage(cfg: Config, data: Banking77Data) -> BaselinesManifest:
+def baselines_stage(cfg: Config, data: TaskData) -> BaselinesManifest:
     """1-NN and logistic regression on the gold embeddings, on the same test queries as everything else."""
     return _ensure(BaselinesStage(cfg, data))  # type: ignore[return-value]
 
 
-def teacher_stage(cfg: Config, data: Banking77Data) -> TeacherManifest:
+def teacher_stage(cfg: Config, data: TaskData) -> TeacherManifest:
     """Quality gate on unseen gold, accuracy on the test queries, then labeling."""
     return _ensure(TeacherStage(cfg, data))  # type: ignore[return-value]
 
 
-def curation_stage(cfg: Config, data: Banking77Data) -> CurationManifest:
+def curation_stage(cfg: Config, data: TaskData) -> CurationManifest:
     """Curate the labels, split them (devset / optimizer val / optimizer train) and write SFT data."""
     return _ensure(CurationStage(cfg, data))  # type: ignore[return-value]
 
 
-def finetune_stage(cfg: Config, data: Banking77Data) -> FinetuneManifest:
+def finetune_stage(cfg: Config, data: TaskData) -> FinetuneManifest:
     """LoRA-finetune the student on the SFT data as a Ray job, through DSPy's `LM.finetune`."""
     return _ensure(FinetuneStage(cfg, CurationStage(cfg, data)))  # type: ignore[return-value]
 
 
-def _evaluation(cfg: Config, data: Banking77Data) -> EvaluationStage:
+def _evaluation(cfg: Config, data: TaskData) -> EvaluationStage:
     curation = CurationStage(cfg, data)
     return EvaluationStage(cfg, data, curation, FinetuneStage(cfg, curation))
 
 
-def evaluation_stage(cfg: Config, data: Banking77Data) -> EvalManifest:
+def evaluation_stage(cfg: Config, data: TaskData) -> EvalManifest:
     """Base and finetuned student, zero-shot and BFRS: devset, test set, best, plots, deploy params."""
     return _ensure(_evaluation(cfg, data))  # type: ignore[return-value]
 
 
-def _serving(cfg: Config, data: Banking77Data, keep_running: bool = False) -> ServingStage:
+def _serving(cfg: Config, data: TaskData, keep_running: bool = False) -> ServingStage:
     ev = _evaluation(cfg, data)
     return ServingStage(cfg, data, ev, ev.finetune, keep_running)
 
 
-def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) -> ServingManifest:
+def serving_stage(cfg: Config, data: TaskData, keep_running: bool = False) -> ServingManifest:
     """Deploy the program and its LLM as one Serve deployment and classify test queries over HTTP.
 
     With `keep_running` (the notebook) the deployment stays up for you to query; `shutdown()` ends it.
@@ -115,7 +115,7 @@ def serving_stage(cfg: Config, data: Banking77Data, keep_running: bool = False) 
     return _ensure(_serving(cfg, data, keep_running))  # type: ignore[return-value]
 
 
-def deploy_config(cfg: Config, data: Banking77Data | None = None) -> Path:
+def deploy_config(cfg: Config, data: TaskData | None = None) -> Path:
     """The profile's multi-app Serve config with this run's artifact paths filled in."""
     return _serving(cfg, data if data is not None else DataStage(cfg).data).deploy_config()
 
@@ -168,7 +168,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], cap
     return t
 
 
-def data_table(data: Banking77Data, examples: int = 3) -> Table:
+def data_table(data: TaskData, examples: int = 3) -> Table:
     """The splits every later section starts from, and a few gold examples."""
     rows: list[list[Any]] = [
         ["gold: hand-labeled, the only labels the pipeline may use", len(data.gold)],
@@ -185,7 +185,7 @@ def baselines_table(baselines: BaselinesManifest) -> Table:
                  [[BASELINE_NAMES.get(k, k), _pct(v)] for k, v in baselines.accuracy.items()])
 
 
-def teacher_table(cfg: Config, data: Banking77Data, teacher: TeacherManifest) -> Table:
+def teacher_table(cfg: Config, data: TaskData, teacher: TeacherManifest) -> Table:
     """The teacher next to the baselines (when their stage has run) on the same test queries."""
     rows: list[list[Any]] = []
     if (b := BaselinesStage(cfg, data).load()) is not None:
@@ -205,7 +205,7 @@ def teacher_table(cfg: Config, data: Banking77Data, teacher: TeacherManifest) ->
 def curation_table(m: CurationManifest) -> Table:
     return table("Curation: the teacher's labels to training data", ["", "queries"], [
         ["labeled by the teacher", m.input], ["- label not one of the labels", m.invalid_label],
-        ["- duplicate query", m.duplicate], ["- also in the test set", m.test_overlap], ["kept", m.kept],
+        ["- teacher less sure than curation.min_confidence", m.low_confidence], ["- duplicate query", m.duplicate], ["- also in the test set", m.test_overlap], ["kept", m.kept],
         ["synthetic devset (scoring)", m.devset], ["optimizer valset (BFRS picks)", m.optimizer_val],
         ["optimizer trainset (BFRS demos, SFT data)", m.optimizer_train], ["SFT examples", m.sft_examples],
     ], header=False)
@@ -237,7 +237,7 @@ def evaluation_table(m: EvalManifest) -> Table:
                          f"{m.sizes.get('optimizer_val', '?')}")
 
 
-def finetune_call(cfg: Config, data: Banking77Data) -> FinetuneCall:
+def finetune_call(cfg: Config, data: TaskData) -> FinetuneCall:
     """The `LM.finetune` call the finetune stage makes on the current SFT data (needs the curation stage)."""
     curation = CurationStage(cfg, data)
     require(curation.load(), "curation")

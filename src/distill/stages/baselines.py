@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distill.baselines import run_baselines
 from distill.config import Config
-from distill.data import Banking77Data, write_jsonl
+from distill.data import TaskData, write_jsonl
 from distill.stages.base import Manifest, Stage, fingerprint
 from distill.stages.data import data_fingerprint
 
@@ -25,7 +25,7 @@ class BaselinesStage(Stage[BaselinesManifest]):
     title = "baselines: 1-NN and logistic regression on the gold embeddings"
     manifest_type = BaselinesManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+    def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
         self.data = data
 

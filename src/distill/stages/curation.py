@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distill.config import Config
 from distill.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
-from distill.data import Banking77Data, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
+from distill.data import TaskData, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
 from distill.labeling import read_records
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
@@ -39,7 +39,7 @@ class CurationStage(Stage[CurationManifest]):
     title = "curation and SFT data"
     manifest_type = CurationManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+    def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
         self.data = data
         self.teacher = TeacherStage(cfg, data)

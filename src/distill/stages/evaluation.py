@@ -11,7 +11,7 @@ import dspy
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
-from distill.data import Banking77Data, read_jsonl
+from distill.data import TaskData, read_jsonl
 from distill.evaluation import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
 from distill.learning_curve import CurveRow, curve_csv, plot_curve, read_curve
 from distill.plots import plot_confusion_matrix, plot_variant_scores
@@ -51,7 +51,7 @@ class EvaluationStage(Stage[EvalManifest]):
     title = "evaluation and prompt optimization (BootstrapFewShotWithRandomSearch)"
     manifest_type = EvalManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data, curation: CurationStage, finetune: FinetuneStage) -> None:
+    def __init__(self, cfg: Config, data: TaskData, curation: CurationStage, finetune: FinetuneStage) -> None:
         super().__init__(cfg)
         self.data, self.curation, self.finetune = data, curation, finetune
         self.baselines = BaselinesStage(cfg, data)

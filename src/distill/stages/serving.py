@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from distill.config import Config
-from distill.data import Banking77Data
+from distill.data import TaskData
 from distill.deploy import PROGRAM_APP, template_serve_config
 from distill.program import DeployParams
 from distill.serving.control import forward_env_names, shutdown, start_serve_config, wait_until_healthy
@@ -52,7 +52,7 @@ class ServingStage(Stage[ServingManifest]):
     title = "serving: POST /classify_intent"
     manifest_type = ServingManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data, evaluation: EvaluationStage, finetune: FinetuneStage,
+    def __init__(self, cfg: Config, data: TaskData, evaluation: EvaluationStage, finetune: FinetuneStage,
                  keep_running: bool = False) -> None:
         super().__init__(cfg)
         self.data, self.evaluation, self.finetune, self.keep_running = data, evaluation, finetune, keep_running

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from distill.config import Config
-from distill.data import Banking77Data
+from distill.data import TaskData
 from distill.errors import DistillError
 from distill.evaluation import measure_calls
 from distill.labeling import label_queries, quality_gate, score_teacher
@@ -54,7 +54,7 @@ class TeacherStage(Stage[TeacherManifest]):
     title = "teacher: quality gate and labeling"
     manifest_type = TeacherManifest
 
-    def __init__(self, cfg: Config, data: Banking77Data) -> None:
+    def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
         self.data = data
 
