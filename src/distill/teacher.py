@@ -45,8 +45,20 @@ def resolve_embedder(spec: str) -> str:
 def load_embedder(spec: str) -> Any:
     """A SentenceTransformer (loaded once per process); offline when the model is a local directory."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
-    return SentenceTransformer(resolve_embedder(spec), device="cpu")
+    from distill import logs
+
+    # transformers draws a "Loading weights" bar for a 100-tensor model that loads in milliseconds: one
+    # more stderr line in every notebook section that embeds. Kept when verbose.
+    quiet = not logs.settings().verbose and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(resolve_embedder(spec), device="cpu")
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def embed(spec: str, texts: Sequence[str]) -> np.ndarray:
