@@ -42,7 +42,7 @@ from pathlib import Path
 
 from PIL import Image
 
-chromium, out = sys.argv[1], Path(sys.argv[2])
+chromium, out = sys.argv[1], Path(sys.argv[2]).resolve()  # as_uri() needs an absolute path
 WIDTH, PAGE, SHOT = 1280, 1600, 16000  # a window much taller than 16000 px may come out blank
 FLAGS = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
          "--disable-dev-shm-usage", "--no-first-run"]
