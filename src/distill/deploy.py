@@ -65,10 +65,7 @@ def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model
         if base is None:
             raise DistillError(f"application {app.get('name')!r} has no LLMConfig with model_id {base_model!r}")
         if lora_storage is not None:
-            if not lora_storage.startswith(OBJECT_STORAGE):
-                raise DistillError(
-                    f"ray.serve.llm loads LoRA adapters only from object storage ({', '.join(OBJECT_STORAGE)}), "
-                    f"not {lora_storage!r}: set finetune.adapter_storage to a bucket")
+            _require_object_storage(lora_storage)
             base.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_storage.rstrip("/")
         if not (base.get("lora_config") or {}).get("dynamic_lora_loading_path"):
             raise DistillError(f"the LLMConfig of {base_model!r} has no lora_config.dynamic_lora_loading_path: "
@@ -78,6 +75,28 @@ def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model
         return app
     raise DistillError(f"application {app.get('name')!r}: unknown LLM application {app['import_path']!r} "
                        f"(expected {LOCAL_LLM_APP} or {RAY_LLM_APP})")
+
+
+def check_lora_storage(serve_config: str | Path, lora_storage: str | None) -> None:
+    """Refuse, before a finetune starts, adapter storage the student's LLM application cannot load from.
+
+    ray.serve.llm's LoraConfig reads adapters from object storage only: a local path or a file:// URI would be
+    published after an hour of training and then fail when the student config is templated or served.
+    """
+    raw = load_serve_config(resolve_path(serve_config))
+    if not any(app["import_path"] == RAY_LLM_APP for app in raw["applications"]):
+        return  # our llama.cpp app loads the adapter from a local file
+    if lora_storage is None:
+        raise DistillError(f"{serve_config} serves the student with ray.serve.llm, which loads LoRA adapters only "
+                           f"from object storage: set finetune.adapter_storage ({', '.join(OBJECT_STORAGE)})")
+    _require_object_storage(lora_storage)
+
+
+def _require_object_storage(lora_storage: str) -> None:
+    if not lora_storage.startswith(OBJECT_STORAGE):
+        raise DistillError(
+            f"ray.serve.llm loads LoRA adapters only from object storage ({', '.join(OBJECT_STORAGE)}), "
+            f"not {lora_storage!r}: set finetune.adapter_storage to a bucket")
 
 
 def template_serve_config(source: str | Path, out: Path, *, base_model: str, finetuned_model: str,
@@ -102,3 +121,4 @@ def template_serve_config(source: str | Path, out: Path, *, base_model: str, fin
     load_serve_config(tmp)
     tmp.replace(out)
     return out
+
