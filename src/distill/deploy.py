@@ -122,3 +122,58 @@ def template_serve_config(source: str | Path, out: Path, *, base_model: str, fin
     tmp.replace(out)
     return out
 
+
+# --- the cluster configs on CPU (the rehearsal: vLLM's CPU build behind ray.serve.llm) ----------------
+
+# Engine settings only a GPU has; the CPU build refuses or ignores them.
+GPU_ENGINE_KWARGS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
+
+
+def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len: int = 2048,
+                   kv_cache_gib: int = 2) -> dict[str, Any]:
+    """A cluster LLMConfig as vLLM's CPU build runs it: the same model id, LoRA and engine settings, with
+    local weights (`model_source`), a CPU accelerator, one replica and a shorter context.
+
+    What changes, and why: `accelerator_type` (a GPU name) becomes `accelerator_config: {kind: cpu}`;
+    tensor/pipeline parallelism and GPU memory share go (one CPU worker); `max_model_len` is capped so the
+    KV cache fits `kv_cache_gib` (VLLM_CPU_KVCACHE_SPACE); autoscaling is pinned to one replica (each
+    would be another vLLM engine on the same cores). Validated with Ray's LLMConfig.
+    """
+    c = copy.deepcopy(llm_config)
+    c.pop("accelerator_type", None)
+    c["accelerator_config"] = {"kind": "cpu"}
+    c.setdefault("model_loading_config", {})["model_source"] = model_source
+    engine = c.setdefault("engine_kwargs", {})
+    for key in GPU_ENGINE_KWARGS:
+        engine.pop(key, None)
+    engine["max_model_len"] = min(int(engine.get("max_model_len", max_model_len)), max_model_len)
+    engine["dtype"] = "bfloat16"  # the CPU kernels' type; the exported weights are bf16 too
+    deployment = c.setdefault("deployment_config", {})
+    if "autoscaling_config" in deployment:
+        deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "min_replicas": 1,
+                                            "max_replicas": 1}
+    env = c.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    llm_config_class().model_validate(c)
+    return c
+
+
+def cpu_serve_config(source: str | Path, out: Path, model_source: str, max_model_len: int = 2048) -> Path:
+    """Copy a Serve config with every ray.serve.llm application's LLMConfigs made `cpu_llm_config`s (inlined);
+    the other applications are kept as they are. Validated with Ray's schema before it is written."""
+    raw = load_serve_config(resolve_path(source))
+    found = False
+    for app in raw["applications"]:
+        if app["import_path"] == RAY_LLM_APP:
+            args = app.setdefault("args", {})
+            args["llm_configs"] = [cpu_llm_config(_load_llm_config(ref), model_source, max_model_len)
+                                   for ref in args.get("llm_configs") or []]
+            found = found or bool(args["llm_configs"])
+    if not found:
+        raise DistillError(f"{source}: no {RAY_LLM_APP} application with llm_configs to run on CPU")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_serve_config(tmp)
+    tmp.replace(out)
+    return out
