@@ -117,3 +117,19 @@ def test_local_s3_needs_an_s3_bucket_uri() -> None:
         with pytest.raises(DistillError, match="needs an s3://<bucket>"):
             with local_s3(bad):
                 pass
+
+
+def test_the_rehearsal_empties_only_its_own_artifact_directory(tmp_path) -> None:
+    from distill.rehearse import _fresh_artifacts
+
+    real = tmp_path / "local"
+    real.mkdir()
+    (real / "report.json").write_text("{}")
+    with pytest.raises(DistillError, match="no rehearsal wrote"):
+        _fresh_artifacts(real)
+    assert (real / "report.json").is_file()
+    ours = tmp_path / "cluster_cpu"
+    _fresh_artifacts(ours)
+    (ours / "teacher").mkdir()
+    _fresh_artifacts(ours)  # its own: emptied
+    assert [p.name for p in ours.iterdir()] == [".rehearsal"]

@@ -229,7 +229,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     base_cfg = load_config(profile)
     # A rehearsal proves the path runs: no stage may be skipped as current, and no LM call may come from
     # DSPy's cache, so it starts from an empty artifact directory.
-    shutil.rmtree(base_cfg.artifacts, ignore_errors=True)
+    _fresh_artifacts(base_cfg.artifacts)
     t = time.time()
     model_dir = export_hf_model()
     summary: dict[str, Any] = {"profile": profile, "model_dir": str(model_dir),
@@ -290,6 +290,18 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     out.write_text(json.dumps(summary, indent=2))
     print(f"rehearsal passed in {summary['wall_seconds']:.0f} s; summary: {out}")
     return summary
+
+
+def _fresh_artifacts(directory: Path) -> None:
+    """Empty the rehearsal's artifact directory -- only one a rehearsal made (DISTILL_ARTIFACTS_DIR may
+    point anywhere, e.g. at a real run's artifacts)."""
+    marker = directory / ".rehearsal"
+    if directory.exists() and any(directory.iterdir()) and not marker.is_file():
+        raise DistillError(f"{directory} holds artifacts no rehearsal wrote: not deleting them; point "
+                           f"DISTILL_ARTIFACTS_DIR at an empty directory")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    marker.write_text("written by python -m distill.rehearse, which empties this directory on every run\n")
 
 
 def _stage_seconds(cfg: Config, stage: str) -> float | None:
