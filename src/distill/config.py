@@ -241,7 +241,7 @@ class ServingConfig(_Strict):
     deploy_config: str = Field("local_deploy_dspy.yaml", description="Multi-app Serve config: program + LLM.")
     url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
     sample_queries: int = Field(10, ge=1, description="Test queries the serving stage sends over HTTP.")
-    timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz.")
+    timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz (and an LLM endpoint's /models).")
 
 
 class ModelsConfig(_Strict):

@@ -65,10 +65,7 @@ def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model
         if base is None:
             raise DistillError(f"application {app.get('name')!r} has no LLMConfig with model_id {base_model!r}")
         if lora_storage is not None:
-            if not lora_storage.startswith(OBJECT_STORAGE):
-                raise DistillError(
-                    f"ray.serve.llm loads LoRA adapters only from object storage ({', '.join(OBJECT_STORAGE)}), "
-                    f"not {lora_storage!r}: set finetune.adapter_storage to a bucket")
+            _require_object_storage(lora_storage)
             base.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_storage.rstrip("/")
         if not (base.get("lora_config") or {}).get("dynamic_lora_loading_path"):
             raise DistillError(f"the LLMConfig of {base_model!r} has no lora_config.dynamic_lora_loading_path: "
@@ -78,6 +75,28 @@ def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model
         return app
     raise DistillError(f"application {app.get('name')!r}: unknown LLM application {app['import_path']!r} "
                        f"(expected {LOCAL_LLM_APP} or {RAY_LLM_APP})")
+
+
+def check_lora_storage(serve_config: str | Path, lora_storage: str | None) -> None:
+    """Refuse, before a finetune starts, adapter storage the student's LLM application cannot load from.
+
+    ray.serve.llm's LoraConfig reads adapters from object storage only: a local path or a file:// URI would be
+    published after an hour of training and then fail when the student config is templated or served.
+    """
+    raw = load_serve_config(resolve_path(serve_config))
+    if not any(app["import_path"] == RAY_LLM_APP for app in raw["applications"]):
+        return  # our llama.cpp app loads the adapter from a local file
+    if lora_storage is None:
+        raise DistillError(f"{serve_config} serves the student with ray.serve.llm, which loads LoRA adapters only "
+                           f"from object storage: set finetune.adapter_storage ({', '.join(OBJECT_STORAGE)})")
+    _require_object_storage(lora_storage)
+
+
+def _require_object_storage(lora_storage: str) -> None:
+    if not lora_storage.startswith(OBJECT_STORAGE):
+        raise DistillError(
+            f"ray.serve.llm loads LoRA adapters only from object storage ({', '.join(OBJECT_STORAGE)}), "
+            f"not {lora_storage!r}: set finetune.adapter_storage to a bucket")
 
 
 def template_serve_config(source: str | Path, out: Path, *, base_model: str, finetuned_model: str,
@@ -96,6 +115,62 @@ def template_serve_config(source: str | Path, out: Path, *, base_model: str, fin
             app = with_finetuned_student(app, base_model, finetuned_model, adapter, lora_storage)
         apps.append(app)
     raw["applications"] = apps
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_serve_config(tmp)
+    tmp.replace(out)
+    return out
+
+
+# --- the cluster configs on CPU (the rehearsal: vLLM's CPU build behind ray.serve.llm) ----------------
+
+# Engine settings only a GPU has; the CPU build refuses or ignores them.
+GPU_ENGINE_KWARGS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
+
+
+def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len: int = 2048,
+                   kv_cache_gib: int = 2) -> dict[str, Any]:
+    """A cluster LLMConfig as vLLM's CPU build runs it: the same model id, LoRA and engine settings, with
+    local weights (`model_source`), a CPU accelerator, one replica and a shorter context.
+
+    What changes, and why: `accelerator_type` (a GPU name) becomes `accelerator_config: {kind: cpu}`;
+    tensor/pipeline parallelism and GPU memory share go (one CPU worker); `max_model_len` is capped so the
+    KV cache fits `kv_cache_gib` (VLLM_CPU_KVCACHE_SPACE); autoscaling is pinned to one replica (each
+    would be another vLLM engine on the same cores). Validated with Ray's LLMConfig.
+    """
+    c = copy.deepcopy(llm_config)
+    c.pop("accelerator_type", None)
+    c["accelerator_config"] = {"kind": "cpu"}
+    c.setdefault("model_loading_config", {})["model_source"] = model_source
+    engine = c.setdefault("engine_kwargs", {})
+    for key in GPU_ENGINE_KWARGS:
+        engine.pop(key, None)
+    engine["max_model_len"] = min(int(engine.get("max_model_len", max_model_len)), max_model_len)
+    engine["dtype"] = "bfloat16"  # the CPU kernels' type; the exported weights are bf16 too
+    deployment = c.setdefault("deployment_config", {})
+    if "autoscaling_config" in deployment:
+        deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "min_replicas": 1,
+                                            "max_replicas": 1}
+    env = c.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    llm_config_class().model_validate(c)
+    return c
+
+
+def cpu_serve_config(source: str | Path, out: Path, model_source: str, max_model_len: int = 2048) -> Path:
+    """Copy a Serve config with every ray.serve.llm application's LLMConfigs made `cpu_llm_config`s (inlined);
+    the other applications are kept as they are. Validated with Ray's schema before it is written."""
+    raw = load_serve_config(resolve_path(source))
+    found = False
+    for app in raw["applications"]:
+        if app["import_path"] == RAY_LLM_APP:
+            args = app.setdefault("args", {})
+            args["llm_configs"] = [cpu_llm_config(_load_llm_config(ref), model_source, max_model_len)
+                                   for ref in args.get("llm_configs") or []]
+            found = found or bool(args["llm_configs"])
+    if not found:
+        raise DistillError(f"{source}: no {RAY_LLM_APP} application with llm_configs to run on CPU")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))

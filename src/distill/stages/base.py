@@ -188,5 +188,7 @@ def served(cfg: Config, lm_cfg: LMConfig, serve_config: str | Path | None = None
            models: list[str] | None = None) -> Iterator[None]:
     """The endpoint of `lm_cfg` up (from its Serve config, or `serve_config`) for this block."""
     path = cfg.path(serve_config or lm_cfg.serve_config or "")
-    with serving(path, lm_cfg.api_base, models=models or [lm_cfg.model], forward_env=forward_env_names(cfg)):
+    # serving.timeout_s, not serving()'s 180 s default: vLLM loading a cluster model takes longer than that
+    with serving(path, lm_cfg.api_base, models=models or [lm_cfg.model], forward_env=forward_env_names(cfg),
+                 timeout_s=cfg.serving.timeout_s):
         yield

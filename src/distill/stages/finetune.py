@@ -13,7 +13,7 @@ import dspy
 
 from distill.config import Config
 from distill.data import read_jsonl
-from distill.deploy import template_serve_config
+from distill.deploy import check_lora_storage, template_serve_config
 from distill.errors import DistillError
 from distill.finetune import load_recipe
 from distill.lm import make_lm
@@ -135,6 +135,7 @@ class FinetuneStage(Stage[FinetuneManifest]):
     def run(self) -> FinetuneManifest:
         cfg, ft, st = self.cfg, self.cfg.finetune, self.cfg.models.student
         load_recipe(cfg.path(ft.recipe), ft.training)  # a bad recipe fails here, before Ray starts
+        check_lora_storage(st.serve_config or "", ft.adapter_storage)  # and storage ray.serve.llm cannot read
         address = self.configured_address()
         started_ray = address is None
         try:
