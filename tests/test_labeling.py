@@ -165,12 +165,14 @@ def test_killed_ray_data_job_resumes_without_loss_or_duplicates(cfg, data, teach
     out = tmp_path / "labels"
     # A second driver on the Ray that serves the teacher (as the pipeline's own job would be), killed mid-run.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RAY, str(out), str(job)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "job.log"  # a file, not a pipe: Ray Data's progress bars would fill a pipe and stall it
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RAY, str(out), str(job)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and _finished_shards(out) < 2:
         time.sleep(0.2)
-    assert proc.poll() is None, f"labeling ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, f"labeling ended before it could be killed: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # Ray stops the dead driver's actors and tasks
@@ -187,6 +189,19 @@ def test_killed_ray_data_job_resumes_without_loss_or_duplicates(cfg, data, teach
     assert Counter(shard_ids).most_common(1)[0][1] == 1  # no id in two shards either
     assert all(r["label"] in data.labels for r in records)
     assert label_queries_ray(teacher, cfg.models.teacher, queries, out, SMALL_JOB, fingerprint="t").new == 0
+
+
+@slow
+def test_ray_data_records_failed_calls_and_retries_them(cfg, data, teacher_lm, tmp_path) -> None:
+    queries = data.to_label[:3]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    dead = cfg.models.teacher.model_copy(update={"api_base": "http://127.0.0.1:9/v1", "timeout_s": 2})
+    failed = label_queries_ray(teacher, dead, queries, tmp_path, SMALL_JOB, fingerprint="t", cache=False,
+                               lm_kwargs={"num_retries": 0})
+    assert (failed.new, failed.failed) == (0, 3)
+    assert len(read_records(tmp_path / "errors.jsonl")) == 3 and not read_records(tmp_path / "labels.jsonl")
+    retried = label_queries_ray(teacher, cfg.models.teacher, queries, tmp_path, SMALL_JOB, fingerprint="t", cache=False)
+    assert (retried.new, retried.failed, retried.labeled) == (3, 0, 3)
 
 
 def test_failed_calls_are_recorded_and_retried(cfg, data, tmp_path) -> None:

@@ -54,7 +54,8 @@ def test_fold_shards_into_labels_jsonl(tmp_path) -> None:
     ])
     good = (run2 / "b.parquet").read_bytes()
     (run2 / "c.parquet").write_bytes(good[: len(good) // 2])  # its writer was killed mid-file
-    (tmp_path / "labels.jsonl").write_text(json.dumps({"id": "0", "text": "t0", "label": "w", "latency_s": 1}) + "\n")
+    (tmp_path / "labels.jsonl").write_text(json.dumps({"id": "0", "text": "t0", "label": "w", "latency_s": 1}) + "\n"
+                                           + '{"id": "9", "te')  # and a line torn by a kill
 
     assert fold_shards(tmp_path) == 2
     records = read_records(tmp_path / "labels.jsonl")

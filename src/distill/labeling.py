@@ -107,6 +107,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 SHARDS_DIR = "shards"
 
 
+def labeled_ids(path: Path) -> set[str]:
+    """The ids in a JSONL file, read line by line (a million records' texts never sit in memory at once)."""
+    if not path.is_file():
+        return set()
+    ids = set()
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                ids.add(json.loads(line)["id"])
+            except json.JSONDecodeError:  # a torn line: read_records drops it (last) or names it (not last)
+                return {r["id"] for r in read_records(path)}
+    return ids
+
+
 def record(qid: str, text: str, pred: dspy.Prediction, seconds: float) -> dict[str, Any]:
     """One line of labels.jsonl: the same fields whichever engine labeled the query."""
     rec = {"id": qid, "text": text, "label": pred.label, "latency_s": round(seconds, 3)}
@@ -178,7 +194,7 @@ def fold_shards(out_dir: Path) -> int:
     if not files:
         return 0
     path = out_dir / "labels.jsonl"
-    have = {r["id"] for r in read_records(path)}
+    have = labeled_ids(path)
     added = 0
     with path.open("a", encoding="utf-8") as out:
         for f in files:

@@ -1,7 +1,11 @@
 """Teacher labeling as a Ray Data job (`teacher.engine: ray_data`), for query sets far beyond one process.
 
-    read_parquet(queries) -> drop the ids already labeled -> repartition(batch_size rows per block)
+    read_parquet(queries) -> drop the ids already labeled
       -> map_batches(TeacherLabeler, ActorPoolStrategy) -> write_parquet(shards/<run>/)
+
+Blocks are kept to a few batches of rows (the job's DataContext.target_max_block_size, from the input's
+bytes per row), so the actors share the work even when the input is one file and their labels reach the
+writer batch by batch rather than when a whole file is done.
 
 Each actor holds one copy of the teacher program -- the very object the threads engine calls, so the
 prompts, retrieval and candidates are the same -- and one DSPy LM client to the served endpoint, where
@@ -38,8 +42,8 @@ from distill.labeling import (
     done_ids,
     error_record,
     fold_shards,
+    labeled_ids,
     query_id,
-    read_records,
     read_shard,
     record,
     start_labeling,
@@ -92,6 +96,18 @@ def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=done)))
 
 
+def parquet_files(source: Path) -> list[Path]:
+    return sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+
+
+def block_bytes(files: Sequence[Path], rows: int) -> int:
+    """Bytes of `rows` rows of the input (Parquet's uncompressed sizes): the job's target block size."""
+    metas = [pq.read_metadata(f) for f in files]
+    n = sum(m.num_rows for m in metas)
+    size = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
+    return max(1024, int(rows * size / max(1, n)))
+
+
 def write_queries(queries: Sequence[dspy.Example], path: Path) -> list[str]:
     """The queries as a Parquet file of (id, text) for the job to read; returns their ids."""
     ids = [query_id(i, q.text) for i, q in enumerate(queries)]
@@ -114,8 +130,8 @@ def label_queries_ray(
 ) -> LabelingResult:
     """Label every query once with a Ray Data job into `out_dir` (shards + labels.jsonl), resuming.
 
-    `queries` is the query list (ids as the threads engine gives them) or a Parquet file with `id` and
-    `text` columns, read in streaming (a million queries never sit in this process).
+    `queries` is the query list (ids as the threads engine gives them) or a Parquet file (or a directory
+    of them) with `id` and `text` columns, read in streaming (a million queries never sit in this process).
     Runs on the Ray this process is connected to (the one serving the teacher), else starts one.
     """
     import ray
@@ -124,8 +140,9 @@ def label_queries_ray(
     path, err_path = out_dir / "labels.jsonl", out_dir / "errors.jsonl"
     fold_shards(out_dir)  # what a killed run finished counts as done
     if isinstance(queries, Path):
-        source, total = queries, pq.read_metadata(queries).num_rows
-        done = {r["id"] for r in read_records(path)}
+        source = queries
+        total = sum(pq.read_metadata(f).num_rows for f in parquet_files(source))
+        done = labeled_ids(path)
     else:
         source, total = out_dir / "queries.parquet", len(queries)
         done = done_ids(path, write_queries(queries, source))
@@ -141,12 +158,19 @@ def label_queries_ray(
     run_dir = out_dir / SHARDS_DIR / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     print(f"labeling {todo} of {total} queries with Ray Data: {settings.actors} actors x {settings.calls_per_actor} "
           f"calls, shards of {settings.rows_per_shard} rows in {run_dir}")
-    ds = ray.data.read_parquet(str(source), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+    ctx = ray.data.DataContext.get_current()
+    default_block = ctx.target_max_block_size
+    # Blocks of about four batches (a dataset keeps the context it was created under: the setting is this
+    # job's alone). Not Dataset.repartition: its tasks each ask for a whole CPU, and on 2 cores the Serve
+    # replica holds one of the two.
+    ctx.target_max_block_size = block_bytes(parquet_files(source), 4 * settings.batch_size)
+    try:
+        ds = ray.data.read_parquet(str(source), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+    finally:
+        ctx.target_max_block_size = default_block
     if done:
         ds = ds.map_batches(_drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())},
                             batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_TASK_CPUS)
-    # Blocks of batch_size rows, streamed: the actors share the work even when the input is one block.
-    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
     ds = ds.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"teacher": teacher, "lm_cfg": lm_cfg, "cache": cache,
@@ -171,7 +195,7 @@ def label_queries_ray(
                     err.write(json.dumps(error_record(row["id"], row["text"], row["error"]), ensure_ascii=False) + "\n")
                     failed += 1
     new = fold_shards(out_dir)
-    labeled = len(read_records(path))
+    labeled = len(labeled_ids(path))
     print(f"labeled {new} queries in {seconds:.1f} s with Ray Data ({new / seconds:.2f} queries/s)")
     if failed:
         console.print(f"[yellow]{failed} queries failed (see {err_path}); rerun to retry them[/]")
