@@ -165,7 +165,7 @@ def label_queries_ray(
     # replica holds one of the two.
     ctx.target_max_block_size = block_bytes(parquet_files(source), 4 * settings.batch_size)
     try:
-        ds = ray.data.read_parquet(str(source), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+        ds = ray.data.read_parquet(str(source), num_cpus=LIGHT_TASK_CPUS)
     finally:
         ctx.target_max_block_size = default_block
     if done:
