@@ -159,15 +159,16 @@ def label_queries_ray(
     print(f"labeling {todo} of {total} queries with Ray Data: {settings.actors} actors x {settings.calls_per_actor} "
           f"calls, shards of {settings.rows_per_shard} rows in {run_dir}")
     ctx = ray.data.DataContext.get_current()
-    default_block = ctx.target_max_block_size
-    # Blocks of about four batches (a dataset keeps the context it was created under: the setting is this
-    # job's alone). Not Dataset.repartition: its tasks each ask for a whole CPU, and on 2 cores the Serve
-    # replica holds one of the two.
+    default_block, default_v2 = ctx.target_max_block_size, ctx.use_datasource_v2
+    # Blocks of about four batches (a dataset keeps the context it was created under: the settings are this
+    # job's alone). Not Dataset.repartition, nor the V2 Parquet reader: their tasks (repartition, ListFiles)
+    # each ask for a whole CPU, and on 2 cores the Serve replica holds one of the two (a deadlock, seen).
     ctx.target_max_block_size = block_bytes(parquet_files(source), 4 * settings.batch_size)
+    ctx.use_datasource_v2 = False
     try:
         ds = ray.data.read_parquet(str(source), num_cpus=LIGHT_TASK_CPUS)
     finally:
-        ctx.target_max_block_size = default_block
+        ctx.target_max_block_size, ctx.use_datasource_v2 = default_block, default_v2
     if done:
         ds = ds.map_batches(_drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())},
                             batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_TASK_CPUS)

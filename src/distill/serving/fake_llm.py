@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -75,7 +75,8 @@ class FixedLatencyLLM:
         return {"object": "list", "data": [{"id": self.args.model, "object": "model", "owned_by": "distill"}]}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, request: Request) -> dict[str, Any]:
+        body = await request.json()
         await asyncio.sleep(self.args.latency_s)
         content = answer(body)
         return {
