@@ -10,8 +10,8 @@ requests per second.
     serve.run(build_app({"latency_s": 0.05, "num_replicas": 2}), route_prefix="/")
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see `Request` itself in the Serve ingress (as a
+# string it took it for a query parameter and answered 422, as distill.serving.llm also avoids).
 import asyncio
 import hashlib
 import json
