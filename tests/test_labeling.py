@@ -1,5 +1,6 @@
-"""Teacher labeling against the real local teacher endpoint: a real kill mid-run, then a resume that
-labels every query exactly once; SFT messages equal the student's inference prompt; curation counts."""
+"""Teacher labeling against the real local teacher endpoint, with both engines (threads, Ray Data): a real
+kill mid-run, then a resume that labels every query exactly once; the same labels from both engines; SFT
+messages equal the student's inference prompt; curation counts."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 import dspy
+import pyarrow.parquet as pq
 import pytest
 
-from distill.config import load_config
+from distill.config import RayDataLabelingConfig, load_config
 from distill.curation import curate, normalize_text, sft_messages, to_sft
 from distill.data import prepare_data
 from distill.errors import ConfigError, DataError, DistillError
-from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records
+from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records, shard_files
+from distill.labeling_ray import label_queries_ray
 from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
 from distill.serving.control import serving
@@ -58,7 +61,7 @@ KILLABLE = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from distill.config import load_config
+    from distill.config import RayDataLabelingConfig, load_config
     from distill.data import prepare_data
     from distill.labeling import label_queries
     from distill.lm import make_lm
@@ -101,6 +104,104 @@ def test_killed_labeling_resumes_without_loss_or_duplicates(cfg, data, teacher_l
     assert all(r["label"] in data.labels for r in records)
     # a third run has nothing left to do
     assert label_queries(teacher, teacher_lm, queries, out, threads=2, fingerprint="t").new == 0
+
+
+# Small batches and shards, so that a job of a few dozen queries writes many shards (and can be killed
+# between them); two actors, as the threads engine's two threads.
+SMALL_JOB = RayDataLabelingConfig(actors=2, batch_size=2, rows_per_shard=2)
+
+
+@slow
+def test_ray_data_gives_the_labels_threads_give(cfg, data, teacher_lm, tmp_path) -> None:
+    queries = data.to_label[:12]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    threads = label_queries(teacher, teacher_lm, queries, tmp_path / "threads", threads=2, fingerprint="t")
+    ray_data = label_queries_ray(teacher, cfg.models.teacher, queries, tmp_path / "ray", SMALL_JOB, fingerprint="t",
+                                 cache=False)
+    assert (threads.new, ray_data.new, ray_data.failed) == (12, 12, 0)
+    assert len(shard_files(tmp_path / "ray")) >= 2  # the labels came through Parquet shards
+
+    def fields(path):  # everything but the timing
+        return {r["id"]: {k: v for k, v in r.items() if k != "latency_s"} for r in read_records(path)}
+
+    assert fields(threads.path) == fields(ray_data.path)  # same labels, same record fields (greedy, same prompts)
+
+
+KILLABLE_RAY = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from ray import cloudpickle
+    from distill.config import RayDataLabelingConfig, load_config
+    from distill.labeling_ray import label_queries_ray
+
+    teacher, queries = cloudpickle.loads(Path(sys.argv[2]).read_bytes())
+    cfg = load_config("local_ci")
+    label_queries_ray(teacher, cfg.models.teacher, queries, Path(sys.argv[1]),
+                      RayDataLabelingConfig(actors=2, batch_size=2, rows_per_shard=2), fingerprint="t", cache=False)
+    """
+)
+
+
+def _finished_shards(out: Path) -> int:
+    n = 0
+    for f in shard_files(out):
+        try:
+            n += pq.read_metadata(f).num_rows > 0
+        except Exception:  # noqa: BLE001 - being written
+            pass
+    return n
+
+
+@slow
+def test_killed_ray_data_job_resumes_without_loss_or_duplicates(cfg, data, teacher_lm, tmp_path) -> None:
+    import ray
+    from ray import cloudpickle
+
+    queries = data.to_label[:N_QUERIES]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    job = tmp_path / "job.pkl"
+    job.write_bytes(cloudpickle.dumps((teacher, queries)))
+    out = tmp_path / "labels"
+    # A second driver on the Ray that serves the teacher (as the pipeline's own job would be), killed mid-run.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = tmp_path / "job.log"  # a file, not a pipe: Ray Data's progress bars would fill a pipe and stall it
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RAY, str(out), str(job)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and _finished_shards(out) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"labeling ended before it could be killed: {log.read_text()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # Ray stops the dead driver's actors and tasks
+    before = _finished_shards(out)
+    assert 2 <= before and not (out / "labels.jsonl").exists()  # killed before its end-of-job fold
+
+    result = label_queries_ray(teacher, cfg.models.teacher, queries, out, SMALL_JOB, fingerprint="t", cache=False)
+    records = read_records(out / "labels.jsonl")
+    ids = [r["id"] for r in records]
+    assert Counter(ids).most_common(1)[0][1] == 1  # nothing labeled twice
+    assert set(ids) == {query_id(i, q.text) for i, q in enumerate(queries)}  # nothing lost
+    assert 0 < result.new < N_QUERIES and result.failed == 0  # the killed job's finished shards were kept
+    shard_ids = [i for f in shard_files(out) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    assert Counter(shard_ids).most_common(1)[0][1] == 1  # no id in two shards either
+    assert all(r["label"] in data.labels for r in records)
+    assert label_queries_ray(teacher, cfg.models.teacher, queries, out, SMALL_JOB, fingerprint="t").new == 0
+
+
+@slow
+def test_ray_data_records_failed_calls_and_retries_them(cfg, data, teacher_lm, tmp_path) -> None:
+    queries = data.to_label[:3]
+    teacher = build_teacher(cfg, data.labels, data.gold)
+    dead = cfg.models.teacher.model_copy(update={"api_base": "http://127.0.0.1:9/v1", "timeout_s": 2})
+    failed = label_queries_ray(teacher, dead, queries, tmp_path, SMALL_JOB, fingerprint="t", cache=False,
+                               lm_kwargs={"num_retries": 0})
+    assert (failed.new, failed.failed) == (0, 3)
+    assert len(read_records(tmp_path / "errors.jsonl")) == 3 and not read_records(tmp_path / "labels.jsonl")
+    retried = label_queries_ray(teacher, cfg.models.teacher, queries, tmp_path, SMALL_JOB, fingerprint="t", cache=False)
+    assert (retried.new, retried.failed, retried.labeled) == (3, 0, 3)
 
 
 def test_failed_calls_are_recorded_and_retried(cfg, data, tmp_path) -> None:

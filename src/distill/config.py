@@ -177,6 +177,19 @@ class LMConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
 
 
+class RayDataLabelingConfig(_Strict):
+    """teacher.engine ray_data: how the Ray Data labeling job is sized. Concurrent teacher calls are
+    actors x calls_per_actor; each actor holds one DSPy LM client and one copy of the teacher program."""
+
+    actors: int = Field(2, ge=1, description="Teacher actors (ActorPoolStrategy size).")
+    calls_per_actor: int = Field(1, ge=1, description="Batches one actor labels at once (threads in the actor).")
+    batch_size: int = Field(8, ge=1, description="Queries per map_batches call.")
+    # Finished rows are buffered until a shard is this big: what a killed job may have to label again.
+    rows_per_shard: int = Field(64, ge=1, description="Rows per Parquet shard (min_rows_per_file).")
+    num_cpus_per_actor: float = Field(
+        0.25, gt=0, description="Logical CPUs an actor reserves (it mostly waits on the endpoint).")
+
+
 class TeacherConfig(_Strict):
     # zero_shot: the plain program. knn: the k nearest gold examples as demonstrations (nearest last).
     # knn_candidates: knn, and the answer is restricted (by the server's grammar) to the labels of the
@@ -196,7 +209,11 @@ class TeacherConfig(_Strict):
     )
     min_accuracy_gold: float = Field(0.65, ge=0.0, le=1.0, description="Quality gate on unseen gold labels.")
     gate_size: int | None = Field(None, ge=1, description="Gold examples the gate scores (leave-one-out); null = all.")
-    threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling.")
+    threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling (engine threads).")
+    # threads: a thread pool in this process (the embedded default). ray_data: a Ray Data job that streams
+    # the queries through actors running the same teacher program (distill.labeling_ray), for large sets.
+    engine: Literal["threads", "ray_data"] = "threads"
+    ray_data: RayDataLabelingConfig = RayDataLabelingConfig()
 
 
 class CurationConfig(_Strict):

@@ -4,6 +4,10 @@ Labels are appended to `<artifacts>/labels/labels.jsonl` one line per query as t
 main thread only. A rerun skips every query already there, so a run killed half-way resumes without
 losing or duplicating a record. Failed calls go to `errors.jsonl` with their error and are retried on
 the next run; they never reach `labels.jsonl`.
+
+The Ray Data engine (`distill.labeling_ray`) writes Parquet shards under `shards/` instead; every run
+of either engine first folds the finished shards' labels into `labels.jsonl` (`fold_shards`), so
+`labels.jsonl` stays the one contract curation reads, whichever engine wrote the labels.
 """
 
 from __future__ import annotations
@@ -100,6 +104,119 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+SHARDS_DIR = "shards"
+
+
+def labeled_ids(path: Path) -> set[str]:
+    """The ids in a JSONL file, read line by line (a million records' texts never sit in memory at once)."""
+    if not path.is_file():
+        return set()
+    ids = set()
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                ids.add(json.loads(line)["id"])
+            except json.JSONDecodeError:  # a torn line: read_records drops it (last) or names it (not last)
+                return {r["id"] for r in read_records(path)}
+    return ids
+
+
+def record(qid: str, text: str, pred: dspy.Prediction, seconds: float) -> dict[str, Any]:
+    """One line of labels.jsonl: the same fields whichever engine labeled the query."""
+    rec = {"id": qid, "text": text, "label": pred.label, "latency_s": round(seconds, 3)}
+    if "reasoning" in pred:  # ChainOfThought programs: the SFT assistant turn needs it
+        rec["reasoning"] = pred.reasoning
+    for key in ("source", "confidence"):  # vote_llm: who answered, how sure the vote was
+        if key in pred:
+            rec[key] = pred[key]
+    return rec
+
+
+def error_record(qid: str, text: str, error: BaseException | str) -> dict[str, Any]:
+    """One line of errors.jsonl."""
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"id": qid, "text": text, "error": msg, "time": time.time()}
+
+
+def start_labeling(out_dir: Path, fingerprint: str) -> None:
+    """Set aside the labels (and shards) of another teacher or data; record the current fingerprint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, meta_path, shards = out_dir / "labels.jsonl", out_dir / "meta.json", out_dir / SHARDS_DIR
+    if meta_path.is_file() and (path.is_file() or shards.is_dir()):
+        old = json.loads(meta_path.read_text()).get("fingerprint")
+        if old != fingerprint:  # another teacher or data: start over, keep the old files for reference
+            if path.is_file():
+                path.replace(out_dir / f"labels.{old}.jsonl")
+            if shards.is_dir():
+                shards.replace(out_dir / f"{SHARDS_DIR}.{old}")
+            console.print(f"teacher/data changed since the last labeling run; moved old labels to *.{old}*")
+    meta_path.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+def shard_files(out_dir: Path) -> list[Path]:
+    """The Parquet shards of every Ray Data run (`shards/<run>/*.parquet`), oldest run first."""
+    return sorted((out_dir / SHARDS_DIR).glob("*/*.parquet"))
+
+
+def read_shard(path: Path) -> list[dict[str, Any]] | None:
+    """A shard's rows, or None when it is torn (its writer was killed before the footer): it is renamed
+    `*.torn` so that it is never read again, and its queries are labeled again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        torn = path.with_name(path.name + ".torn")
+        path.replace(torn)
+        console.print(f"[yellow]{path} is incomplete ({e}); set aside as {torn.name}, its queries are relabeled[/]")
+        return None
+
+
+def shard_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A labeled shard row as a labels.jsonl record (the optional fields only when the program gave them)."""
+    rec = {"id": row["id"], "text": row["text"], "label": row["label"], "latency_s": row["latency_s"]}
+    for key in ("reasoning", "source", "confidence"):
+        if row.get(key) is not None:
+            rec[key] = row[key]
+    return rec
+
+
+def fold_shards(out_dir: Path) -> int:
+    """Append the labeled rows of every finished shard that labels.jsonl lacks; returns how many.
+
+    Idempotent, and safe to interrupt: an id already in labels.jsonl is never written again (the first
+    label of a query wins), and a torn last line is dropped by `read_records` on the next call.
+    """
+    files = shard_files(out_dir)
+    if not files:
+        return 0
+    path = out_dir / "labels.jsonl"
+    have = labeled_ids(path)
+    added = 0
+    with path.open("a", encoding="utf-8") as out:
+        for f in files:
+            for row in read_shard(f) or []:
+                if row["error"] is None and row["id"] not in have:
+                    out.write(json.dumps(shard_record(row), ensure_ascii=False) + "\n")
+                    have.add(row["id"])
+                    added += 1
+    return added
+
+
+def done_ids(path: Path, ids: Sequence[str]) -> set[str]:
+    """The ids labels.jsonl holds, all of them among `ids` (else a clear error: the query list changed)."""
+    known = set(ids)
+    done = set()
+    for r in read_records(path):
+        if r["id"] not in known:
+            raise DistillError(f"{path} holds a record for a query not in this run ({r['id']}); delete it to relabel")
+        done.add(r["id"])
+    return done
+
+
 @dataclass
 class LabelingResult:
     path: Path
@@ -118,23 +235,11 @@ def label_queries(
     fingerprint: str = "",
 ) -> LabelingResult:
     """Label every query once into `out_dir/labels.jsonl`, resuming from what is already there."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path, err_path, meta_path = out_dir / "labels.jsonl", out_dir / "errors.jsonl", out_dir / "meta.json"
-    if meta_path.is_file() and path.is_file():
-        old = json.loads(meta_path.read_text()).get("fingerprint")
-        if old != fingerprint:  # another teacher or data: start over, keep the old file for reference
-            stale = out_dir / f"labels.{old}.jsonl"
-            path.replace(stale)
-            console.print(f"teacher/data changed since the last labeling run; moved old labels to {stale.name}")
-    meta_path.write_text(json.dumps({"fingerprint": fingerprint}))
-
+    start_labeling(out_dir, fingerprint)
+    path, err_path = out_dir / "labels.jsonl", out_dir / "errors.jsonl"
+    fold_shards(out_dir)  # labels a killed Ray Data run left in its shards count as done here too
     ids = [query_id(i, q.text) for i, q in enumerate(queries)]
-    known = set(ids)
-    done = set()
-    for r in read_records(path):
-        if r["id"] not in known:
-            raise DistillError(f"{path} holds a record for a query not in this run ({r['id']}); delete it to relabel")
-        done.add(r["id"])
+    done = done_ids(path, ids)
     todo = [(qid, q) for qid, q in zip(ids, queries) if qid not in done]
     if not todo:
         console.print(f"labeling: all {len(ids)} queries already labeled in {path}")
@@ -162,18 +267,11 @@ def label_queries(
                 qid, q = futures[fut]
                 try:
                     pred, seconds = fut.result()
-                    rec = {"id": qid, "text": q.text, "label": pred.label, "latency_s": round(seconds, 3)}
-                    if "reasoning" in pred:  # ChainOfThought programs: the SFT assistant turn needs it
-                        rec["reasoning"] = pred.reasoning
-                    for key in ("source", "confidence"):  # vote_llm: who answered, how sure the vote was
-                        if key in pred:
-                            rec[key] = pred[key]
-                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    out.write(json.dumps(record(qid, q.text, pred, seconds), ensure_ascii=False) + "\n")
                     out.flush()
                     new += 1
                 except Exception as e:  # noqa: BLE001 - recorded and retried next run, never dropped silently
-                    rec = {"id": qid, "text": q.text, "error": f"{type(e).__name__}: {e}", "time": time.time()}
-                    err.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    err.write(json.dumps(error_record(qid, q.text, e), ensure_ascii=False) + "\n")
                     err.flush()
                     failed += 1
                 progress.update()

@@ -77,6 +77,16 @@ class LabelVote:
         self._without: dict[int, Any] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray ships the teacher (and this vote) to its labeling actors by pickling; a lock does not pickle.
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _fit(self, rows: Any) -> Any:
         rows = list(rows)
         x = np.vstack([self.gold_vecs[rows], self.names[0]])

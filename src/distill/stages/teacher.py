@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dspy
 from pydantic import BaseModel
 
 from distill.config import Config
 from distill.data import TaskData
 from distill.errors import DistillError
 from distill.evaluation import measure_calls
-from distill.labeling import label_queries, quality_gate, score_teacher
+from distill.labeling import LabelingResult, label_queries, quality_gate, score_teacher
+from distill.labeling_ray import label_queries_ray
 from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint
 from distill.stages.data import data_fingerprint
 from distill.teacher import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
@@ -41,6 +43,8 @@ class TeacherManifest(Manifest):
     labeled: int
     to_label: int
     labels_per_s: float | None  # None when every label was already there (a resumed run)
+    labeling_engine: str = "threads"  # teacher.engine: threads | ray_data
+    labeling_concurrency: int = 0  # concurrent teacher calls while labeling (threads, or actors x calls)
     calls: CallStats
     # vote_llm only: share of queries the LLM answered (the vote answered the rest), and the vote alone.
     llm_share_gold: float | None = None
@@ -65,7 +69,7 @@ class TeacherStage(Stage[TeacherManifest]):
     def labeling_fingerprint(self) -> str:
         """What the labels depend on: the teacher, its prompt and the queries (not how it is timed)."""
         cfg = self.cfg
-        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "min_accuracy_gold"}), cfg.models.teacher.model,
+        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "engine", "ray_data", "min_accuracy_gold"}), cfg.models.teacher.model,
                            prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data))
 
     def inputs(self) -> dict[str, str]:
@@ -100,8 +104,7 @@ class TeacherStage(Stage[TeacherManifest]):
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
             vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
-            result = label_queries(teacher, lm, queries, self.dir, threads=cfg.teacher.threads,
-                                   fingerprint=self.labeling_fingerprint())
+            result = self.label(teacher, lm, queries)
             if result.labeled < len(queries):  # no manifest: the next run retries the failed ones
                 raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
                                    f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
@@ -123,8 +126,23 @@ class TeacherStage(Stage[TeacherManifest]):
             valid_rate=round(test.valid_rate, 4), test_size=test.n, test_queries_per_s=round(test.per_s, 3),
             labeled=result.labeled, to_label=len(queries),
             labels_per_s=round(result.new / result.seconds, 3) if result.new else None, calls=calls,
+            labeling_engine=cfg.teacher.engine, labeling_concurrency=self.labeling_concurrency(),
             llm_share_gold=gate.llm_share, llm_share_test=test.llm_share, vote=vote_summary, calls_llm=calls_llm,
         )
+
+    def label(self, teacher: dspy.Module, lm: dspy.LM, queries: list[dspy.Example]) -> LabelingResult:
+        """Label the queries with the profile's engine, into this stage's directory (resuming)."""
+        t = self.cfg.teacher
+        if t.engine == "ray_data":  # the actors build their own client to the same endpoint, with this cache
+            cache_dir = dspy.cache.disk_cache_dir if dspy.cache.enable_disk_cache else None
+            return label_queries_ray(teacher, self.cfg.models.teacher, queries, self.dir, t.ray_data,
+                                     fingerprint=self.labeling_fingerprint(), cache=True,
+                                     cache_dir=Path(cache_dir) if cache_dir else None)
+        return label_queries(teacher, lm, queries, self.dir, threads=t.threads, fingerprint=self.labeling_fingerprint())
+
+    def labeling_concurrency(self) -> int:
+        t = self.cfg.teacher
+        return t.ray_data.actors * t.ray_data.calls_per_actor if t.engine == "ray_data" else t.threads
 
     def vote_summary(self, teacher: HybridTeacher) -> VoteSummary:
         """The teacher's vote alone on the test queries: what the LLM adds on top of it."""
