@@ -24,6 +24,7 @@ from distill.config import Config, load_config
 from distill.data import TaskData
 from distill.env import check_env, missing
 from distill.errors import DistillError
+from distill.finetune import load_recipe
 from distill.lm import adapter, make_lm
 from distill.plots import VARIANT_NAMES
 from distill.program import DeployParams
@@ -85,19 +86,28 @@ def _record(record: tracking.StageRecord, stage: Stage, m: Manifest) -> None:
         return
     files: list[Path] = []
     dicts: dict[str, Any] = {}
-    series: dict[str, list[float]] = {}
+    series: dict[str, list[tuple[int, float]]] = {}
     if isinstance(m, CurationManifest):
         files, dicts = [Path(m.plot)], {"label_counts.json": m.label_counts}
     elif isinstance(m, FinetuneManifest):
         files = [Path(m.loss_plot)] if m.loss_plot else []
-        series = {"loss": m.loss_history}  # the trainer's loss per logged step, as the Ray job recorded it
+        series = {"loss": loss_steps(stage.cfg, m.loss_history)}
     elif isinstance(m, EvalManifest) and isinstance(stage, EvaluationStage):
         files = [*(Path(p) for p in m.plots.values()), stage.dir / "programs", stage.deploy_params_path]
     record.ran(m.model_dump(mode="json"), m.fingerprint, files, dicts, series)
     if isinstance(stage, EvaluationStage) and stage.cfg.tracking.register_model:
         params = DeployParams.load(stage.deploy_params_path)
-        record.register_program(params.load_program(), make_lm(stage.cfg.models.student, model=params.model),
+        record.register_program(params.load_program(),  # uncached, as the program app calls it
+                                make_lm(stage.cfg.models.student, model=params.model, cache=False),
                                 adapter(params.program.prompt), tracking.model_name(stage.cfg))
+
+
+def loss_steps(cfg: Config, losses: list[float]) -> list[tuple[int, float]]:
+    """The finetune's logged losses (the Ray job's trainer log) at their optimizer steps: the trainer logs
+    every `logging_steps` steps (HF's default 500); a fractional setting falls back to 1, 2, 3, ..."""
+    every = load_recipe(cfg.path(cfg.finetune.recipe), cfg.finetune.training).training.get("logging_steps", 500)
+    every = every if isinstance(every, int) and every >= 1 else 1
+    return [((i + 1) * every, loss) for i, loss in enumerate(losses)]
 
 
 def data_stage(cfg: Config) -> TaskData:

@@ -271,15 +271,19 @@ def _disable_traces() -> None:
     os.environ.pop("MLFLOW_TRACE_SAMPLING_RATIO", None)
 
 
-def call_traced(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(...)`, always traced while a run with traces is in progress (a single call worth seeing whole,
-    e.g. the sanity check), whatever the sampling ratio."""
+def call_traced(name: str, fn: Callable[..., T], **inputs: Any) -> T:
+    """`fn(**inputs)`, always traced while a run with traces is in progress (a single call worth seeing
+    whole, e.g. the sanity check), whatever the sampling ratio."""
     t = _active
     if t is None or t.broken or not t.traces:
-        return fn(*args, **kwargs)
+        return fn(**inputs)
     import mlflow
 
-    return mlflow.trace(fn, name=name, sampling_ratio_override=1.0)(*args, **kwargs)
+    def call(**kw: Any) -> T:  # a function: mlflow.trace names the span and its inputs from it
+        return fn(**kw)
+
+    call.__name__ = name
+    return mlflow.trace(call, name=name, sampling_ratio_override=1.0)(**inputs)
 
 
 @dataclass
@@ -300,8 +304,9 @@ class StageRecord:
                           {SKIPPED_TAG: "true", "distill.fingerprint": fingerprint})
 
     def ran(self, manifest: Mapping[str, Any], fingerprint: str, files: Sequence[Path] = (),
-            dicts: Mapping[str, Any] | None = None, series: Mapping[str, Sequence[float]] | None = None) -> None:
-        """The stage ran: its manifest's numbers, step series (one value per step), files and JSON dicts."""
+            dicts: Mapping[str, Any] | None = None,
+            series: Mapping[str, Sequence[tuple[int, float]]] | None = None) -> None:
+        """The stage ran: its manifest's numbers, step series ((step, value) pairs), files and JSON dicts."""
         t = self.tracker
         if t is None:
             return
@@ -314,7 +319,7 @@ class StageRecord:
         t.safe(f"logging the {self.name} stage's metrics", mlflow.log_metrics, numbers(manifest))
         now, run = int(time.time() * 1000), mlflow.active_run()
         for key, values in (series or {}).items():
-            steps = [Metric(metric_key(key), float(v), now, i) for i, v in enumerate(values)]
+            steps = [Metric(metric_key(key), float(v), now, step) for step, v in values]
             for i in range(0, len(steps), 1000):  # MLflow's limit per batch
                 t.safe(f"logging {key} per step", mlflow.MlflowClient().log_batch, run.info.run_id,
                        metrics=steps[i: i + 1000])

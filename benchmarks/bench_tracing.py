@@ -1,0 +1,100 @@
+"""What DSPy tracing (`mlflow.dspy.autolog`, as `distill.tracking` turns it on) costs the teacher's labeling.
+
+    flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_tracing.py --profile local_ci
+
+The teacher stage's own teacher and `label_queries` label the same queries, on the served teacher endpoint
+with an uncached LM, in passes that alternate: untraced, traced at the profile's `tracking.trace_sample`,
+and every call traced. Each pass labels into a fresh scratch directory; each traced pass is an MLflow run
+in a scratch store. The overhead is the median traced pass over the median untraced one, minus 1.
+
+`--cached` runs the same passes on a warmed DSPy cache instead: no LLM time at all, so the overhead is
+all there is to see (the upper bound, and what a resumed or re-run labeling pays).
+The JSON result is printed and written to <artifacts>/bench/tracing.json (tracing-cached.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import dspy
+from rich.console import Console
+from rich.table import Table
+
+from distill import tracking
+from distill.bench import write_result
+from distill.config import load_config
+from distill.data import prepare_data
+from distill.labeling import label_queries
+from distill.lm import make_lm
+from distill.stages.base import served
+from distill.teacher import GoldIndex, build_teacher, build_vote
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="local_ci")
+    ap.add_argument("--queries", type=int, default=60, help="queries labeled per pass")
+    ap.add_argument("--rounds", type=int, default=3, help="passes per condition (alternating)")
+    ap.add_argument("--cached", action="store_true", help="every LM answer from a warmed cache (no LLM time)")
+    args = ap.parse_args()
+
+    cfg = load_config(args.profile)
+    data = prepare_data(cfg)
+    queries = list(data.to_label[: args.queries])
+    t = cfg.models.teacher
+    index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
+    vote = build_vote(index, data.labels) if cfg.teacher.strategy == "vote_llm" else None
+    teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    sample = cfg.tracking.trace_sample
+    conditions = {"untraced": None, f"traced {sample:g}": sample, "traced 1": 1.0}
+    seconds: dict[str, list[float]] = {c: [] for c in conditions}
+    traces: dict[str, int] = {c: 0 for c in conditions}
+    if args.cached:
+        dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(scratch / "dspy_cache"))
+    with served(cfg, t):
+        lm = make_lm(t, cache=args.cached)
+        if args.cached:  # warm the cache: every later call is a cache hit
+            label_queries(teacher, lm, queries, scratch / "warm", threads=cfg.teacher.threads)
+        for r in range(args.rounds):
+            for name, ratio in conditions.items():
+                run_cfg = cfg.model_copy(update={
+                    "artifacts_dir": str(scratch / f"store-{name.replace(' ', '-')}"),
+                    "tracking": cfg.tracking.model_copy(update={"enabled": ratio is not None,
+                                                                "trace_sample": ratio or 0.0})})
+                tracker = tracking.start(run_cfg)
+                started = time.perf_counter()
+                label_queries(teacher, lm, queries, scratch / f"{name}-{r}", threads=cfg.teacher.threads)
+                seconds[name].append(time.perf_counter() - started)
+                tracking.finish({})
+                if tracker is not None:
+                    client = tracking.client(run_cfg)
+                    traces[name] = len(client.search_traces(locations=[tracker.experiment_id], max_results=10_000,
+                                                            include_spans=False))
+    base = statistics.median(seconds["untraced"])
+    result = {
+        "profile": cfg.name, "queries": len(queries), "rounds": args.rounds, "cached": args.cached,
+        "threads": cfg.teacher.threads, "trace_sample": sample,
+        "conditions": {name: {"seconds": [round(s, 2) for s in secs], "median_s": round(statistics.median(secs), 2),
+                              "overhead": round(statistics.median(secs) / base - 1, 4),
+                              "traces_stored": traces[name]}
+                       for name, secs in seconds.items()},
+    }
+    table = Table(title=f"Labeling {len(queries)} queries ({cfg.name}, {'cached' if args.cached else 'uncached'} LM)")
+    for c in ("condition", "passes (s)", "median (s)", "overhead", "traces stored"):
+        table.add_column(c, justify="left" if c == "condition" else "right")
+    for name, r in result["conditions"].items():
+        table.add_row(name, " ".join(f"{s:.1f}" for s in r["seconds"]), f"{r['median_s']:.1f}",
+                      f"{r['overhead']:+.1%}", str(r["traces_stored"]))
+    Console().print(table)
+    print(json.dumps(result))
+    print(write_result(cfg, "tracing-cached" if args.cached else "tracing", result))
+
+
+if __name__ == "__main__":
+    main()
