@@ -399,7 +399,7 @@ def finish(report: Mapping[str, Any], files: Sequence[Path] = (), status: str = 
     t.broken = False
     t.safe("ending the run", _end_all, status)
     if status == "FINISHED" and not t.broken and t.uri.startswith("sqlite:"):
-        console.print(f"run recorded in MLflow ({t.run_id}); browse: {ui_command(t.cfg)}")
+        print(f"run recorded in MLflow ({t.run_id}); browse: {ui_command(t.cfg)}")  # unwrapped: to copy
     return t.run_id
 
 
