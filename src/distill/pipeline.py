@@ -73,7 +73,8 @@ def _ensure(stage: Stage) -> Manifest:
             m = stage.ensure()
         finally:
             write_report(stage.cfg)  # also after a failure: the report shows what is current
-        _record(record, stage, m)
+        if record.tracker is not None:  # a failure to record is reported, never the stage's failure
+            record.tracker.safe(f"recording the {stage.name} stage", _record, record, stage, m)
     return m
 
 
@@ -191,9 +192,9 @@ def run(profile: str | None = None, verbose: bool | None = None) -> Config:
         finetune_stage(cfg, data)
         evaluation_stage(cfg, data)
         serving_stage(cfg, data)
-    except BaseException:
+    except BaseException as e:
         # No report metrics on a failed run (they would be the last good run's); the report file as it is.
-        tracking.finish({}, [report_path(cfg)], status="FAILED")
+        tracking.finish({}, [report_path(cfg)], status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finish_run(cfg, started)
     return cfg
