@@ -232,7 +232,8 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
     assert {a.path for a in client.list_artifacts(children["eval"].info.run_id, "programs")} >= {
         "programs/base_bfrs.json", "programs/finetuned_bfrs.json"}
     assert {"report.json", "deploy_params.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}
-    counts = json.loads(client.download_artifacts(children["curation"].info.run_id, "label_counts.json"))
+    counts = json.loads(Path(client.download_artifacts(children["curation"].info.run_id, "label_counts.json",
+                                                       tempfile.mkdtemp())).read_text())
     assert counts == report["curation"]["label_counts"]
     # sampled DSPy traces of the teacher's and the evaluation's calls
     assert len(client.search_traces(locations=[exp_id], max_results=5, include_spans=False)) >= 1
