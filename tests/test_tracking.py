@@ -206,7 +206,7 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
                                   order_by=["attributes.start_time ASC"])
 
     # The run that trained: the one whose finetune stage ran (conftest's; other tests' runs skip it).
-    trained = client.search_runs([exp_id], filter_string="tags.`distill.stage` = 'finetune' and "
+    trained = client.search_runs([exp_id], filter_string="tags.`distill.stage` = 'finetune' AND "
                                                          "tags.`distill.skipped` = 'false'")
     assert len(trained) == 1
     first = client.get_run(trained[0].data.tags["mlflow.parentRunId"])
