@@ -216,7 +216,8 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
     report = json.loads((pipeline_artifacts / "report.json").read_text())
     # each stage's numbers, as report.json holds them (no stage has run again since)
     for name in ("teacher", "curation", "finetune", "eval"):
-        assert children[name].data.metrics == tracking.numbers(report[name]), name
+        latest = {k: v for k, v in children[name].data.metrics.items() if k != "loss"}  # loss: the step series
+        assert latest == tracking.numbers(report[name]), name
     ft_run = children["finetune"].info.run_id
     losses = client.get_metric_history(ft_run, "loss")
     # local_ci's recipe logs the loss every step: steps 1, 2, ..., max_steps
