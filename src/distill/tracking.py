@@ -443,6 +443,7 @@ def run_history(cfg: Config, last: int = 10) -> list[dict[str, Any]]:
             "status": r.info.status, "profile": tags.get("distill.profile", ""), "teacher": teacher,
             "student": student, "ratio": student / teacher if teacher and student is not None else None,
             "wall_seconds": m.get(WALL_METRIC), "stages_ran": tags.get("distill.stages_ran", ""),
+            "stages_skipped": tags.get("distill.stages_skipped", ""),
             "commit": tags.get("distill.git_commit", "")[:9],
         })
     return rows
@@ -464,6 +465,14 @@ def history_table(rows: Sequence[Mapping[str, Any]], title: str = "Pipeline runs
         wall = r.get("wall_seconds")
         t.add_row(f"{r['started']:%Y-%m-%d %H:%M}", r["run_id"][:8], r["profile"], r["status"], pct(r["teacher"]),
                   pct(r["student"]), "" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-                  "" if wall is None else f"{wall / 60:.1f} min", r["stages_ran"] or "(none: all current)",
+                  "" if wall is None else f"{wall / 60:.1f} min", _stages(r),
                   r["commit"])
     return t
+
+
+def _stages(row: Mapping[str, Any]) -> str:
+    """Which stages ran: 'all 7' for a fresh run, else their names (a re-run: usually just serving)."""
+    ran = [n for n in row.get("stages_ran", "").split(",") if n]
+    if not row.get("stages_skipped"):
+        return f"all {len(ran)}" if ran else ""
+    return ", ".join(ran) or "none (all current)"
