@@ -115,12 +115,7 @@ def template_serve_config(source: str | Path, out: Path, *, base_model: str, fin
             app = with_finetuned_student(app, base_model, finetuned_model, adapter, lora_storage)
         apps.append(app)
     raw["applications"] = apps
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    load_serve_config(tmp)
-    tmp.replace(out)
-    return out
+    return _write_serve_config(raw, out)
 
 
 # --- the cluster configs on CPU (the rehearsal: vLLM's CPU build behind ray.serve.llm) ----------------
@@ -171,6 +166,12 @@ def cpu_serve_config(source: str | Path, out: Path, model_source: str, max_model
             found = found or bool(args["llm_configs"])
     if not found:
         raise DistillError(f"{source}: no {RAY_LLM_APP} application with llm_configs to run on CPU")
+    return _write_serve_config(raw, out)
+
+
+def _write_serve_config(raw: dict[str, Any], out: Path) -> Path:
+    """Write `raw` to `out` only once Ray's schema accepts it (through a temporary file, so a bad config
+    never replaces a good one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
