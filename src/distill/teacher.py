@@ -62,7 +62,9 @@ def load_embedder(spec: str) -> Any:
 
 
 def embed(spec: str, texts: Sequence[str]) -> np.ndarray:
-    return load_embedder(spec).encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    # No bar: sentence-transformers draws one per call whenever the root logger is at INFO (vLLM's import sets it).
+    return load_embedder(spec).encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                      show_progress_bar=False)
 
 
 class GoldIndex:
