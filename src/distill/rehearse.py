@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import httpx
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from distill import logs
 from distill.config import Config, load_config
@@ -33,6 +34,7 @@ from distill.deploy import cpu_serve_config
 from distill.errors import DistillError
 from distill.finetune import BaseModelSpec, load_base, load_recipe
 from distill.models import ModelSource
+from distill.serving.control import STARTUP_SECONDS
 
 PROFILE = "cluster_cpu"
 # The weights the rehearsal serves and finetunes: the local profile's GGUF, exported once to HF format
@@ -221,7 +223,7 @@ def _s3_keys(uri: str) -> list[str]:
     return [o["Key"] for o in listed.get("Contents", [])]
 
 
-def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, Any]:
+def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> "RehearsalSummary":
     """Every stage of the cluster path on CPU, each step asserted; returns the summary (also written)."""
     from distill import pipeline
     from distill.data import read_jsonl
@@ -241,8 +243,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     _fresh_artifacts(base_cfg.artifacts)
     t = time.time()
     model_dir = export_hf_model()
-    summary: dict[str, Any] = {"profile": profile, "model_dir": str(model_dir),
-                               "export_seconds": round(time.time() - t, 1)}
+    export_seconds = round(time.time() - t, 1)
     cfg = load_config(profile, overrides=derive_configs(base_cfg, model_dir))
     logs.apply_levels()  # deriving the configs imported ray.serve.llm, which set the root logger to INFO
     student, ft = cfg.models.student, cfg.finetune
@@ -250,7 +251,6 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
     assert ft.adapter_storage is not None
     print(f"rehearsal: {profile}, {model_dir} served as {cfg.models.teacher.model} and {student.model}")
     with local_s3(ft.adapter_storage) as s3:
-        summary["s3"] = s3
         run_started = pipeline.setup(cfg)
         data = pipeline.data_stage(cfg)
         pipeline.baselines_stage(cfg, data)  # the evaluation's reference rows
@@ -282,25 +282,92 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 8) -> dict[str, An
         finally:
             shutdown()
         pipeline.finish_run(cfg, run_started)
-    summary.update({
-        "wall_seconds": round(time.time() - started, 1),
-        "stage_seconds": {s: _stage_seconds(cfg, s) for s in
-                          ("data", "baselines", "teacher", "curation", "finetune", "evaluation", "serving")},
-        "teacher": {"model": teacher.model, "accuracy_gold": teacher.accuracy_gold,
-                    "accuracy_test": teacher.accuracy_test, "valid_rate": teacher.valid_rate,
-                    "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s},
-        "finetune": {"steps": tuned_m.steps, "examples": tuned_m.examples, "first_loss": tuned_m.first_loss,
-                     "last_loss": tuned_m.last_loss, "train_seconds": tuned_m.train_seconds,
-                     "published": tuned_m.published, "s3_objects": keys},
-        "evaluation": {"testset": ev.testset, "devset": ev.devset, "best": ev.best.model_dump()},
-        "serving": serving.model_dump(exclude={"fingerprint", "inputs", "finished_at"}),
-        "models_listed": ids,
-        "lora_agreement": agreement,
-    })
-    out = cfg.artifacts / "rehearsal" / "summary.json"
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"rehearsal passed in {summary['wall_seconds']:.0f} s; summary: {out}")
+    summary = RehearsalSummary(
+        profile=profile, model_dir=str(model_dir), export_seconds=export_seconds, s3=s3,
+        venv=_venv_facts(), wall_seconds=round(time.time() - started, 1),
+        startup_seconds={Path(k).name: v for k, v in STARTUP_SECONDS.items()},
+        stage_seconds={s: _stage_seconds(cfg, s) for s in
+                       ("data", "baselines", "teacher", "curation", "finetune", "eval", "serving")},
+        teacher={"model": teacher.model, "accuracy_gold": teacher.accuracy_gold,
+                 "accuracy_test": teacher.accuracy_test, "valid_rate": teacher.valid_rate,
+                 "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s},
+        finetune={"steps": tuned_m.steps, "examples": tuned_m.examples, "first_loss": tuned_m.first_loss,
+                  "last_loss": tuned_m.last_loss, "train_seconds": tuned_m.train_seconds,
+                  "published": tuned_m.published, "s3_objects": keys},
+        evaluation={"testset": ev.testset, "devset": ev.devset, "best": ev.best.model_dump(),
+                    "p50_s": ev.calls.p50_s},
+        serving=serving.model_dump(exclude={"fingerprint", "inputs", "finished_at"}),
+        models_listed=ids, lora_agreement=agreement,
+    )
+    out = summary_path(cfg)
+    out.write_text(summary.model_dump_json(indent=2))
+    print(f"rehearsal passed in {summary.wall_seconds:.0f} s; summary: {out}")
+    print(f"\n<!-- generated: python -m distill.rehearse --markdown -->\n{to_markdown(summary)}\n<!-- end generated -->")
     return summary
+
+
+class RehearsalSummary(BaseModel):
+    """What a passing rehearsal measured (`<artifacts>/rehearsal/summary.json`): written by `rehearse`, read
+    by `--markdown` for the README."""
+
+    model_config = ConfigDict(extra="forbid")
+    profile: str
+    model_dir: str
+    export_seconds: float
+    s3: str
+    venv: dict[str, Any]  # the rehearsal venv: set-up seconds, size
+    wall_seconds: float
+    startup_seconds: dict[str, float]  # Serve config file -> seconds from deploy to ready
+    stage_seconds: dict[str, float | None]
+    teacher: dict[str, Any]
+    finetune: dict[str, Any]
+    evaluation: dict[str, Any]
+    serving: dict[str, Any]
+    models_listed: list[str]
+    lora_agreement: dict[str, Any]
+
+
+def summary_path(cfg: Config) -> Path:
+    return cfg.artifacts / "rehearsal" / "summary.json"
+
+
+def _venv_facts() -> dict[str, Any]:
+    """This interpreter's venv (the rehearsal's): `make rehearse-setup`'s recorded seconds and its size."""
+    prefix = Path(sys.prefix)
+    seconds = prefix / "setup-seconds"
+    size = sum(f.stat().st_size for f in prefix.rglob("*") if f.is_file() and not f.is_symlink())
+    return {"path": str(prefix), "setup_seconds": float(seconds.read_text()) if seconds.is_file() else None,
+            "gib": round(size / 2**30, 2)}
+
+
+def to_markdown(s: RehearsalSummary) -> str:
+    """The README's rehearsal table."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    test = s.evaluation["testset"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in s.stage_seconds.items() if v)
+    starts = ", ".join(f"{k} {v:.0f} s" for k, v in s.startup_seconds.items())
+    agree = s.lora_agreement
+    rows = [
+        ("rehearsal venv (`make rehearse-setup`)", f"{s.venv['gib']:.1f} GiB, set up in {s.venv['setup_seconds']:.0f} s"
+         if s.venv.get("setup_seconds") is not None else f"{s.venv['gib']:.1f} GiB"),
+        ("`ray.serve.llm` deploy to ready (cold start)", starts),
+        ("teacher labels/s on vLLM (JSON schema)", f"{s.teacher['labels_per_s']}, valid {pct(s.teacher['valid_rate'])}"),
+        ("finetune (GPU recipe, `use_gpu: false`)", f"{s.finetune['steps']} steps on {s.finetune['examples']} examples, "
+         f"loss {s.finetune['first_loss']:.2f} -> {s.finetune['last_loss']:.2f}, {s.finetune['train_seconds']:.0f} s"),
+        ("adapter in S3 (moto)", f"{len(s.finetune['s3_objects'])} objects under {s.finetune['published']}"),
+        ("test accuracy, base / finetuned (zero-shot)", f"{pct(test['base']['vanilla'])} / {pct(test['finetuned']['vanilla'])}"
+         " (SmolLM2-135M, a few steps: the path, not the model, is rehearsed)"),
+        ("student p50 per call (LoRA on vLLM, one core)", f"{s.evaluation['p50_s']:.2f} s"),
+        ("served LoRA vs the PEFT model of the same adapter (greedy)",
+         f"equal on {pct(agree['agree'])} of {agree['n']} prompts; differs from the base on {pct(agree['changed'])}"),
+        ("`POST /classify_intent`", f"{s.serving['ok']}/{s.serving['queries']} answered, valid labels "
+         f"{pct(s.serving['valid_share'])}"),
+        ("stages", stages),
+        ("rehearsal wall time (set-up excluded)", f"{s.wall_seconds / 60:.1f} min"),
+    ]
+    return "\n".join(["| | measured |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
 
 
 def _fresh_artifacts(directory: Path) -> None:
@@ -326,8 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.rehearse", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=PROFILE)
     parser.add_argument("--export-only", action="store_true", help="export the HF model directory and stop")
+    parser.add_argument("--markdown", action="store_true", help="print the last passing rehearsal's README table")
     args = parser.parse_args(argv)
     try:
+        if args.markdown:
+            path = summary_path(load_config(args.profile))
+            if not path.is_file():
+                raise DistillError(f"{path}: no passing rehearsal yet (make rehearse)")
+            print(to_markdown(RehearsalSummary.model_validate_json(path.read_text())))
+            return 0
         if args.export_only:
             print(export_hf_model())
             return 0

@@ -62,6 +62,10 @@ def build_application(import_path: str, args: dict[str, Any] | None) -> Any:
     return target(args or {})
 
 
+# Seconds from deploy to ready, per Serve config path, for this process (see `serving`).
+STARTUP_SECONDS: dict[str, float] = {}
+
+
 def forward_env_names(cfg: "Config") -> list[str]:
     """Variables a profile's replicas need: its required secrets and the endpoints' key variables."""
     names = list(cfg.required_env)
@@ -207,9 +211,16 @@ def serving(
     timeout_s: float = 180.0,
     api_key: str | None = None,
 ) -> Iterator[list[str]]:
-    """`with serving(cfg, api_base): ...` -- up and ready inside, always torn down after."""
+    """`with serving(cfg, api_base): ...` -- up and ready inside, always torn down after.
+
+    The seconds from deploy to ready are kept in `STARTUP_SECONDS[str(path)]` (the latest bring-up of each
+    config): what a cold start costs, e.g. vLLM loading a model.
+    """
     try:
+        started = time.monotonic()
         start_serve_config(path, forward_env)
-        yield wait_until_ready(api_base, timeout_s, str(path), api_key, models)
+        ids = wait_until_ready(api_base, timeout_s, str(path), api_key, models)
+        STARTUP_SECONDS[str(path)] = round(time.monotonic() - started, 1)
+        yield ids
     finally:
         shutdown()
