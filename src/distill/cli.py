@@ -90,6 +90,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from distill.config import load_config
+    from distill.tracking import history_table, run_history, ui_command
+
+    cfg = load_config(args.profile)
+    rows = run_history(cfg, args.last)
+    if not rows:
+        raise DistillError(f"no run of '{cfg.name}' recorded in MLflow yet ({ui_command(cfg)}): "
+                           f"run `python -m distill run --profile {cfg.name}` first")
+    Console(width=max(Console().width, 140)).print(
+        history_table(rows, f"{cfg.name}: the last {len(rows)} pipeline run(s), newest first"))
+    print(f"browse them: {ui_command(cfg)}")
+    return 0
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.notebook import execute_notebook, publish_notebook
@@ -144,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="the table README.md shows")
     fmt.add_argument("--json", action="store_true", help="the whole report, as report.json holds it")
     rp.set_defaults(func=_cmd_report)
+
+    h = sub.add_parser("runs", help="the run history recorded in MLflow: the last N pipeline runs, newest first",
+                       parents=[common])
+    h.add_argument("--last", type=int, default=10, help="how many runs (default 10)")
+    h.set_defaults(func=_cmd_runs)
 
     n = sub.add_parser("notebook", help="execute README.ipynb headlessly (make demo), then print the summary",
                        parents=[common, verbose])

@@ -261,6 +261,24 @@ class ServingConfig(_Strict):
     timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz (and an LLM endpoint's /models).")
 
 
+class TrackingConfig(_Strict):
+    """Run tracking with MLflow (`distill.tracking`): every pipeline run, its stages, numbers and files.
+
+    By default the store is embedded in the artifact directory (`<artifacts>/mlflow/`, no server). A remote
+    tracking server's URI is read from the variable `uri_env` names, never from a file.
+    """
+
+    enabled: bool = Field(True, description="False (or DISTILL_TRACKING=0): nothing is recorded.")
+    uri_env: str | None = Field("DISTILL_TRACKING_URI",
+                                description="Variable holding a remote tracking URI; unset or empty: the local store.")
+    experiment: str | None = Field(None, description="MLflow experiment; null: distill-<profile name>.")
+    # DSPy traces (mlflow.dspy.autolog): a sampled share of the program calls (labeling, evaluation); the
+    # notebook's one-query sanity check is always traced. Each trace is a few database writes.
+    traces: bool = True
+    trace_sample: float = Field(0.05, ge=0.0, le=1.0, description="Share of DSPy calls traced.")
+    register_model: bool = Field(True, description="Register the best program (mlflow.dspy.log_model).")
+
+
 class ModelsConfig(_Strict):
     teacher: LMConfig
     student: LMConfig
@@ -279,6 +297,7 @@ class Config(_Strict):
     finetune: FinetuneConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
+    tracking: TrackingConfig = TrackingConfig()
     models: ModelsConfig
     required_env: list[str] = Field(default_factory=list, description="Variables this profile cannot run without.")
     # False: Ray's, Serve's and the finetune job's logs go to files under <artifacts>/logs/ (distill.logs);
@@ -454,6 +473,11 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
         raw["artifacts_dir"] = os.environ["DISTILL_ARTIFACTS_DIR"]
     if os.environ.get("DISTILL_VERBOSE"):
         raw["verbose"] = os.environ["DISTILL_VERBOSE"].lower() not in ("0", "false", "no", "")
+    if os.environ.get("DISTILL_TRACKING"):  # e.g. DISTILL_TRACKING=0 for one run without MLflow
+        enabled = os.environ["DISTILL_TRACKING"].lower() not in ("0", "false", "no")
+        block = raw.get("tracking") or {}
+        if isinstance(block, dict):  # anything else is left for validation to name
+            raw["tracking"] = {**block, "enabled": enabled}
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:

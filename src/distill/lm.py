@@ -86,9 +86,12 @@ def using(lm: dspy.LM, prompt: Prompt = "full") -> Iterator[dspy.LM]:
 
 
 def sanity_check_program(lm: dspy.LM, program: dspy.Module, example: dspy.Example) -> dspy.Prediction:
-    """Run one example through the program with `lm` and print what went in and came out."""
+    """Run one example through the program with `lm` and print what went in and came out (traced whole in
+    MLflow while a tracked run is in progress)."""
+    from distill.tracking import call_traced  # the serving apps import this module; they never track
+
     with using(lm):
-        pred = program(**example.inputs())
+        pred = call_traced("sanity_check", program, **example.inputs())
     print(f"Program input: {example}")
     print(f"Program output label: {pred.label}")
     return pred

@@ -4,6 +4,9 @@ Each stage (`distill.stages`) decides for itself whether it is current (its mani
 equals the one its inputs give now, its outputs exist) and is then skipped with a one-line message, so
 sections can be re-run alone after a restart. After every stage the report is assembled anew from the
 manifests.
+
+Each run is recorded in MLflow (`distill.tracking`): `setup` opens the run, every stage gets a nested run
+(tagged skipped when current), `finish_run` logs the report and closes it.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import dspy
 from rich import box
 from rich.table import Table
 
-from distill import logs
+from distill import logs, tracking
 from distill.config import Config, load_config
 from distill.data import TaskData
 from distill.env import check_env, missing
 from distill.errors import DistillError
+from distill.finetune import load_recipe
+from distill.lm import adapter, make_lm
 from distill.plots import VARIANT_NAMES
+from distill.program import DeployParams
 from distill.report import finish_run as _finish_run
-from distill.report import print_summary, write_report
+from distill.report import print_summary, report_path, write_report
 from distill.stages.base import Manifest, Stage, console, require
 from distill.stages.baselines import BaselinesManifest, BaselinesStage
 from distill.stages.curation import CurationManifest, CurationStage
@@ -37,7 +43,7 @@ from distill.teacher import HybridTeacher, RetrievalTeacher, embed
 __all__ = ["setup", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage", "evaluation_stage",
            "serving_stage", "deploy_config", "client_headers", "finish_run", "print_summary", "run",
            "finetune_call", "teacher_walkthrough", "data_table", "baselines_table", "teacher_table", "curation_table",
-           "finetune_table", "evaluation_table", "table"]
+           "finetune_table", "evaluation_table", "table", "runs_table"]
 
 
 def setup(cfg: Config, verbose: bool | None = None) -> float:
@@ -45,7 +51,8 @@ def setup(cfg: Config, verbose: bool | None = None) -> float:
     calls).
 
     Ray's, Serve's and the finetune job's logs go to `<artifacts>/logs/`; with `verbose` (default: the
-    profile's `verbose`) they are shown here too. Returns the run's start time, for `finish_run`.
+    profile's `verbose`) they are shown here too. Opens the run's MLflow run (`tracking:`). Returns the run's
+    start time, for `finish_run`.
     """
     started = time.time()
     logs.configure(cfg.artifacts / "logs", cfg.verbose if verbose is None else verbose)
@@ -56,14 +63,52 @@ def setup(cfg: Config, verbose: bool | None = None) -> float:
         raise DistillError("environment incomplete: " + "; ".join(c.line() for c in bad))
     cfg.artifacts.mkdir(parents=True, exist_ok=True)
     dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(cfg.artifacts / "dspy_cache"))
+    tracking.start(cfg)
     return started
 
 
 def _ensure(stage: Stage) -> Manifest:
-    try:
-        return stage.ensure()
-    finally:
-        write_report(stage.cfg)  # also after a failure: the report shows what is current
+    with tracking.stage(stage.name) as record:
+        try:
+            m = stage.ensure()
+        finally:
+            write_report(stage.cfg)  # also after a failure: the report shows what is current
+        if record.tracker is not None:  # a failure to record is reported, never the stage's failure
+            record.tracker.safe(f"recording the {stage.name} stage", _record, record, stage, m)
+    return m
+
+
+def _record(record: tracking.StageRecord, stage: Stage, m: Manifest) -> None:
+    """What a stage that ran leaves in its MLflow run: its numbers, plots and files (a current one: a tag)."""
+    if record.tracker is None:
+        return
+    if stage.skipped:
+        record.skipped(m.fingerprint)
+        return
+    files: list[Path] = []
+    dicts: dict[str, Any] = {}
+    series: dict[str, list[tuple[int, float]]] = {}
+    if isinstance(m, CurationManifest):
+        files, dicts = [Path(m.plot)], {"label_counts.json": m.label_counts}
+    elif isinstance(m, FinetuneManifest):
+        files = [Path(m.loss_plot)] if m.loss_plot else []
+        series = {"loss": loss_steps(stage.cfg, m.loss_history)}
+    elif isinstance(m, EvalManifest) and isinstance(stage, EvaluationStage):
+        files = [*(Path(p) for p in m.plots.values()), stage.dir / "programs", stage.deploy_params_path]
+    record.ran(m.model_dump(mode="json"), m.fingerprint, files, dicts, series)
+    if isinstance(stage, EvaluationStage) and stage.cfg.tracking.register_model:
+        params = DeployParams.load(stage.deploy_params_path)
+        record.register_program(params.load_program(),  # uncached, as the program app calls it
+                                make_lm(stage.cfg.models.student, model=params.model, cache=False),
+                                adapter(params.program.prompt), tracking.model_name(stage.cfg))
+
+
+def loss_steps(cfg: Config, losses: list[float]) -> list[tuple[int, float]]:
+    """The finetune's logged losses (the Ray job's trainer log) at their optimizer steps: the trainer logs
+    every `logging_steps` steps (HF's default 500); a fractional setting falls back to 1, 2, 3, ..."""
+    every = load_recipe(cfg.path(cfg.finetune.recipe), cfg.finetune.training).training.get("logging_steps", 500)
+    every = every if isinstance(every, int) and every >= 1 else 1
+    return [((i + 1) * every, loss) for i, loss in enumerate(losses)]
 
 
 def data_stage(cfg: Config) -> TaskData:
@@ -126,9 +171,12 @@ def client_headers(cfg: Config) -> dict[str, str]:
 
 
 def finish_run(cfg: Config, started: float | None = None) -> dict:
-    """Write the run manifest (wall time since `setup`, sizes, versions), the report, and print the summary."""
+    """Write the run manifest (wall time since `setup`, sizes, versions), the report, and print the summary;
+    the report's numbers and files close the run's MLflow run."""
     report = _finish_run(cfg, started)
     print_summary(report)
+    deploy_params = cfg.artifacts / "deploy_params.json"
+    tracking.finish(report, [report_path(cfg), deploy_params])
     return report.get("run", {})
 
 
@@ -136,15 +184,27 @@ def run(profile: str | None = None, verbose: bool | None = None) -> Config:
     cfg = load_config(profile)
     console.rule(f"distill: profile [bold]{cfg.name}[/] ({cfg.profile})")
     started = setup(cfg, verbose)
-    data = data_stage(cfg)
-    baselines_stage(cfg, data)
-    teacher_stage(cfg, data)
-    curation_stage(cfg, data)
-    finetune_stage(cfg, data)
-    evaluation_stage(cfg, data)
-    serving_stage(cfg, data)
+    try:
+        data = data_stage(cfg)
+        baselines_stage(cfg, data)
+        teacher_stage(cfg, data)
+        curation_stage(cfg, data)
+        finetune_stage(cfg, data)
+        evaluation_stage(cfg, data)
+        serving_stage(cfg, data)
+    except BaseException as e:
+        # No report metrics on a failed run (they would be the last good run's); the report file as it is.
+        tracking.finish({}, [report_path(cfg)], status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finish_run(cfg, started)
     return cfg
+
+
+def runs_table(cfg: Config, last: int = 10) -> Table:
+    """The last `last` pipeline runs of the profile recorded in MLflow, newest first (`python -m distill runs`)."""
+    rows = tracking.run_history(cfg, last)
+    return tracking.history_table(rows, f"{cfg.name}: the last {len(rows)} pipeline run(s), newest first",
+                                  caption=f"browse them: {tracking.ui_command(cfg)}")
 
 
 # What each notebook section ends with: its result as a small table, read from the stage's manifest (rich

@@ -199,7 +199,33 @@ def shutdown(ray_too: bool = True) -> None:
     if ray.is_initialized():
         serve.shutdown()
         if ray_too:
-            ray.shutdown()
+            shutdown_ray()
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()` with no garbage collection in this process while Ray's core worker goes down.
+
+    A Ray object freed while `ray.shutdown()` tears the driver's core worker down (an ObjectRef's dealloc
+    still finds `global_worker.core_worker` and calls into it) makes Ray end the whole process on the
+    spot: `_Exit(1)`, no traceback, only "The core worker has already been shutdown ... The process will
+    exit" in the driver's log. Ray objects caught in reference cycles are freed by the cyclic GC, which
+    runs in whatever thread happens to allocate -- with MLflow tracing on, its span-export threads are
+    busy right then (the pipeline's tests ended silently with rc=1 after the evaluation stage). So the
+    cycles are collected first, while the core worker is up, and no collection runs until Ray is down;
+    after that a freed ObjectRef finds no core worker and does nothing.
+    """
+    import gc
+
+    import ray
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # process-wide: no thread starts a collection during the shutdown
+    try:
+        ray.shutdown()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextmanager

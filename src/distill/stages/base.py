@@ -61,6 +61,8 @@ class Stage(ABC, Generic[M]):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # After `ensure()`: True when the stage was current and did not run (run tracking tags it so).
+        self.skipped: bool | None = None
 
     @property
     def dir(self) -> Path:
@@ -123,6 +125,7 @@ class Stage(ABC, Generic[M]):
                 write_manifest(self.manifest_path, m)
             console.print(f"{self.name} is current: {self.describe(m)}; skipped")
             self.check(m)
+            self.skipped = True
             return m
         # The old manifest goes before the work starts: an interrupted run leaves no stale "done".
         self.manifest_path.unlink(missing_ok=True)
@@ -132,6 +135,7 @@ class Stage(ABC, Generic[M]):
                                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                  "wall_seconds": round(time.perf_counter() - started, 1)})
         write_manifest(self.manifest_path, m)
+        self.skipped = False
         return m
 
 
