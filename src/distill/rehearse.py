@@ -191,9 +191,9 @@ def lora_agreement(api_base: str, base_model: str, tuned_model: str, model_dir: 
     PEFT model built here from `adapter_dir` (the finetune's own output) and the served base model.
 
     `agree`: the served LoRA gives the same answer as the PEFT model: the same label when both name one,
-    else the same text (a few steps of training leave most answers free text) (`agree_text`: the same text; vLLM's CPU
-    kernels and transformers' round bf16 differently, so long greedy continuations can part after the
-    label); `changed`: the served LoRA's text differs from the served base's (without it, agreement would
+    else the same text (a few optimizer steps leave most answers free text). `agree_text`: the same text;
+    vLLM's CPU kernels and transformers round bf16 differently, so greedy continuations can part after a
+    few tokens. `changed`: the served LoRA's text differs from the served base's (without it, agreement would
     not show that an adapter was applied at all).
     """
     import torch
