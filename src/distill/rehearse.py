@@ -300,7 +300,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
             _check(agreement["changed"] > 0, f"the served adapter changes greedy answers on "
                                              f"{agreement['changed']:.0%} of {agreement['n']} prompts")
             # Not 100%: vLLM's CPU kernels and transformers round bf16 differently, and greedy continuations of
-            # an adapter trained for a few steps part ways after a few tokens (measured: 50% to 88% of texts).
+            # an adapter trained for a few steps part ways after a few tokens.
             _check(agreement["agree"] >= 0.5, f"served LoRA and the PEFT model from the finetune's adapter give the "
                                               f"same answer on {agreement['agree']:.0%} of {agreement['n']} prompts "
                                               f"(the same text on {agreement['agree_text']:.0%})")
