@@ -386,7 +386,7 @@ def to_markdown(s: RehearsalSummary) -> str:
          " (SmolLM2-135M, a few steps: the path, not the model, is rehearsed)"),
         ("student p50 per call (LoRA on vLLM, one core)", f"{s.evaluation['p50_s']:.2f} s"),
         ("served LoRA vs the PEFT model of the same adapter (greedy)",
-         f"same label on {pct(agree['agree'])} of {agree['n']} prompts (same text on {pct(agree.get('agree_text'))}); "
+         f"same answer on {pct(agree['agree'])} of {agree['n']} prompts (same text on {pct(agree.get('agree_text'))}); "
          f"text differs from the served base on {pct(agree['changed'])}"),
         ("`POST /classify_intent`", f"{s.serving['ok']}/{s.serving['queries']} answered, valid labels "
          f"{pct(s.serving['valid_share'])}"),
