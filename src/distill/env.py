@@ -31,6 +31,18 @@ class EnvCheck:
         return f"[{mark}] {self.name}: {self.detail}"
 
 
+def installed_versions(names: "tuple[str, ...]") -> dict[str, str]:
+    """The installed version of each named distribution; the absent ones left out (a profile installs
+    only its own engine: llama-cpp-python locally, vLLM on a cluster)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 def load_env() -> bool:
     """Load `<project root>/.env` (if any) without overriding variables already set."""
     return load_dotenv(project_root() / ".env", override=False)

@@ -235,9 +235,8 @@ def to_markdown(result: ScaleResult) -> str:
 def plot_scale(result: ScaleResult, path: str | Path) -> Path:
     """Two panels: queries/s against concurrency (one line per replica count, its capacity dashed), and
     peak RSS against the number of queries (log x)."""
-    import matplotlib
+    from distill.plots import save_figure  # first: it sets the headless backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -261,8 +260,4 @@ def plot_scale(result: ScaleResult, path: str | Path) -> Path:
     right.set_title("memory against the number of queries")
     right.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

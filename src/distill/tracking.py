@@ -19,7 +19,6 @@ The pipeline calls this module; it imports only the configuration (MLflow and DS
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata as md
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import Config, project_root
+from distill.env import installed_versions
 
 console = Console()
 
@@ -132,13 +132,7 @@ def git_commit(root: Path | None = None) -> str:
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for d in VERSIONS:
-        try:
-            out[d] = md.version(d)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(VERSIONS)
 
 
 # --- the run --------------------------------------------------------------------------------------------
