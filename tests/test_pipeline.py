@@ -70,7 +70,10 @@ def test_run_fills_the_report(artifacts) -> None:
     assert {r["source"] for r in records} <= {"vote", "llm"} and all(0 < r["confidence"] <= 1 for r in records)
     c = report["curation"]
     assert c["input"] == cfg.data.num_to_label
-    assert c["kept"] == c["input"] - c["invalid_label"] - c["duplicate"] - c["test_overlap"]
+    assert c["kept"] == c["input"] - c["invalid_label"] - c["low_confidence"] - c["duplicate"] - c["test_overlap"]
+    # local's floor is vote_confidence: what it drops are labels the LLM gave (they carry the vote's confidence)
+    unsure = [r for r in records if r["confidence"] < cfg.curation.min_confidence]
+    assert c["low_confidence"] == len(unsure) and all(r["source"] == "llm" for r in unsure)
     assert c["devset"] == cfg.data.devset_size and c["optimizer_val"] == cfg.data.optimizer_val_size
     sft = [json.loads(x) for x in (artifacts / "curation" / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == c["optimizer_train"] and all(ex["messages"][-1]["role"] == "assistant" for ex in sft)
