@@ -163,3 +163,15 @@ def test_the_curation_table_counts_every_step_it_dropped_labels_at() -> None:
     rows = dict((cell.strip() for cell in line.split("│")) for line in _text(pipeline.curation_table(m)).splitlines()
                 if "│" in line)
     assert rows["- teacher less sure than curation.min_confidence"] == "7" and rows["kept"] == "90"
+
+
+def test_a_resumed_run_says_what_its_skipped_stages_took() -> None:
+    from distill.report import summary_rows
+
+    def wall(report: dict) -> str:
+        return dict(summary_rows(report))["wall time (set-up excluded)"]
+
+    fresh = {"data": {"wall_seconds": 600.0}, "curation": {"wall_seconds": 300.0}, "run": {"wall_seconds": 960.0}}
+    assert wall(fresh) == "16.0 min"  # every stage ran in this run: its wall time says it all
+    resumed = {**fresh, "run": {"wall_seconds": 330.0}}  # the data stage was current and skipped
+    assert wall(resumed) == "5.5 min (this run; every stage's own time, summed: 15.0 min)"
