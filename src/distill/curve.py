@@ -118,7 +118,8 @@ def _score(cfg: Config, data: TaskData, ft: FinetuneManifest, name: str, threads
 
 
 def profile_rows(cfg: Config) -> list[CurveRow]:
-    """The profile's own run: its student on every label it kept, and the references (teacher, baselines)."""
+    """The profile's own run: its student on every label it kept (in the series of the profile's confidence
+    floor), and the references (teacher, baselines)."""
     data = DataStage(cfg).data
     ev = EvaluationStage(cfg, data, (cur := CurationStage(cfg, data)), FinetuneStage(cfg, cur))
     m, ft = ev.load(), ev.finetune.load()
@@ -127,7 +128,7 @@ def profile_rows(cfg: Config) -> list[CurveRow]:
         raise DistillError(f"profile {cfg.name} has no finished run in {cfg.artifacts}: run it first "
                            f"(python -m distill run --profile {cfg.name})")
     n_test = m.sizes["testset"]
-    rows = [CurveRow(kind="student", name="teacher labels", labels=ft.examples, steps=ft.steps,
+    rows = [CurveRow(kind="student", name=series("teacher", cfg.curation.min_confidence), labels=ft.examples, steps=ft.steps,
                      epochs=round(ft.epochs, 2), train_seconds=ft.train_seconds,
                      test_accuracy=m.testset["finetuned"]["vanilla"], test_size=n_test),
             CurveRow(kind="reference", name="teacher", test_accuracy=teacher.accuracy_test, test_size=n_test)]
