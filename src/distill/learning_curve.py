@@ -83,8 +83,9 @@ def plot_curve(rows: Sequence[CurveRow], path: str | Path, title: str, this_run:
         pts = sorted((r.labels, 100 * r.test_accuracy) for r in students if r.name == name)
         ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=f"C{i}", label=f"student on {name}")
         for x, y in pts:
-            # the first series labels above its points, the others below: points at the same n stay legible
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6 if i == 0 else -13),
+            # below the point when another series has a higher one at the same n: both labels stay legible
+            below = any(r.labels == x and 100 * r.test_accuracy > y for r in students if r.name != name)
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, -13 if below else 6),
                         ha="center", fontsize=8)
     styles = ["--", ":", "-.", (0, (5, 1))]
     for i, r in enumerate(r for r in rows if r.kind == "reference"):
