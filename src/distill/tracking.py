@@ -35,11 +35,11 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import Config, project_root
-from distill.env import installed_versions
+from distill.env import STACK, installed_versions
 
 console = Console()
 
-VERSIONS = ("dspy", "mlflow", "ray", "torch", "transformers", "peft", "trl", "llama_cpp_python")
+VERSIONS = (*STACK, "mlflow")
 PIPELINE_TAG = "distill.pipeline"  # "true" on a pipeline run (the parent); stage runs carry STAGE_TAG
 STAGE_TAG = "distill.stage"
 SKIPPED_TAG = "distill.skipped"

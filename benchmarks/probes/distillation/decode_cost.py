@@ -23,6 +23,7 @@ schemas = {
     "object": {"type": "object", "properties": {"label": {"type": "string", "enum": labels}}, "required": ["label"]},
     "bare": {"type": "string", "enum": labels},
 }
+grammars = {kind: LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(s)), verbose=False) for kind, s in schemas.items()}
 
 
 def p50(llm, **kw):
@@ -37,10 +38,8 @@ def p50(llm, **kw):
 
 for name, lora in (("base", None), ("lora", f"{art}/finetune/adapter.gguf")):
     llm = Llama(model_path=base, lora_path=lora, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
-    for kind, schema in schemas.items():
-        g = LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(schema)), verbose=False)
+    for kind, g in grammars.items():
         print(name, kind, "answer: p50 s, completion tokens", p50(llm, grammar=g, max_tokens=64), flush=True)
     print(name, "prefill only (max_tokens=1)", p50(llm, max_tokens=1), flush=True)
-    g = LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(schemas["bare"])), verbose=False)
     print(name, "8 tokens free / under the grammar", p50(llm, max_tokens=8, stop=[]),
-          p50(llm, max_tokens=8, stop=[], grammar=g), flush=True)
+          p50(llm, max_tokens=8, stop=[], grammar=grammars["bare"]), flush=True)
