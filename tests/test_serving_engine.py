@@ -8,9 +8,11 @@ still generated; the next request then drove the same `Llama` from a second thre
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from distill.serving.llm import ChatCompletionRequest, LlamaCppEngine, LLMAppArgs
@@ -65,3 +67,58 @@ def test_cancelled_generations_stop_and_never_overlap(engine) -> None:
     assert max(waits) < 0.5 * full_s, (max(waits), full_s)
     # One thread ever touched the model.
     assert len([t for t in threading.enumerate() if t.name.startswith("llama-m")]) == 1
+
+
+LABELS = ["card_arrival", "card_linking", "card_payment_fee_charged", "exchange_rate", "top_up_failed"]
+LABEL_SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": LABELS, "title": "Label"}},
+                "required": ["label"], "title": "Outputs", "additionalProperties": False}
+QUERIES = ["When will my card arrive?", "How do I link my card?", "Why was I charged a fee for paying by card?",
+           "What is the exchange rate today?", "My top up did not work"]
+
+
+def _classify(q: str, **kw) -> dict:
+    return {"model": "m", "messages": [{"role": "system", "content": "Classify: " + ", ".join(LABELS)},
+                                       {"role": "user", "content": q}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": LABEL_SCHEMA}}, **kw}
+
+
+def test_a_label_enum_is_decoded_over_its_answers(engine) -> None:
+    from distill.serving.choices import ChoiceTrie, answers_for, decode
+
+    llama = engine.llamas["m"]
+    for q in QUERIES:
+        out = asyncio.run(engine.chat(_req(_classify(q, temperature=0))))
+        content = out["choices"][0]["message"]["content"]
+        assert content in answers_for(LABEL_SCHEMA) and json.loads(content)["label"] in LABELS
+        assert out["choices"][0]["finish_reason"] == "stop"
+        assert out["usage"]["completion_tokens"] == len(llama.tokenize(content.encode(), add_bos=False, special=False))
+    # The model runs at the branches only: fewer forward passes than the answer has tokens.
+    trie = ChoiceTrie(answers_for(LABEL_SCHEMA), lambda s: llama.tokenize(s.encode(), add_bos=False, special=False))
+    decoded = decode(trie, llama.tokenize(b"Classify: when will my card arrive?"), llama._forward)
+    assert decoded.answer is not None and 1 <= decoded.forward_passes < len(decoded.tokens)
+
+
+def test_forward_reuses_the_cache_without_changing_the_logits(engine) -> None:
+    llama = engine.llamas["m"]
+    a = llama.tokenize(b"The customer asks when the new card will arrive at home")
+    b = a[:8] + llama.tokenize(b" about a fee", add_bos=False)
+    engine.executors["m"].submit(llama._forward, a).result()
+    reused = engine.executors["m"].submit(lambda: llama._forward(b).copy()).result()
+
+    def fresh() -> np.ndarray:
+        llama.reset()
+        return llama._forward(b).copy()
+
+    assert np.allclose(reused, engine.executors["m"].submit(fresh).result(), atol=1e-3)
+
+
+def test_sampling_a_closed_set_stays_in_it(engine) -> None:
+    outs = {asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=1.5, seed=s))))["choices"][0]["message"]
+            ["content"] for s in range(8)}
+    # Sampled, not greedy (several answers), and every one of them is in the set.
+    assert len({json.loads(o)["label"] for o in outs}) > 1 and all(json.loads(o)["label"] in LABELS for o in outs)
+
+
+def test_budget_below_the_answer_falls_back_to_the_grammar(engine) -> None:
+    out = asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0, max_tokens=3))))
+    assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"

@@ -3,7 +3,9 @@
 `POST /v1/chat/completions` and `GET /v1/models`. A `response_format` of type `json_schema` (what the
 `openai` client and DSPy's JSONAdapter send) is compiled into a llama.cpp grammar with llama-cpp-python's
 own JSON-schema converter, so a schema with an enum can only ever produce one of its values. llama.cpp's
-own form `{"type": "json_object", "schema": ...}` is accepted too.
+own form `{"type": "json_object", "schema": ...}` is accepted too. A schema that admits a closed set of
+strings (a classifier's label enum) is decoded over those answers' tokens instead, a forward pass per
+branch rather than per token (`distill.serving.choices`; `choice_decoding: false` turns it off).
 
 A `Llama` object is not thread-safe and crashes the process (SIGSEGV, GGML_ASSERT) when two threads drive
 it. Each model therefore has its own one-thread executor: a generation is handed to it and the next one
@@ -31,12 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
 from llama_cpp.llama_grammar import JSON_GBNF
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import resolve_path
 from distill.models import ModelSource
+from distill.serving.choices import ChoiceTrie, answers_for, decode
 from distill.serving.common import (
     NO_DOCS,
     backpressure,
@@ -84,6 +88,9 @@ class LLMAppArgs(BaseModel):
     api_key_env: str | None = Field(None, description="If this variable is set, requests need its Bearer key.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get a 413.")
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
+    choice_decoding: bool = Field(
+        True, description="Decode a schema that admits a closed set of strings over their tokens "
+        "(distill.serving.choices) instead of sampling under llama.cpp's grammar; false: always the grammar.")
 
 
 # --- OpenAI request shapes -------------------------------------------------------------------------
@@ -196,14 +203,18 @@ def _grammar(schema_json: str) -> LlamaGrammar:
     return LlamaGrammar.from_json_schema(schema_json, verbose=False)
 
 
+def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    try:
+        return fmt.schema_dict() if fmt is not None and fmt.type != "text" else None
+    except ValueError as e:
+        raise APIError(400, str(e), param="response_format") from None
+
+
 def grammar_for(fmt: ResponseFormat | None) -> LlamaGrammar | None:
     """The grammar that enforces `fmt`, or None for free text. Never silently drops a schema."""
     if fmt is None or fmt.type == "text":
         return None
-    try:
-        schema = fmt.schema_dict()
-    except ValueError as e:
-        raise APIError(400, str(e), param="response_format") from None
+    schema = _schema(fmt)
     if schema is None:  # plain JSON mode
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
     try:
@@ -212,22 +223,67 @@ def grammar_for(fmt: ResponseFormat | None) -> LlamaGrammar | None:
         raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
 
 
-class StoppableLlama(Llama):
-    """A `Llama` whose completions also end as soon as `stop_flag` is set.
+def choices_for(req: ChatCompletionRequest) -> list[str] | None:
+    """The closed set of answers to decode over (`distill.serving.choices`), or None for the grammar path:
+    the schema must admit a closed set, and nothing in the request may act on the text as it is generated."""
+    schema = _schema(req.response_format)
+    if schema is None or req.stop or req.presence_penalty or req.frequency_penalty:
+        return None
+    return answers_for(schema)
 
-    `create_chat_completion` takes no stopping criterion, but every chat handler calls `create_completion`,
-    which does; the criterion is read after each generated token. Only the model's own executor thread
-    sets `stop_flag`, one generation at a time.
+
+class StoppableLlama(Llama):
+    """A `Llama` whose completions end as soon as `stop_flag` is set, and that decodes a closed set of
+    `answers` (see `distill.serving.choices`) instead of sampling under the grammar.
+
+    `create_chat_completion` takes neither, but every chat handler formats and tokenizes the messages and
+    then calls `create_completion`, which is where both take effect: the stopping criterion is read after
+    each generated token, and the answers are decoded from the same prompt tokens the grammar path would
+    see. Only the model's own executor thread sets the two attributes, one generation at a time.
     """
 
     stop_flag: threading.Event | None = None
+    answers: list[str] | None = None
 
-    def create_completion(self, *args: Any, stopping_criteria: StoppingCriteriaList | None = None,
+    def create_completion(self, prompt: Any, *args: Any, stopping_criteria: StoppingCriteriaList | None = None,
                           **kwargs: Any) -> Any:
         flag = self.stop_flag
+        if self.answers is not None and not args and isinstance(prompt, list):
+            trie = ChoiceTrie(self.answers, lambda s: self.tokenize(s.encode(), add_bos=False, special=False))
+            max_tokens = kwargs.get("max_tokens")
+            # Otherwise the grammar path truncates the answer or refuses the prompt, as for any schema.
+            if (max_tokens is None or max_tokens <= 0 or trie.longest <= max_tokens) \
+                    and len(prompt) + trie.longest <= self.n_ctx():
+                return self._complete_choice(trie, prompt, flag, **kwargs)
         if flag is not None:
             stopping_criteria = StoppingCriteriaList([lambda _ids, _logits: flag.is_set(), *(stopping_criteria or [])])
-        return super().create_completion(*args, stopping_criteria=stopping_criteria, **kwargs)
+        return super().create_completion(prompt, *args, stopping_criteria=stopping_criteria, **kwargs)
+
+    def _complete_choice(self, trie: ChoiceTrie, prompt: list[int], flag: threading.Event | None,
+                         temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
+                         **_: Any) -> dict[str, Any]:
+        # The chat handler's other arguments (stop strings, penalties off) do not apply to a closed set.
+        out = decode(trie, prompt, self._forward, temperature, top_p, np.random.default_rng(seed),
+                     stopped=(flag.is_set if flag is not None else lambda: False))
+        text = out.answer if out.answer is not None else self.detokenize(out.tokens).decode(errors="ignore")
+        return {
+            "id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+            "model": self.model_path,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out.tokens),
+                      "total_tokens": len(prompt) + len(out.tokens)},
+        }
+
+    def _forward(self, tokens: list[int]) -> np.ndarray:
+        """The next-token logits after `tokens`, reusing the KV cache of the longest prefix already
+        evaluated (as `Llama.generate` does), so shared system prompts are not evaluated again."""
+        reuse = min(self.longest_token_prefix(self._input_ids, tokens), len(tokens) - 1)
+        if reuse <= 0 or not self._ctx.kv_cache_seq_rm(-1, reuse, -1):
+            self.reset()
+            reuse = 0
+        self.n_tokens = reuse
+        self.eval(tokens[reuse:])
+        return np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab(),))
 
 
 class LlamaCppEngine:
@@ -262,6 +318,7 @@ class LlamaCppEngine:
             return {}
         started = time.perf_counter()
         llama.stop_flag = stop
+        llama.answers = choices_for(req) if self.args.choice_decoding else None
         try:
             out = llama.create_chat_completion(
                 messages=[{"role": m.role, "content": m.text()} for m in req.messages],
@@ -280,6 +337,7 @@ class LlamaCppEngine:
             raise APIError(400, str(e), param="messages", code=code) from None
         finally:
             llama.stop_flag = None
+            llama.answers = None
         if stop.is_set():
             logger.info("generation for a cancelled request stopped after %d tokens, %.2f s",
                         out["usage"]["completion_tokens"], time.perf_counter() - started)

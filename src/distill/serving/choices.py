@@ -1,0 +1,127 @@
+"""Finite-choice decoding: a response schema that admits a closed set of answers is decoded over their tokens.
+
+A classifier's schema -- an object whose one property is a string enum (what DSPy's JSONAdapter sends for
+a `Literal` output field) or a bare string enum -- admits a handful of answers. llama.cpp's grammar
+sampler would produce one of them a token at a time, running a forward pass per token even where the
+grammar leaves a single choice, and checking all vocabulary entries (49k for SmolLM2) against the grammar
+at every step, which on CPU costs about as much as the forward pass itself.
+
+Here the answers are rendered the way `json.dumps` writes them, on one line (the student's SFT answers)
+and indented (DSPy's JSONAdapter prompts), and tokenized once into a trie. Only a branch of the trie needs the model: the tokens before it are fed
+in one batch with the next forward pass (`{"label": "` goes with the prompt), and once the tokens chosen
+so far fit a single answer, the rest of it is written without running the model. A branch takes the
+allowed token with the highest logit -- or samples among the allowed tokens at temperature > 0 -- so the
+answer is always one the schema admits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# Keywords that do not narrow a string enum; any other (pattern, maxLength, ...) sends the schema to the grammar.
+_ANNOTATIONS = {"title", "description"}
+
+
+def answers_for(schema: dict[str, Any]) -> list[str] | None:
+    """The JSON texts to decode over when `schema` admits a closed set of strings (else None: use the grammar).
+
+    A string `enum`/`const`, or an object with exactly one property, required, that is one. Answers are
+    rendered as `json.dumps` renders them; the schema admits other whitespace too, which this decoder
+    never produces.
+    """
+    if (values := _strings(schema)) is not None:
+        return [json.dumps(v, ensure_ascii=False) for v in values]
+    props = schema.get("properties")
+    if (schema.get("type") != "object" or not isinstance(props, dict) or len(props) != 1
+            or set(schema) - _ANNOTATIONS - {"type", "properties", "required", "additionalProperties"}):
+        return None
+    ((name, prop),) = props.items()
+    if list(schema.get("required", [])) != [name] or (values := _strings(prop)) is None:
+        return None
+    # Both spellings: one line (how the compact prompt's SFT answers are written) and indented (how
+    # DSPy's JSONAdapter shows outputs in its prompts); the model's first token picks one.
+    return [json.dumps({name: v}, ensure_ascii=False, indent=indent) for indent in (None, 2) for v in values]
+
+
+def _strings(schema: Any) -> list[str] | None:
+    if not isinstance(schema, dict) or schema.get("type", "string") != "string":
+        return None
+    if set(schema) - _ANNOTATIONS - {"type", "enum", "const"}:
+        return None
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if not values or not all(isinstance(v, str) for v in values):
+        return None
+    return list(dict.fromkeys(values))
+
+
+@dataclass
+class _Node:
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    answer: str | None = None  # set where an answer's tokens end
+
+
+class ChoiceTrie:
+    """The answers' token sequences, merged on their common prefixes."""
+
+    def __init__(self, answers: Sequence[str], tokenize: Callable[[str], list[int]]) -> None:
+        if not answers:
+            raise ValueError("no answers to decode over")
+        self.root = _Node()
+        self.longest = 0  # tokens of the longest answer
+        for answer in answers:
+            tokens = tokenize(answer)
+            node = self.root
+            for t in tokens:
+                node = node.children.setdefault(t, _Node())
+            # Two JSON texts never tokenize so that one is a prefix of the other: each ends with a
+            # character (`"` or `}`) that cannot occur unescaped inside the other.
+            node.answer = answer
+            self.longest = max(self.longest, len(tokens))
+
+
+@dataclass
+class Decoded:
+    answer: str | None  # None: stopped before an answer was decided
+    tokens: list[int]  # the answer's tokens (or those decided before the stop)
+    forward_passes: int
+
+
+def decode(trie: ChoiceTrie, prompt: Sequence[int], forward: Callable[[list[int]], np.ndarray],
+           temperature: float = 0.0, top_p: float = 1.0, rng: np.random.Generator | None = None,
+           stopped: Callable[[], bool] = lambda: False) -> Decoded:
+    """Walk `trie` after `prompt`; `forward(tokens)` returns the next-token logits after the whole sequence.
+
+    `stopped()` is read before each forward pass, so an abandoned request runs no further pass.
+    """
+    node, out, passes = trie.root, [], 0
+    while node.answer is None:
+        if len(node.children) == 1:
+            (token,) = node.children
+        else:
+            if stopped():
+                return Decoded(None, out, passes)
+            logits = forward([*prompt, *out])
+            passes += 1
+            token = _pick(logits, list(node.children), temperature, top_p, rng)
+        out.append(token)
+        node = node.children[token]
+    return Decoded(node.answer, out, passes)
+
+
+def _pick(logits: np.ndarray, allowed: list[int], temperature: float, top_p: float,
+          rng: np.random.Generator | None) -> int:
+    scores = np.asarray(logits, dtype=np.float64)[allowed]
+    if temperature <= 0:
+        return allowed[int(np.argmax(scores))]
+    p = np.exp((scores - scores.max()) / temperature)
+    p /= p.sum()
+    if top_p < 1.0:  # nucleus among the allowed tokens: the fewest, most likely ones holding top_p
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        p = np.where(np.isin(np.arange(len(p)), keep), p, 0.0)
+        p /= p.sum()
+    return allowed[int((rng or np.random.default_rng()).choice(len(allowed), p=p))]

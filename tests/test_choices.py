@@ -1,0 +1,72 @@
+"""Which response schemas are decoded as a closed set of answers (distill.serving.choices), and how a
+branch is picked. The decoding itself runs against the real model in test_serving_engine.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distill.serving.choices import ChoiceTrie, _pick, answers_for, decode
+
+ENUM = {"type": "string", "enum": ["a_b", "a_c", "d"]}
+DSPY_LIKE = {"type": "object", "title": "Outputs", "additionalProperties": False, "required": ["label"],
+             "properties": {"label": {"type": "string", "enum": ["x", "y"], "title": "Label"}}}
+
+
+def test_closed_sets_give_their_renderings() -> None:
+    assert answers_for(ENUM) == ['"a_b"', '"a_c"', '"d"']
+    assert answers_for({"const": "only"}) == ['"only"']
+    answers = answers_for(DSPY_LIKE)
+    assert answers == ['{"label": "x"}', '{"label": "y"}', '{\n  "label": "x"\n}', '{\n  "label": "y"\n}']
+    assert [json.loads(a) for a in answers] == [{"label": "x"}, {"label": "y"}] * 2
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string"},  # free text
+    {"type": "string", "enum": ["a", "b"], "pattern": "a"},  # a keyword that narrows the enum further
+    {"type": "integer", "enum": [1, 2]},
+    {"enum": ["a", 1]},
+    {"type": "string", "enum": []},
+    {"type": "object", "properties": {"label": ENUM}},  # not required: `{}` is an answer too
+    {"type": "object", "properties": {"label": ENUM, "why": {"type": "string"}}, "required": ["label", "why"]},
+    {"type": "object", "properties": {"label": {"$ref": "#/$defs/L"}}, "required": ["label"]},
+    {"type": "array", "items": ENUM},
+])
+def test_other_schemas_go_to_the_grammar(schema: dict) -> None:
+    assert answers_for(schema) is None
+
+
+def _chars(s: str) -> list[int]:
+    return [ord(c) for c in s]
+
+
+def test_decode_runs_the_model_only_at_branches() -> None:
+    trie = ChoiceTrie(["ab", "ac", "d"], _chars)
+    calls: list[list[int]] = []
+
+    def forward(tokens: list[int]) -> np.ndarray:
+        calls.append(tokens)
+        logits = np.zeros(128)
+        logits[ord("a")], logits[ord("c")] = 2.0, 1.0  # `a` over `d`, then `c` over `b`
+        return logits
+
+    out = decode(trie, [1, 2], forward)
+    assert out.answer == "ac" and out.tokens == _chars("ac") and out.forward_passes == 2
+    assert calls == [[1, 2], [1, 2, ord("a")]]
+    # one answer: nothing to decide, no forward pass at all
+    assert decode(ChoiceTrie(["zz"], _chars), [1], forward).forward_passes == 0
+    # a request abandoned before a branch runs no pass and returns no answer
+    stopped = decode(trie, [1], forward, stopped=lambda: True)
+    assert stopped.answer is None and stopped.forward_passes == 0
+
+
+def test_pick_greedy_and_sampled() -> None:
+    logits = np.array([0.0, 5.0, 4.0, 9.0])
+    assert _pick(logits, [0, 1, 2], 0.0, 1.0, None) == 1  # the best allowed, not the best overall
+    rng = np.random.default_rng(0)
+    draws = {_pick(logits, [0, 1, 2], 1.0, 1.0, rng) for _ in range(200)}
+    assert draws <= {0, 1, 2} and {1, 2} <= draws
+    # top_p keeps only the most likely allowed token when it holds enough of the mass
+    assert {_pick(logits, [0, 1, 2], 1.0, 0.5, rng) for _ in range(50)} == {1}
