@@ -98,15 +98,20 @@ def main() -> None:
     engine = LlamaCppEngine(app_args)
     lock = threading.Lock()
     llama = engine.llamas[lm_cfg.model]
-    from distill.serving.llm import grammar_for
+    from distill.serving.llm import choices_for, grammar_for
 
     def direct(body: dict[str, Any]) -> None:
         req = ChatCompletionRequest.model_validate(body)
         with lock:
-            out = llama.create_chat_completion(
-                messages=body["messages"], temperature=0.0, max_tokens=body["max_tokens"],
-                grammar=grammar_for(req.response_format),
-            )
+            # The engine's decoding, as the served side does it: the label enum's answers, else the grammar.
+            llama.answers = choices_for(req) if app_args.choice_decoding else None
+            try:
+                out = llama.create_chat_completion(
+                    messages=body["messages"], temperature=0.0, max_tokens=body["max_tokens"],
+                    grammar=grammar_for(req.response_format),
+                )
+            finally:
+                llama.answers = None
         json.loads(out["choices"][0]["message"]["content"])
 
     direct(bodies[0])

@@ -6,7 +6,7 @@ For an unknown self-hosted model DSPy assumes no response-schema support: its na
 `response_format` and the litellm path sends plain `json_object`. We declare our endpoints (the local
 llama.cpp application and vLLM behind ray.serve.llm both implement OpenAI `json_schema`) as a provider
 that supports response schemas, so the JSONAdapter sends the signature's schema -- with the label as an
-enum -- and the server turns it into a grammar.
+enum -- and the server constrains the answer to it (a grammar, or decoding over the enum's answers).
 """
 
 from __future__ import annotations
