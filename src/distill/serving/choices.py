@@ -7,9 +7,9 @@ grammar leaves a single choice, and checking all vocabulary entries (49k for Smo
 at every step, which on CPU costs about as much as the forward pass itself.
 
 Here the answers are rendered the way `json.dumps` writes them, on one line (the student's SFT answers)
-and indented (DSPy's JSONAdapter prompts), and tokenized once into a trie. Only a branch of the trie needs the model: the tokens before it are fed
-in one batch with the next forward pass (`{"label": "` goes with the prompt), and once the tokens chosen
-so far fit a single answer, the rest of it is written without running the model. A branch takes the
+and indented (DSPy's JSONAdapter prompts), and tokenized once into a trie. Only a branch of the trie
+needs the model: the tokens before it are fed in one batch with the next forward pass, and once the
+tokens chosen so far fit a single answer, the rest of it is written without running the model. A branch takes the
 allowed token with the highest logit -- or samples among the allowed tokens at temperature > 0 -- so the
 answer is always one the schema admits.
 """

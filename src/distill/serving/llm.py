@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
 from llama_cpp.llama_grammar import JSON_GBNF
-import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -245,8 +245,8 @@ class StoppableLlama(Llama):
     stop_flag: threading.Event | None = None
     answers: list[str] | None = None
 
-    def create_completion(self, prompt: Any, *args: Any, stopping_criteria: StoppingCriteriaList | None = None,
-                          **kwargs: Any) -> Any:
+    def create_completion(self, prompt: Any, *args: Any,
+                          stopping_criteria: StoppingCriteriaList | None = None, **kwargs: Any) -> Any:
         flag = self.stop_flag
         if self.answers is not None and not args and isinstance(prompt, list):
             trie = ChoiceTrie(self.answers, lambda s: self.tokenize(s.encode(), add_bos=False, special=False))
@@ -262,7 +262,8 @@ class StoppableLlama(Llama):
     def _complete_choice(self, trie: ChoiceTrie, prompt: list[int], flag: threading.Event | None,
                          temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
                          **_: Any) -> dict[str, Any]:
-        # The chat handler's other arguments (stop strings, penalties off) do not apply to a closed set.
+        # The chat template's stop strings end free text; an answer from the set ends by itself (requests
+        # with stop strings or penalties of their own never come here: `choices_for`).
         out = decode(trie, prompt, self._forward, temperature, top_p, np.random.default_rng(seed),
                      stopped=(flag.is_set if flag is not None else lambda: False))
         text = out.answer if out.answer is not None else self.detokenize(out.tokens).decode(errors="ignore")
