@@ -94,7 +94,9 @@ def test_a_label_enum_is_decoded_over_its_answers(engine) -> None:
         assert out["usage"]["completion_tokens"] == len(llama.tokenize(content.encode(), add_bos=False, special=False))
     # The model runs at the branches only: fewer forward passes than the answer has tokens.
     trie = ChoiceTrie(answers_for(LABEL_SCHEMA), lambda s: llama.tokenize(s.encode(), add_bos=False, special=False))
-    decoded = decode(trie, llama.tokenize(b"Classify: when will my card arrive?"), llama._forward)
+    # (on the model's own thread, as every use of the Llama)
+    decoded = engine.executors["m"].submit(
+        decode, trie, llama.tokenize(b"Classify: when will my card arrive?"), llama._forward).result()
     assert decoded.answer is not None and 1 <= decoded.forward_passes < len(decoded.tokens)
 
 
