@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 from typing import Any, Callable
 
@@ -93,25 +92,11 @@ def main() -> None:
         for c in levels:
             results["served"][c] = measure(served, bodies, c)
 
-    # The same engine code in-process, no Ray and no HTTP: one Llama object behind one lock.
-    app_args = LLMAppArgs.model_validate(load_serve_config(serve_cfg)["applications"][0]["args"])
-    engine = LlamaCppEngine(app_args)
-    lock = threading.Lock()
-    llama = engine.llamas[lm_cfg.model]
-    from distill.serving.llm import choices_for, grammar_for
+    # The same engine in-process, no Ray and no HTTP: its own executor runs one generation at a time.
+    engine = LlamaCppEngine(LLMAppArgs.model_validate(load_serve_config(serve_cfg)["applications"][0]["args"]))
 
     def direct(body: dict[str, Any]) -> None:
-        req = ChatCompletionRequest.model_validate(body)
-        with lock:
-            # The engine's decoding, as the served side does it: the label enum's answers, else the grammar.
-            llama.answers = choices_for(req) if app_args.choice_decoding else None
-            try:
-                out = llama.create_chat_completion(
-                    messages=body["messages"], temperature=0.0, max_tokens=body["max_tokens"],
-                    grammar=grammar_for(req.response_format),
-                )
-            finally:
-                llama.answers = None
+        out = asyncio.run(engine.chat(ChatCompletionRequest.model_validate(body)))
         json.loads(out["choices"][0]["message"]["content"])
 
     direct(bodies[0])

@@ -124,3 +124,4 @@ def test_sampling_a_closed_set_stays_in_it(engine) -> None:
 def test_budget_below_the_answer_falls_back_to_the_grammar(engine) -> None:
     out = asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0, max_tokens=3))))
     assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
+    assert out["choices"][0]["message"]["content"].startswith("{")  # under the schema's grammar, not free text

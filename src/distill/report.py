@@ -34,7 +34,8 @@ MANIFESTS: dict[str, type[Manifest]] = {
     "data": DataManifest, "baselines": BaselinesManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
     "eval": EvalManifest, "serving": ServingManifest,
 }
-# The stack's packages; a profile installs only its engine (llama-cpp-python on local, vLLM on the cluster).
+
+
 class RunManifest(Manifest):
     """The pipeline run: profile, sizes, versions, wall time (set-up excluded) and set-up time."""
 

@@ -13,7 +13,6 @@ and writes accuracy, agreement between the two decoders, p50 latency and tokens 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from distill.data import prepare_data
 from distill.lm import make_lm, using
 from distill.program import DeployParams
 from distill.serving.control import serving
+from distill.stages.finetune import FinetuneManifest
 from distill.teacher import HybridTeacher, build_teacher
 
 
@@ -37,9 +37,9 @@ def main() -> None:
     cfg = load_config(args.profile)
     data = prepare_data(cfg)
     test = data.test[: args.queries]
-    ft = json.loads((cfg.artifacts / "finetune" / "manifest.json").read_text())
+    ft = FinetuneManifest.model_validate_json((cfg.artifacts / "finetune" / "manifest.json").read_text())
     params = DeployParams.load(cfg.artifacts / "deploy_params.json")
-    serve_cfg = yaml.safe_load(Path(ft["serve_config"]).read_text())
+    serve_cfg = yaml.safe_load(Path(ft.serve_config).read_text())
     base_model = serve_cfg["applications"][0]["args"]["models"][0]["name"]
 
     teacher = build_teacher(cfg, data.labels, data.gold)

@@ -232,7 +232,7 @@ def choices_for(req: ChatCompletionRequest) -> list[str] | None:
     return answers_for(schema)
 
 
-class StoppableLlama(Llama):
+class ServedLlama(Llama):
     """A `Llama` whose completions end as soon as `stop_flag` is set, and that decodes a closed set of
     `answers` (see `distill.serving.choices`) instead of sampling under the grammar.
 
@@ -293,9 +293,9 @@ class LlamaCppEngine:
     def __init__(self, args: LLMAppArgs) -> None:
         self.args = args
         self.specs = {m.name: m for m in args.models}
-        self.llamas: dict[str, StoppableLlama] = {}
+        self.llamas: dict[str, ServedLlama] = {}
         for m in args.models:
-            self.llamas[m.name] = StoppableLlama(
+            self.llamas[m.name] = ServedLlama(
                 model_path=str(m.source.resolve()),
                 lora_path=str(resolve_path(m.lora_path)) if m.lora_path else None,
                 n_ctx=m.n_ctx,
