@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from distill.serving.choices import ChoiceTrie, _pick, answers_for, decode
+from distill.serving.choices import SPECULATE_AFTER, ChoiceTrie, _pick, answers_for, decode
 
 ENUM = {"type": "string", "enum": ["a_b", "a_c", "d"]}
 DSPY_LIKE = {"type": "object", "title": "Outputs", "additionalProperties": False, "required": ["label"],
@@ -46,11 +46,12 @@ def test_decode_runs_the_model_only_at_branches() -> None:
     trie = ChoiceTrie(["ab", "ac", "d"], _chars)
     calls: list[list[int]] = []
 
-    def forward(tokens: list[int]) -> np.ndarray:
+    def forward(tokens: list[int], ahead: list[int]) -> list[np.ndarray]:
         calls.append(tokens)
+        assert not ahead  # no streaks given: never runs ahead
         logits = np.zeros(128)
         logits[ord("a")], logits[ord("c")] = 2.0, 1.0  # `a` over `d`, then `c` over `b`
-        return logits
+        return [logits]
 
     out = decode(trie, [1, 2], forward)
     assert out.answer == "ac" and out.tokens == _chars("ac") and out.forward_passes == 2
@@ -60,6 +61,44 @@ def test_decode_runs_the_model_only_at_branches() -> None:
     # a request abandoned before a branch runs no pass and returns no answer
     stopped = decode(trie, [1], forward, stopped=lambda: True)
     assert stopped.answer is None and stopped.forward_passes == 0
+
+
+class Scripted:
+    """A model whose preference at each position is scripted: `prefer[i]` is the character it puts first
+    after i answer characters. Records each pass as (tokens, ahead)."""
+
+    def __init__(self, prefer: str, prompt_len: int) -> None:
+        self.prefer, self.prompt_len, self.passes = prefer, prompt_len, []
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        out = np.zeros(128)
+        out[ord(self.prefer[len(tokens) - self.prompt_len])] = 1.0
+        return out
+
+    def __call__(self, tokens: list[int], ahead: list[int]) -> list[np.ndarray]:
+        self.passes.append((tokens, list(ahead)))
+        return [self.logits(tokens)] + ([self.logits([*tokens, *ahead])] if ahead else [])
+
+
+def test_a_branch_that_keeps_going_one_way_is_run_ahead_without_changing_the_answer() -> None:
+    # A branch between `x` and `y` (a spelling, say), forced `:a`, then a branch between `b` and `c`.
+    trie = ChoiceTrie(["x:ab", "x:ac", "y:ab", "y:ac"], _chars)
+    streaks: dict = {}
+    model = Scripted("x:ab", prompt_len=1)
+    for _ in range(SPECULATE_AFTER):  # the streak builds up: a pass per branch
+        model.passes.clear()
+        assert decode(trie, [0], model, streaks=streaks).answer == "x:ab"
+        assert model.passes == [([0], []), ([0, *_chars("x:a")], [])]
+    model.passes.clear()
+    out = decode(trie, [0], model, streaks=streaks)
+    # The first pass also evaluates `x:a`, giving the second branch's logits: one pass instead of two.
+    assert out.answer == "x:ab" and out.forward_passes == 1 and model.passes == [([0], _chars("x:a"))]
+    # The model goes the other way at the first branch: the run-ahead is dropped, the answer follows the model.
+    other = Scripted("y:ac", prompt_len=1)
+    out = decode(trie, [0], other, streaks=streaks)
+    assert out.answer == "y:ac" and out.forward_passes == 2
+    assert other.passes == [([0], _chars("x:a")), ([0, *_chars("y:a")], [])]  # `c` picked after `y`, not `x`
+    assert streaks[()] == (ord("y"), 1)  # the streak starts over
 
 
 def test_pick_greedy_and_sampled() -> None:

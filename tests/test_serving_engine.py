@@ -83,7 +83,7 @@ def _classify(q: str, **kw) -> dict:
 
 
 def test_a_label_enum_is_decoded_over_its_answers(engine) -> None:
-    from distill.serving.choices import ChoiceTrie, answers_for, decode
+    from distill.serving.choices import SPECULATE_AFTER, ChoiceTrie, answers_for, decode
 
     llama = engine.llamas["m"]
     for q in QUERIES:
@@ -95,9 +95,14 @@ def test_a_label_enum_is_decoded_over_its_answers(engine) -> None:
     # The model runs at the branches only: fewer forward passes than the answer has tokens.
     trie = ChoiceTrie(answers_for(LABEL_SCHEMA), lambda s: llama.tokenize(s.encode(), add_bos=False, special=False))
     # (on the model's own thread, as every use of the Llama)
-    decoded = engine.executors["m"].submit(
-        decode, trie, llama.tokenize(b"Classify: when will my card arrive?"), llama._forward).result()
+    prompt = llama.tokenize(b"Classify: when will my card arrive?")
+    decoded = engine.executors["m"].submit(decode, trie, prompt, llama._forward).result()
     assert decoded.answer is not None and 1 <= decoded.forward_passes < len(decoded.tokens)
+    # Once its branches keep going the same way, the same answer takes fewer passes still.
+    streaks: dict = {}
+    for _ in range(SPECULATE_AFTER + 1):
+        again = engine.executors["m"].submit(decode, trie, prompt, llama._forward, streaks=streaks).result()
+    assert again.answer == decoded.answer and again.forward_passes < decoded.forward_passes
 
 
 def test_forward_reuses_the_cache_without_changing_the_logits(engine) -> None:
@@ -105,13 +110,19 @@ def test_forward_reuses_the_cache_without_changing_the_logits(engine) -> None:
     a = llama.tokenize(b"The customer asks when the new card will arrive at home")
     b = a[:8] + llama.tokenize(b" about a fee", add_bos=False)
     engine.executors["m"].submit(llama._forward, a).result()
-    reused = engine.executors["m"].submit(lambda: llama._forward(b).copy()).result()
+    reused = engine.executors["m"].submit(lambda: llama._forward(b)[0]).result()
 
-    def fresh() -> np.ndarray:
+    def fresh(tokens: list[int]) -> np.ndarray:
         llama.reset()
-        return llama._forward(b).copy()
+        return llama._forward(tokens)[0]
 
-    assert np.allclose(reused, engine.executors["m"].submit(fresh).result(), atol=1e-3)
+    assert np.allclose(reused, engine.executors["m"].submit(fresh, b).result(), atol=1e-3)
+    # Running ahead: one pass gives the logits after `b` and after `b + ahead`, each as a pass of its own would.
+    ahead = llama.tokenize(b" and a refund", add_bos=False)
+    at_b, at_end = engine.executors["m"].submit(llama._forward, b, ahead).result()
+    assert np.allclose(at_b, reused, atol=1e-3)
+    assert np.allclose(at_end, engine.executors["m"].submit(fresh, b + ahead).result(), atol=1e-3)
+    assert not np.allclose(at_b, at_end, atol=1e-3)
 
 
 def test_sampling_a_closed_set_stays_in_it(engine) -> None:

@@ -26,7 +26,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import resolve_path
 from distill.models import ModelSource
-from distill.serving.choices import ChoiceTrie, answers_for, decode
+from distill.serving.choices import ChoiceTrie, Streaks, answers_for, decode
 from distill.serving.common import (
     NO_DOCS,
     backpressure,
@@ -244,12 +244,28 @@ class ServedLlama(Llama):
 
     stop_flag: threading.Event | None = None
     answers: list[str] | None = None
+    TRIES = 64  # answer sets whose tries are kept (a student has one; a teacher's candidate sets vary)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
+        self._streaks: Streaks = {}
+
+    def _trie(self, answers: list[str]) -> ChoiceTrie:
+        # Tokenizing 50 answers costs ~5 ms, a third of a forward pass: once per answer set.
+        key = tuple(answers)
+        if (trie := self._tries.pop(key, None)) is None:
+            trie = ChoiceTrie(answers, lambda s: self.tokenize(s.encode(), add_bos=False, special=False))
+            if len(self._tries) >= self.TRIES:
+                self._tries.pop(next(iter(self._tries)))  # the least recently used
+        self._tries[key] = trie
+        return trie
 
     def create_completion(self, prompt: Any, *args: Any,
                           stopping_criteria: StoppingCriteriaList | None = None, **kwargs: Any) -> Any:
         flag = self.stop_flag
         if self.answers is not None and not args and isinstance(prompt, list):
-            trie = ChoiceTrie(self.answers, lambda s: self.tokenize(s.encode(), add_bos=False, special=False))
+            trie = self._trie(self.answers)
             max_tokens = kwargs.get("max_tokens")
             # Otherwise the grammar path truncates the answer or refuses the prompt, as for any schema.
             if (max_tokens is None or max_tokens <= 0 or trie.longest <= max_tokens) \
@@ -264,8 +280,10 @@ class ServedLlama(Llama):
                          **_: Any) -> dict[str, Any]:
         # The chat template's stop strings end free text; an answer from the set ends by itself (requests
         # with stop strings or penalties of their own never come here: `choices_for`).
+        if len(self._streaks) > 4096:  # paths through many answer sets: start over rather than grow
+            self._streaks.clear()
         out = decode(trie, prompt, self._forward, temperature, top_p, np.random.default_rng(seed),
-                     stopped=(flag.is_set if flag is not None else lambda: False))
+                     stopped=(flag.is_set if flag is not None else lambda: False), streaks=self._streaks)
         text = out.answer if out.answer is not None else self.detokenize(out.tokens).decode(errors="ignore")
         return {
             "id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
@@ -275,16 +293,31 @@ class ServedLlama(Llama):
                       "total_tokens": len(prompt) + len(out.tokens)},
         }
 
-    def _forward(self, tokens: list[int]) -> np.ndarray:
-        """The next-token logits after `tokens`, reusing the KV cache of the longest prefix already
-        evaluated (as `Llama.generate` does), so shared system prompts are not evaluated again."""
-        reuse = min(self.longest_token_prefix(self._input_ids, tokens), len(tokens) - 1)
+    def _forward(self, tokens: list[int], ahead: Sequence[int] = ()) -> list[np.ndarray]:
+        """The next-token logits after `tokens` (and after `tokens + ahead`, from the same pass), reusing
+        the KV cache of the longest prefix already evaluated (as `Llama.generate` does), so shared system
+        prompts are not evaluated again."""
+        seq = [*tokens, *ahead]
+        reuse = min(self.longest_token_prefix(self._input_ids, seq), len(tokens) - 1)
         if reuse <= 0 or not self._ctx.kv_cache_seq_rm(-1, reuse, -1):
-            self.reset()
             reuse = 0
+            self._ctx.kv_cache_seq_rm(-1, 0, -1)  # nothing to reuse: the batch below starts at position 0
         self.n_tokens = reuse
-        self.eval(tokens[reuse:])
-        return np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab(),))
+        # `Llama.eval` up to the last batch; that one asks llama.cpp for logits at both positions.
+        start = max(reuse, len(seq) - self.n_batch)
+        if start > len(tokens) - 1:  # `ahead` alone fills a batch: two passes (never for a label set)
+            return [self._forward(tokens)[0], *self._forward(seq)]
+        if start > reuse:
+            self.eval(seq[reuse:start])
+        ends = [len(tokens), len(seq)] if ahead else [len(seq)]
+        self._batch.set_batch(batch=seq[start:], n_past=start, logits_all=False)
+        for end in ends:
+            self._batch.batch.logits[end - 1 - start] = True
+        self._ctx.decode(self._batch)
+        self.input_ids[start:len(seq)] = seq[start:]
+        self.n_tokens = len(seq)
+        return [np.ctypeslib.as_array(self._ctx.get_logits_ith(end - 1 - start), shape=(self.n_vocab(),)).copy()
+                for end in ends]
 
 
 class LlamaCppEngine:
