@@ -69,7 +69,7 @@ def cfg(tmp_path, monkeypatch, with_banking77):
                                               "teacher": {"gate_size": 12, "vote_confidence": 1.0},
                                               # the scripted answers carry the vote's confidence, often below
                                               # local's floor: keep them all (the floor: test_labeling)
-                                              "curation": {"min_confidence": None},
+                                              "curation": {"min_confidence": None, "sft_source": "teacher"},
                                               "evaluation": {"latency_queries": 2}})
 
 
