@@ -13,12 +13,12 @@ tokens chosen so far fit a single answer, the rest of it is written without runn
 allowed token with the highest logit -- or samples among the allowed tokens at temperature > 0 -- so the
 answer is always one the schema admits.
 
-A pass costs a fixed ~10 ms on 2 cores (the weights are read once per pass) plus ~3 ms per token. Where a
+A pass has a fixed cost (on CPU, reading all the weights once) on top of its cost per token. So where a
 branch has gone the same way several times running (which spelling a model writes, say), the pass that
 decides it also evaluates the tokens up to the next branch: when the branch goes that way again, the next
 branch's logits are already there and one pass is saved; when it does not, those few tokens are dropped.
-Either way the answer is the one step-by-step decoding gives: every pick is made on the logits of exactly
-the tokens before it.
+Either way every pick is made on the logits of exactly the tokens before it, as step by step (a batch of
+another shape may round the logits differently in the last digits, as any change of batch does in llama.cpp).
 """
 
 from __future__ import annotations
