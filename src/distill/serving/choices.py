@@ -122,12 +122,13 @@ def decode(trie: ChoiceTrie, prompt: Sequence[int], forward: Forward,
             node = node.children[token]
             continue
         ahead: list[int] = []
+        key = tuple(out)
+        usual, times = streaks.get(key, (None, 0)) if streaks is not None else (None, 0)
         if ready is not None:
             logits, ready, after = ready, None, None
         else:
             if stopped():
                 return Decoded(None, out, passes)
-            usual, times = streaks.get(tuple(out), (None, 0)) if streaks is not None else (None, 0)
             if times >= SPECULATE_AFTER and usual in node.children:
                 ahead = _to_next_branch(node, usual)
             computed = forward([*prompt, *out], ahead)
@@ -135,8 +136,7 @@ def decode(trie: ChoiceTrie, prompt: Sequence[int], forward: Forward,
             logits, after = computed[0], (computed[1] if ahead else None)
         token = _pick(logits, list(node.children), temperature, top_p, rng)
         if streaks is not None:
-            last, times = streaks.get(tuple(out), (None, 0))
-            streaks[tuple(out)] = (token, times + 1 if token == last else 1)
+            streaks[key] = (token, times + 1 if token == usual else 1)
         if ahead and token == ahead[0]:  # went the usual way: the next branch's logits are ready
             for t in ahead:
                 node = node.children[t]

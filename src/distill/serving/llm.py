@@ -252,7 +252,7 @@ class ServedLlama(Llama):
         self._streaks: Streaks = {}
 
     def _trie(self, answers: list[str]) -> ChoiceTrie:
-        # Tokenizing 50 answers costs ~5 ms, a third of a forward pass: once per answer set.
+        # Tokenizing every answer costs a good part of a forward pass: once per answer set, not per request.
         key = tuple(answers)
         if (trie := self._tries.pop(key, None)) is None:
             trie = ChoiceTrie(answers, lambda s: self.tokenize(s.encode(), add_bos=False, special=False))
