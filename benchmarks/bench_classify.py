@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.lm import adapter
 from distill.program import DeployParams
 from distill.serving.control import replica_ids, serving

@@ -19,9 +19,9 @@ from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from rich.console import Console
 from rich.table import Table
 
-from distill.bench import latency_summary, write_result
+from distill.evaluation.latency import latency_summary, write_result
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.lm import CompactJSONAdapter
 from distill.program import make_signature
 from distill.serving.control import serving

@@ -30,13 +30,13 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import tracking
-from distill.bench import write_result
+from distill.evaluation.latency import write_result
 from distill.config import load_config
-from distill.data import prepare_data
-from distill.labeling import label_queries
+from distill.data.dataset import prepare_data
+from distill.teacher.labeling import label_queries
 from distill.lm import make_lm
 from distill.stages.base import served
-from distill.teacher import GoldIndex, build_teacher, build_vote
+from distill.teacher.program import GoldIndex, build_teacher, build_vote
 
 
 def main() -> None:

@@ -14,14 +14,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from distill.bench import write_result
+from distill.evaluation.latency import write_result
 from distill.config import load_config
-from distill.data import prepare_data
-from distill.labeling import label_queries, read_records
-from distill.labeling_ray import label_queries_ray
+from distill.data.dataset import prepare_data
+from distill.teacher.labeling import label_queries, read_records
+from distill.teacher.labeling_ray import label_queries_ray
 from distill.lm import make_lm
 from distill.serving.control import forward_env_names, serving
-from distill.teacher import build_teacher
+from distill.teacher.program import build_teacher
 
 
 def main() -> None:

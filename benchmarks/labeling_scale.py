@@ -5,7 +5,7 @@
 
 Throughput (queries/s) against concurrency (actors x calls per actor) for each number of replicas of the
 fake endpoint, up to where the endpoint saturates (replicas x max_ongoing / latency), then peak RSS against
-the number of queries. Writes <artifacts>/bench/labeling_scale.json (distill.labeling_scale.ScaleResult),
+the number of queries. Writes <artifacts>/bench/labeling_scale.json (distill_harness.labeling_scale.ScaleResult),
 the same as docs/labeling_scale.json with its chart docs/labeling_scale.png, and prints the README's tables;
 `--from-json docs/labeling_scale.json` redraws the chart and tables without running anything.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.bench import write_result
+from distill.evaluation.latency import write_result
 from distill.config import load_config
-from distill.data import prepare_data
-from distill.labeling_scale import ScaleResult, plot_scale, simulate, to_markdown
+from distill.data.dataset import prepare_data
+from distill_harness.labeling_scale import ScaleResult, plot_scale, simulate, to_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/learning_curve.py --profile local_full --sizes 100 300 1000
 
 Reads the profile's finished run (its student on every label, the teacher, the baselines), measures one
-student per size plus one on the gold labels alone (`distill.curve`), and writes docs/learning_curve.csv
+student per size plus one on the gold labels alone (`distill_harness.curve`), and writes docs/learning_curve.csv
 and docs/learning_curve.png. Each point takes a finetune and one pass over the test queries; an
 interrupted run resumes at the point it stopped in. A quick run draws its own student on these axes.
 """
@@ -18,9 +18,9 @@ from rich.table import Table
 
 from distill import pipeline
 from distill.config import load_config
-from distill.curve import measure_curve
+from distill_harness.curve import measure_curve
 from distill.env import load_env
-from distill.learning_curve import plot_curve, to_markdown, write_curve
+from distill_harness.learning_curve import plot_curve, to_markdown, write_curve
 
 
 def main() -> None:

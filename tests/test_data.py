@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from distill.config import load_config
-from distill.data import (
+from distill.data.dataset import (
     delete_labels,
     load_csv_split,
     normalize_label,
@@ -72,7 +72,7 @@ def test_gold_and_unlabeled(with_banking77, full_cfg) -> None:
 GOLD_TEXTS = """
 import hashlib, json
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 print(hashlib.sha1(json.dumps([ex.text for ex in prepare_data(load_config("cluster")).gold]).encode()).hexdigest())
 """
 

@@ -10,7 +10,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from distill.config import load_config
-from distill.deploy import llm_config_class, template_serve_config
+from distill.serving.deploy import llm_config_class, template_serve_config
 from distill.errors import DistillError
 from distill.serving.app import ProgramAppArgs
 from distill.serving.llm import LLMAppArgs
@@ -101,7 +101,7 @@ def test_cluster_finetune_refuses_storage_ray_serve_llm_cannot_read_before_it_tr
         storage, tmp_path, monkeypatch) -> None:
     # The real finetune stage on the cluster profile, with SFT data in place: it must stop at the storage
     # check, before Ray starts or a job is submitted (the finetune would otherwise run, then fail to publish).
-    from distill.data import TaskData
+    from distill.data.dataset import TaskData
     from distill.stages.curation import CurationStage
     from distill.stages.finetune import FinetuneStage
 
@@ -121,7 +121,7 @@ def test_cluster_finetune_refuses_storage_ray_serve_llm_cannot_read_before_it_tr
 
 
 def test_object_storage_passes_the_check() -> None:
-    from distill.deploy import check_lora_storage
+    from distill.serving.deploy import check_lora_storage
 
     check_lora_storage("serve_1B.yaml", "s3://bucket/lora")
     check_lora_storage("configs/serve_local_student.yaml", None)  # llama.cpp reads a local GGUF adapter

@@ -18,16 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import RayDataLabelingConfig, load_config
-from distill.curation import curate, normalize_text, sft_messages, to_sft
-from distill.data import prepare_data
+from distill.student.curation import curate, normalize_text, sft_messages, to_sft
+from distill.data.dataset import prepare_data
 from distill.errors import ConfigError, DataError, DistillError
-from distill.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records, shard_files
-from distill.labeling_ray import label_queries_ray
+from distill.teacher.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records, shard_files
+from distill.teacher.labeling_ray import label_queries_ray
 from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
 from distill.serving.control import serving
-from distill.teacher import GoldIndex, build_teacher, build_vote
-from distill.vote import C_GRID, LabelVote
+from distill.teacher.program import GoldIndex, build_teacher, build_vote
+from distill.teacher.vote import C_GRID, LabelVote
 
 # Tests that take `teacher_lm` start a real teacher endpoint on Ray Serve.
 slow = pytest.mark.slow
@@ -62,10 +62,10 @@ KILLABLE = textwrap.dedent(
     import sys
     from pathlib import Path
     from distill.config import RayDataLabelingConfig, load_config
-    from distill.data import prepare_data
-    from distill.labeling import label_queries
+    from distill.data.dataset import prepare_data
+    from distill.teacher.labeling import label_queries
     from distill.lm import make_lm
-    from distill.teacher import build_teacher
+    from distill.teacher.program import build_teacher
 
     cfg = load_config("local_ci", overrides={"teacher": {"vote_confidence": 1.0}})
     data = prepare_data(cfg)
@@ -133,7 +133,7 @@ KILLABLE_RAY = textwrap.dedent(
     from pathlib import Path
     from ray import cloudpickle
     from distill.config import RayDataLabelingConfig, load_config
-    from distill.labeling_ray import label_queries_ray
+    from distill.teacher.labeling_ray import label_queries_ray
 
     teacher, queries = cloudpickle.loads(Path(sys.argv[2]).read_bytes())
     cfg = load_config("local_ci")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from distill.config import load_config
-from distill.data import prepare_data
-from distill.labeling_scale import ScaleResult, plot_scale, simulate, to_markdown
+from distill.data.dataset import prepare_data
+from distill_harness.labeling_scale import ScaleResult, plot_scale, simulate, to_markdown
 
 
 @pytest.mark.slow

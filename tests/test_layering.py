@@ -1,5 +1,6 @@
 """The package reads top-down: no module imports a module that imports it back (function-local imports
-included), and the serving apps depend only on the program, the DSPy client and the configuration."""
+included), the serving apps depend only on the program, the DSPy client and the configuration, and the
+product (`distill`) never imports the harness (`distill_harness`) nor reads the repository's docs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # distill.logs is a leaf (standard library only): where Ray's and Serve's logs go.
 SERVING_MAY_IMPORT = {"distill.config", "distill.errors", "distill.lm", "distill.logs", "distill.models",
                       "distill.program"}
+# The pipeline's groups, bottom to top: a group imports only groups before it (stages/ and the top-level
+# orchestration modules sit above them all). Foundation modules (config, errors, logs, ...) are below all.
+GROUPS = ["distill.data", "distill.teacher", "distill.student", "distill.evaluation"]
 
 
 def _module_name(path: Path) -> str:
@@ -19,7 +23,7 @@ def _module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    modules = {_module_name(p): p for p in (SRC / "distill").rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps: set[str] = set()
@@ -30,6 +34,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             deps |= {t for t in targets if t in modules and t != name and t != "distill"}
+            deps |= {t.split(".")[0] for t in targets if t.split(".")[0] == "distill_harness"}
         graph[name] = deps
     return graph
 
@@ -74,3 +79,28 @@ def test_serving_depends_only_on_program_lm_and_config() -> None:
 
 def test_logs_is_a_leaf() -> None:
     assert not {d for d in import_graph()["distill.logs"] if d.startswith("distill")}
+
+
+def test_the_product_never_imports_the_harness() -> None:
+    offenders = {name: sorted(d for d in deps if d == "distill_harness")
+                 for name, deps in import_graph().items()}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_product_reads_no_docs_and_cites_no_findings() -> None:
+    """docs/ and the probes' FINDINGS are about the product; a run's behaviour never depends on them."""
+    for path in (SRC / "distill").rglob("*.py"):
+        text = path.read_text()
+        assert '"docs"' not in text and "'docs'" not in text, path
+        assert "FINDINGS" not in text, path
+
+
+def test_groups_import_downward_only() -> None:
+    for name, deps in import_graph().items():
+        group = next((g for g in GROUPS if name.startswith(g + ".")), None)
+        if group is None:
+            continue
+        above = {g for g in GROUPS[GROUPS.index(group) + 1:]} | {"distill.stages", "distill.pipeline",
+                                                                   "distill.report", "distill.cli"}
+        bad = sorted(d for d in deps if any(d == a or d.startswith(a + ".") for a in above))
+        assert not bad, f"{name} imports {bad}, which sit above it"

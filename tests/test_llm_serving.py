@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.program import IntentClassificationModule, ValidLabel
 from distill.serving.control import serving
 from distill.lm import make_lm, sanity_check_program, using

@@ -28,7 +28,7 @@ import pytest
 
 from distill import lora_gguf
 from distill.errors import DistillError
-from distill.lora_gguf import LogitComparison, compare_logits, export_lora_to_gguf, permute_qk_rows
+from distill.student.lora_gguf import LogitComparison, compare_logits, export_lora_to_gguf, permute_qk_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32

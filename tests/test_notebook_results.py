@@ -15,9 +15,9 @@ from rich.console import Console
 
 from distill import logs, pipeline
 from distill.config import load_config
-from distill.data import make_example, write_jsonl
-from distill.evaluation import bfrs_optimizer, optimize, optimizer_call
-from distill.plots import plot_loss_curve
+from distill.data.dataset import make_example, write_jsonl
+from distill.evaluation.variants import bfrs_optimizer, optimize, optimizer_call
+from distill.evaluation.plots import plot_loss_curve
 from distill.program import IntentClassificationModule
 from distill.stages.curation import CurationManifest, CurationStage
 from distill.stages.evaluation import BestVariant, EvalManifest

@@ -8,7 +8,7 @@ import dspy
 import pytest
 
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.program import IntentClassificationModule, ValidLabel, exact_match, make_signature
 
 
@@ -73,7 +73,7 @@ def test_finetuned_students_sft_messages_are_its_inference_messages_with_the_com
     (instructions, then the bare query; no label list) and the JSON answer the adapter parses back."""
     from dspy.utils import DummyLM
 
-    from distill.curation import sft_messages
+    from distill.student.curation import sft_messages
     from distill.lm import adapter, using
 
     labels = ["card_arrival", "pending_top_up", "activate_my_card"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distill.errors import DistillError
-from distill.publish import adapter_name, publish_adapter
+from distill.student.publish import adapter_name, publish_adapter
 
 def test_adapter_name_is_the_part_ray_serve_llm_routes_on() -> None:
     assert adapter_name("meta-llama/Llama-3.2-1B-Instruct:distill-lora") == "distill-lora"

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.deploy import RAY_LLM_APP, cpu_llm_config, cpu_serve_config, llm_config_class
+from distill.serving.deploy import RAY_LLM_APP, cpu_llm_config, cpu_serve_config, llm_config_class
 from distill.errors import DistillError
-from distill.finetune import load_recipe
-from distill.publish import publish_adapter
-from distill.rehearse import PROFILE, cpu_recipe, derive_configs, local_s3
+from distill.student.finetune import load_recipe
+from distill.student.publish import publish_adapter
+from distill_harness.rehearse import PROFILE, cpu_recipe, derive_configs, local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "model_config").glob("*.yaml"))
@@ -120,7 +120,7 @@ def test_local_s3_needs_an_s3_bucket_uri() -> None:
 
 
 def test_the_rehearsal_empties_only_its_own_artifact_directory(tmp_path) -> None:
-    from distill.rehearse import _fresh_artifacts
+    from distill_harness.rehearse import _fresh_artifacts
 
     real = tmp_path / "local"
     real.mkdir()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from distill.deploy import llm_config_class
+from distill.serving.deploy import llm_config_class
 from distill.serving.app import ProgramAppArgs
 from distill.serving.llm import LLMAppArgs
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.data import read_jsonl
+from distill.data.dataset import read_jsonl
 from distill.pipeline import deploy_config
 from distill.serving.control import replica_ids, shutdown, start_serve_config, wait_until_healthy
 

@@ -16,8 +16,8 @@ from dspy.utils import DummyLM
 
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.labeling import TeacherQualityError, read_records
-from distill.data import read_jsonl
+from distill.teacher.labeling import TeacherQualityError, read_records
+from distill.data.dataset import read_jsonl
 from distill.lm import CompactJSONAdapter, CompactPromptAdapter
 from distill.program import IntentClassificationModule
 from distill.report import assemble_report

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.data import TaskLabels, prepare_data, task_data_dir
+from distill.data.dataset import TaskLabels, prepare_data, task_data_dir
 from distill.env import check_env
 from distill.errors import ConfigError, DataError
 from distill.lm import adapter

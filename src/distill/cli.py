@@ -16,7 +16,7 @@ from distill.errors import DistillError
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from distill.config import load_config
-    from distill.data import prepare_data, save_data
+    from distill.data.dataset import prepare_data, save_data
 
     cfg = load_config(args.profile)
     data = prepare_data(cfg)
@@ -61,7 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune_job(args: argparse.Namespace) -> int:
-    from distill.finetune import job_main
+    from distill.student.finetune import job_main
 
     return job_main(args.job, args.result)
 

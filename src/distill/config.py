@@ -211,7 +211,7 @@ class TeacherConfig(_Strict):
     gate_size: int | None = Field(None, ge=1, description="Gold examples the gate scores (leave-one-out); null = all.")
     threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling (engine threads).")
     # threads: a thread pool in this process (the embedded default). ray_data: a Ray Data job that streams
-    # the queries through actors running the same teacher program (distill.labeling_ray), for large sets.
+    # the queries through actors running the same teacher program (distill.teacher.labeling_ray), for large sets.
     engine: Literal["threads", "ray_data"] = "threads"
     ray_data: RayDataLabelingConfig = RayDataLabelingConfig()
 

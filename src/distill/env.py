@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from dotenv import load_dotenv
 
 from distill.config import Config, project_root
-from distill.data import DATA_DIR_ENV, task_data_dir
+from distill.data.dataset import DATA_DIR_ENV, task_data_dir
 
 # Packages the `local` profile cannot run without, and why.
 LOCAL_PACKAGES = {

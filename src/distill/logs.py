@@ -162,7 +162,7 @@ def chatter_to_log(name: str) -> Iterator[TextIO | None]:
 
 
 class JobLog:
-    """An `on_log` for `distill.jobs.submit_and_wait`: appends to `<logs>/<name>.log`; prints too when verbose."""
+    """An `on_log` for `distill.student.jobs.submit_and_wait`: appends to `<logs>/<name>.log`; prints too when verbose."""
 
     def __init__(self, name: str) -> None:
         self.path = (_settings.dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{name}.log"

@@ -21,12 +21,12 @@ from rich.table import Table
 
 from distill import logs, tracking
 from distill.config import Config, load_config
-from distill.data import TaskData
+from distill.data.dataset import TaskData
 from distill.env import check_env, missing
 from distill.errors import DistillError
-from distill.finetune import load_recipe
+from distill.student.finetune import load_recipe
 from distill.lm import adapter, make_lm
-from distill.plots import VARIANT_NAMES
+from distill.evaluation.plots import VARIANT_NAMES
 from distill.program import DeployParams
 from distill.report import finish_run as _finish_run
 from distill.report import print_summary, report_path, write_report
@@ -38,7 +38,7 @@ from distill.stages.evaluation import BASELINE_NAMES, EvalManifest, EvaluationSt
 from distill.stages.finetune import FinetuneCall, FinetuneManifest, FinetuneStage
 from distill.stages.serving import ServingManifest, ServingStage, program_app_env
 from distill.stages.teacher import TeacherManifest, TeacherStage
-from distill.teacher import HybridTeacher, RetrievalTeacher, embed
+from distill.teacher.program import HybridTeacher, RetrievalTeacher, embed
 
 __all__ = ["setup", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage", "evaluation_stage",
            "serving_stage", "deploy_config", "client_headers", "finish_run", "print_summary", "run",

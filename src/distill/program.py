@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, Validat
 from pydantic_core import core_schema
 
 from distill.config import PromptConfig, project_root, resolve_path
-from distill.data import normalize_label
+from distill.data.dataset import normalize_label
 from distill.errors import DistillError
 from distill.lm import Prompt, register
 
@@ -38,7 +38,7 @@ def make_signature(labels: Sequence[str], prompt: PromptConfig | None = None,
                    descriptions: Mapping[str, str] | None = None) -> type[dspy.Signature]:
     """`IntentClassification`: text -> label, with `label: Literal[<labels>]`.
 
-    The wording is the task's: `prompt` (default: the one the labels carry, `distill.data.TaskLabels`, else a
+    The wording is the task's: `prompt` (default: the one the labels carry, `distill.data.dataset.TaskLabels`, else a
     generic one) and the labels' `descriptions`.
     """
     if not labels:
@@ -74,7 +74,7 @@ def bounded_text(max_chars: int) -> type[str]:
 
 class IntentClassificationModule(dspy.Module):
     """Classify a text into one of `labels`, directly or after a bounded reasoning step. The prompt's wording
-    is the one `labels` carry (`distill.data.TaskLabels`), or `prompt`."""
+    is the one `labels` carry (`distill.data.dataset.TaskLabels`), or `prompt`."""
 
     def __init__(self, labels: Sequence[str], reasoning: bool = False, max_reasoning_chars: int = 400,
                  prompt: PromptConfig | None = None) -> None:

@@ -6,7 +6,7 @@ gl = [e.label for e in d.gold]
 C = json.loads((RES / "baselines.json").read_text())["lr_C_loo"]
 lr = fit_lr(G, gl, C); cls = list(lr.classes_)
 if os.environ.get("VOTE") == "names":  # LR on gold + label-name prototypes, balanced class weights
-    from distill.teacher import embed
+    from distill.teacher.program import embed
     from sklearn.linear_model import LogisticRegression
     NV = embed(cfg.teacher.embedder, [l.replace("_", " ") for l in d.labels])
     lr = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(np.vstack([G, NV]), gl + list(d.labels)); cls = list(lr.classes_)

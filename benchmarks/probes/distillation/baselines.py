@@ -12,7 +12,7 @@ C, loo = loo_lr_C(G, gl)
 lr = fit_lr(G, gl, C)
 preds["lr"] = lr.predict(T)
 # also LR with the repo's grid/CV approach for comparison
-from distill.baselines import fit_logistic_regression
+from distill.evaluation.baselines import fit_logistic_regression
 lr_cv = fit_logistic_regression(G, gl, 0); preds["lr_repo_cv"] = lr_cv.predict(T)
 # gold LOO of 1-NN
 gs = G @ G.T; np.fill_diagonal(gs, -9)

@@ -22,15 +22,15 @@ from typing import Any
 import httpx
 import yaml
 
-from distill.bench import latency_summary, write_result
+from distill.evaluation.latency import latency_summary, write_result
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.lm import make_lm, using
 from distill.program import DeployParams
 from distill.serving.control import load_serve_config, serving
 from distill.serving.llm import ChatCompletionRequest, LLMAppArgs, LlamaCppEngine
 from distill.stages.finetune import FinetuneManifest
-from distill.teacher import HybridTeacher, build_teacher
+from distill.teacher.program import HybridTeacher, build_teacher
 
 
 def main() -> None:

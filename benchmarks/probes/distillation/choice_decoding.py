@@ -19,14 +19,14 @@ from pathlib import Path
 
 import yaml
 
-from distill.bench import latency_summary, write_result
+from distill.evaluation.latency import latency_summary, write_result
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.lm import make_lm, using
 from distill.program import DeployParams
 from distill.serving.control import serving
 from distill.stages.finetune import FinetuneManifest
-from distill.teacher import HybridTeacher, build_teacher
+from distill.teacher.program import HybridTeacher, build_teacher
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Classical levers for the vote inside the teacher: class weights, label-name prototypes, self-training on the pool."""
 from common import *
-from distill.teacher import embed
+from distill.teacher.program import embed
 cfg, d = data(); S = subsets(); G, T, U = vectors()
 gl = np.array([e.label for e in d.gold]); tl = np.array([e.label for e in d.full_test])
 from sklearn.linear_model import LogisticRegression

@@ -11,7 +11,7 @@ _cache = {}
 def data():
     if "d" not in _cache:
         from distill.config import load_config
-        from distill.data import prepare_data, stratified_subset
+        from distill.data.dataset import prepare_data, stratified_subset
         cfg = load_config("local")
         d = prepare_data(cfg)
         _cache["cfg"], _cache["d"] = cfg, d
@@ -30,7 +30,7 @@ def vectors():
     cfg, d = data()
     if f.exists():
         z = np.load(f); return z["gold"], z["test"], z["unl"]
-    from distill.teacher import embed
+    from distill.teacher.program import embed
     t = time.time()
     g = embed(cfg.teacher.embedder, [e.text for e in d.gold])
     te = embed(cfg.teacher.embedder, [e.text for e in d.full_test])

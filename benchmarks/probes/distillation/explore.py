@@ -1,6 +1,6 @@
 import json
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.program import IntentClassificationModule, make_signature
 from distill.lm import CompactJSONAdapter, CandidateJSONAdapter, CompactPromptAdapter
 cfg = load_config("local")

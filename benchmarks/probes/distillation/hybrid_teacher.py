@@ -11,7 +11,7 @@ forward(text):
 import dspy, numpy as np
 from distill.lm import CandidateJSONAdapter
 from distill.program import IntentClassificationModule
-from distill.teacher import embed
+from distill.teacher.program import embed
 
 
 class HybridTeacher(dspy.Module):

@@ -5,7 +5,7 @@ has the true labels the pipeline hides; this reads them back to score a labels.j
 """
 import csv, json, os, sys
 from collections import Counter, defaultdict
-from distill.data import normalize_label
+from distill.data.dataset import normalize_label
 truth = {}
 for r in csv.DictReader(open(os.path.join(os.environ.get('BANKING77_DIR', '../shared/data/banking77'), 'train.csv'))):
     truth[r['text']] = normalize_label(r['category'])

@@ -8,7 +8,7 @@ cfg, d = data(); S = subsets(); G, T, U = vectors()
 gl = [e.label for e in d.gold]; gt = [e.text for e in d.gold]
 from distill.program import make_signature
 from distill.lm import CompactJSONAdapter, CompactPromptAdapter
-from distill.teacher import embed
+from distill.teacher.program import embed
 sig = make_signature(d.labels); fa, ca = CompactJSONAdapter(), CompactPromptAdapter()
 teacher = load_llama(); student = load_llama(lora_path=str(R / "students" / name / "adapter.gguf"))
 full = grammar_for(d.labels)

@@ -1,6 +1,6 @@
 """Teacher labels from the recommended vote: LR on gold + label-name prototypes, balanced (C=1000 from gold LOO)."""
 from common import *
-from distill.teacher import embed
+from distill.teacher.program import embed
 from sklearn.linear_model import LogisticRegression
 cfg, d = data(); G, T, U = vectors(); gl = [e.label for e in d.gold]
 NV = embed(cfg.teacher.embedder, [l.replace("_", " ") for l in d.labels])

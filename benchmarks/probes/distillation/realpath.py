@@ -40,7 +40,7 @@ else:
     demos = sys.argv[5] if len(sys.argv) > 5 else "diverse"
     G, T, U = vectors(); gl = [e.label for e in d.gold]
     C = json.loads((RES / "baselines.json").read_text())["lr_C_loo"]
-    from distill.teacher import embed
+    from distill.teacher.program import embed
     from sklearn.linear_model import LogisticRegression
     NV = embed(cfg.teacher.embedder, [l.replace("_", " ") for l in d.labels])  # label-name prototypes
     vote = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(np.vstack([G, NV]), gl + list(d.labels))

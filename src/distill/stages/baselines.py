@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.baselines import run_baselines
+from distill.evaluation.baselines import run_baselines
 from distill.config import Config
-from distill.data import TaskData, write_jsonl
+from distill.data.dataset import TaskData, write_jsonl
 from distill.stages.base import Manifest, Stage, fingerprint
 from distill.stages.data import data_fingerprint
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.config import Config
-from distill.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
-from distill.data import TaskData, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
-from distill.labeling import read_records
+from distill.student.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
+from distill.data.dataset import TaskData, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
+from distill.teacher.labeling import read_records
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
 from distill.stages.base import Manifest, Stage, fingerprint, prompt_fingerprint, require

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.config import Config
-from distill.data import TaskData, prepare_data, save_data
+from distill.data.dataset import TaskData, prepare_data, save_data
 from distill.stages.base import Manifest, Stage, fingerprint
 
 

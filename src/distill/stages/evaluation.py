@@ -11,10 +11,9 @@ import dspy
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
-from distill.data import TaskData, read_jsonl
-from distill.evaluation import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
-from distill.learning_curve import CurveRow, curve_csv, plot_curve, read_curve
-from distill.plots import plot_confusion_matrix, plot_variant_scores
+from distill.data.dataset import TaskData, read_jsonl
+from distill.evaluation.variants import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
+from distill.evaluation.plots import plot_confusion_matrix, plot_variant_scores
 from distill.program import DeployParams, ProgramParams, load_program
 from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require
 from distill.stages.baselines import BaselinesStage
@@ -126,14 +125,6 @@ class EvaluationStage(Stage[EvalManifest]):
         plots["confusion"] = plot_confusion_matrix(
             [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
             f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
-        if (curve := curve_csv()).is_file():
-            # This run's student on the learning curve measured on the full profile (docs/). The curve is
-            # reference data, like the chart's style: not an input of this stage.
-            plots["learning_curve"] = plot_curve(read_curve(curve), out / "learning_curve.png", (
-                f"This run on the learning curve (the curve: {curve.parent.name}/{curve.name})"), CurveRow(
-                kind="student", name=cfg.name, labels=ft.examples, steps=ft.steps, epochs=ft.epochs,
-                train_seconds=ft.train_seconds, test_accuracy=test_scores["finetuned"]["vanilla"],
-                test_size=len(data.test)))
         DeployParams(model=best_model, program_path=best_path, labels=data.labels, variant=best.variant,
                      kind=best.kind, test_score=best_score, program=ProgramParams(**program_kw, prompt=best.prompt)
                      ).save(self.deploy_params_path)

@@ -12,14 +12,14 @@ from typing import Any
 import dspy
 
 from distill.config import Config
-from distill.data import read_jsonl
-from distill.deploy import check_lora_storage, template_serve_config
+from distill.data.dataset import read_jsonl
+from distill.serving.deploy import check_lora_storage, template_serve_config
 from distill.errors import DistillError
-from distill.finetune import load_recipe
+from distill.student.finetune import load_recipe
 from distill.lm import make_lm
-from distill.plots import plot_loss_curve
-from distill.provider import RayJobProvider
-from distill.publish import adapter_name, publish_adapter
+from distill.evaluation.plots import plot_loss_curve
+from distill.student.provider import RayJobProvider
+from distill.student.publish import adapter_name, publish_adapter
 from distill.serving.control import ensure_ray, shutdown
 from distill.stages.base import Manifest, Stage, fingerprint, require, write_manifest
 from distill.stages.curation import CurationStage

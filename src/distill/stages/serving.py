@@ -13,8 +13,8 @@ import httpx
 import yaml
 
 from distill.config import Config
-from distill.data import TaskData
-from distill.deploy import PROGRAM_APP, template_serve_config
+from distill.data.dataset import TaskData
+from distill.serving.deploy import PROGRAM_APP, template_serve_config
 from distill.program import DeployParams
 from distill.serving.control import forward_env_names, shutdown, start_serve_config, wait_until_healthy
 from distill.stages.base import Manifest, Stage, fingerprint, require

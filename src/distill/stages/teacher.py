@@ -12,14 +12,14 @@ import dspy
 from pydantic import BaseModel
 
 from distill.config import Config
-from distill.data import TaskData
+from distill.data.dataset import TaskData
 from distill.errors import DistillError
-from distill.evaluation import measure_calls
-from distill.labeling import LabelingResult, label_queries, quality_gate, score_teacher
-from distill.labeling_ray import label_queries_ray
+from distill.evaluation.variants import measure_calls
+from distill.teacher.labeling import LabelingResult, label_queries, quality_gate, score_teacher
+from distill.teacher.labeling_ray import label_queries_ray
 from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint
 from distill.stages.data import data_fingerprint
-from distill.teacher import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
+from distill.teacher.program import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
 
 
 class VoteSummary(BaseModel):

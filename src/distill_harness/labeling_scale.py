@@ -1,7 +1,7 @@
 """The labeling scale simulation: the Ray Data labeling job against a fixed-latency fake teacher.
 
-The thing measured is the labeling pipeline (`distill.labeling_ray`: read, actors running the DSPy
-teacher program, Parquet shards, labels.jsonl); the endpoint is a fixture (`distill.serving.fake_llm`)
+The thing measured is the labeling pipeline (`distill.teacher.labeling_ray`: read, actors running the DSPy
+teacher program, Parquet shards, labels.jsonl); the endpoint is a fixture (`distill_harness.fake_llm`)
 that answers a valid label after a fixed delay and saturates at replicas x max_ongoing / latency
 requests per second. Two measurements:
 
@@ -31,8 +31,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config, LMConfig, RayDataLabelingConfig
-from distill.labeling import query_id, read_records, shard_files
-from distill.labeling_ray import QUERY_SCHEMA, label_queries_ray
+from distill.teacher.labeling import query_id, read_records, shard_files
+from distill.teacher.labeling_ray import QUERY_SCHEMA, label_queries_ray
 from distill.serving.control import serving
 
 FAKE_MODEL = "fake-teacher"
@@ -154,7 +154,7 @@ def fake_endpoint(work: Path, replicas: int, latency_s: float, max_ongoing: int,
     path = work / f"serve_fake_{replicas}.yaml"
     path.write_text(yaml.safe_dump({
         "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "fake-teacher", "route_prefix": "/", "import_path": "distill.serving.fake_llm:build_app",
+        "applications": [{"name": "fake-teacher", "route_prefix": "/", "import_path": "distill_harness.fake_llm:build_app",
                           "args": {"model": FAKE_MODEL, "latency_s": latency_s, "num_replicas": replicas,
                                    "max_ongoing_requests": max_ongoing}}],
     }))
@@ -182,7 +182,7 @@ def simulate(
 
     The RSS points run on the largest replica count at `size_concurrency`.
     """
-    from distill.teacher import build_teacher
+    from distill.teacher.program import build_teacher
 
     zero_shot = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"strategy": "zero_shot"})})
     teacher = build_teacher(zero_shot, labels, [])
@@ -235,7 +235,7 @@ def to_markdown(result: ScaleResult) -> str:
 def plot_scale(result: ScaleResult, path: str | Path) -> Path:
     """Two panels: queries/s against concurrency (one line per replica count, its capacity dashed), and
     peak RSS against the number of queries (log x)."""
-    from distill.plots import save_figure  # first: it sets the headless backend
+    from distill.evaluation.plots import save_figure  # first: it sets the headless backend
 
     import matplotlib.pyplot as plt
 

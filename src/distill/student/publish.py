@@ -2,7 +2,7 @@
 
 `ray.serve.llm` loads LoRA adapters only from object storage: a model id `<base>:<name>` is read from
 `<dynamic_lora_loading_path>/<name>`. The finetune stage copies the adapter there (a pyarrow filesystem
-URI: s3:// or gs://) and `distill.deploy` points the templated student LLMConfig at it.
+URI: s3:// or gs://) and `distill.serving.deploy` points the templated student LLMConfig at it.
 """
 
 from __future__ import annotations

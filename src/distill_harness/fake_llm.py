@@ -1,7 +1,7 @@
 """A fixed-latency OpenAI-compatible endpoint on Ray Serve: the fixture of the labeling scale benchmark.
 
 It stands in for a teacher whose speed we choose, so that what is measured is the labeling pipeline
-(distill.labeling_ray) and not a model: every chat completion waits `latency_s` and answers a valid
+(distill.teacher.labeling_ray) and not a model: every chat completion waits `latency_s` and answers a valid
 JSON label -- one of the `enum` values in the request's JSON schema, picked from a hash of the last
 message, so a query always gets the same label. A replica serves at most `max_ongoing_requests` at a time
 (more wait in Serve's queue): the endpoint saturates at num_replicas x max_ongoing_requests / latency_s
@@ -89,8 +89,8 @@ class FixedLatencyLLM:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Ray Serve builder (`import_path: distill.serving.fake_llm:build_app`)."""
-    parsed = parse_app_args(FakeLLMArgs, args, "distill.serving.fake_llm:build_app")
+    """Ray Serve builder (`import_path: distill_harness.fake_llm:build_app`)."""
+    parsed = parse_app_args(FakeLLMArgs, args, "distill_harness.fake_llm:build_app")
     return FixedLatencyLLM.options(
         num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests,
         ray_actor_options={"num_cpus": parsed.num_cpus},

@@ -5,7 +5,7 @@ Its C is chosen by leave-one-out accuracy on the gold labels. With 100 gold exam
 leave-one-out scores every example against a model that saw all the others.
 
 The teacher's vote adds two things the program already knows, both measured on the gold/test split
-(benchmarks/probes/distillation/FINDINGS.md): balanced class weights (gold is skewed, the queries it
+(gold leave-one-out, `docs/teacher.md`): balanced class weights (gold is skewed, the queries it
 labels are not) and each label's name as one more training example.
 """
 

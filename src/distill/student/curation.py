@@ -22,7 +22,7 @@ import dspy
 from rich.console import Console
 from rich.table import Table
 
-from distill.data import write_jsonl
+from distill.data.dataset import write_jsonl
 from distill.errors import DataError
 from distill.program import IntentClassificationModule
 

@@ -14,7 +14,7 @@ with the number of queries, and shows its own progress bars.
 
 Durability: Ray Data writes a shard as soon as `rows_per_shard` labeled rows are ready. A shard is a
 complete Parquet file, or torn when the job was killed while writing it; a torn shard is set aside and its
-queries are labeled again (`distill.labeling.read_shard`). Every run of either engine starts by folding
+queries are labeled again (`distill.teacher.labeling.read_shard`). Every run of either engine starts by folding
 the finished shards into `labels.jsonl` (`fold_shards`), skips the ids it holds, and folds again at the
 end, so a killed job loses no finished shard and no id is labeled twice into the contract curation
 reads. Rows whose call failed carry their `error` in the shard, go to `errors.jsonl` and are retried.
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from distill.config import LMConfig, RayDataLabelingConfig
-from distill.labeling import (
+from distill.teacher.labeling import (
     SHARDS_DIR,
     LabelingResult,
     done_ids,
@@ -75,7 +75,7 @@ class TeacherLabeler:
         self.lm = make_lm(lm_cfg, cache=cache, **lm_kwargs)
         index = getattr(teacher, "index", None)
         if index is not None:  # load the retrieval embedder now, not inside the first batch's first call
-            from distill.teacher import load_embedder
+            from distill.teacher.program import load_embedder
 
             load_embedder(index.embedder)
 

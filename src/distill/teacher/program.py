@@ -24,7 +24,7 @@ from distill.config import Config, TeacherConfig
 from distill.errors import ConfigError, DistillError
 from distill.lm import CandidateJSONAdapter
 from distill.program import IntentClassificationModule
-from distill.vote import LabelVote, label_text
+from distill.teacher.vote import LabelVote, label_text
 
 
 def resolve_embedder(spec: str) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 from dspy.clients.provider import Provider, TrainingJob
 
-from distill.data import write_jsonl
+from distill.data.dataset import write_jsonl
 from distill.errors import DistillError
-from distill.finetune import TrainJob, load_recipe
-from distill.jobs import load_job_config, runtime_env, submit_and_wait
+from distill.student.finetune import TrainJob, load_recipe
+from distill.student.jobs import load_job_config, runtime_env, submit_and_wait
 from distill.logs import JobLog
 
 

