@@ -1,6 +1,7 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the whole test suite; CI runs this)
 #               `make test-fast` (the tests that start no server, model or Ray: under a minute)
+#               `make lint` (ruff; CI runs it)
 #               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -21,7 +22,7 @@ STAMP := $(VENV)/.setup-done
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
 
-.PHONY: setup demo test test-fast clean-venv rehearse-setup rehearse
+.PHONY: setup demo test test-fast lint clean-venv rehearse-setup rehearse
 
 setup: $(STAMP)
 
@@ -55,6 +56,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,14 +19,13 @@ from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from rich.console import Console
 from rich.table import Table
 
-from distill.evaluation.latency import latency_summary, write_result
 from distill.config import load_config
 from distill.data.dataset import prepare_data
+from distill.evaluation.latency import latency_summary, write_result
 from distill.lm import CompactJSONAdapter
 from distill.program import make_signature
-from distill.serving.control import serving
-from distill.serving.llm import LLMAppArgs, LlamaCppEngine, ChatCompletionRequest
-from distill.serving.control import load_serve_config
+from distill.serving.control import load_serve_config, serving
+from distill.serving.llm import ChatCompletionRequest, LlamaCppEngine, LLMAppArgs
 
 
 def build_requests(profile: str, n: int) -> tuple[list[dict[str, Any]], Any]:

@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import tracking
-from distill.evaluation.latency import write_result
 from distill.config import load_config
 from distill.data.dataset import prepare_data
-from distill.teacher.labeling import label_queries
+from distill.evaluation.latency import write_result
 from distill.lm import make_lm
 from distill.stages.base import served
+from distill.teacher.labeling import label_queries
 from distill.teacher.program import GoldIndex, build_teacher, build_vote
 
 

@@ -14,13 +14,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from distill.evaluation.latency import write_result
 from distill.config import load_config
 from distill.data.dataset import prepare_data
-from distill.teacher.labeling import label_queries, read_records
-from distill.teacher.labeling_ray import label_queries_ray
+from distill.evaluation.latency import write_result
 from distill.lm import make_lm
 from distill.serving.control import forward_env_names, serving
+from distill.teacher.labeling import label_queries, read_records
+from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import build_teacher
 
 

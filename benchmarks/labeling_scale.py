@@ -19,9 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.evaluation.latency import write_result
 from distill.config import load_config
 from distill.data.dataset import prepare_data
+from distill.evaluation.latency import write_result
 from distill_harness.labeling_scale import ScaleResult, plot_scale, simulate, to_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from distill import pipeline
 from distill.config import load_config
-from distill_harness.curve import measure_curve
 from distill.env import load_env
+from distill_harness.curve import measure_curve
 from distill_harness.learning_curve import plot_curve, to_markdown, write_curve
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from distill.evaluation.latency import latency_summary, percentile, write_result
 from distill.config import load_config
+from distill.evaluation.latency import latency_summary, percentile, write_result
 
 
 def test_nearest_rank_percentile_returns_an_observed_value() -> None:

@@ -10,9 +10,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from distill.config import load_config
-from distill.serving.deploy import llm_config_class, template_serve_config
 from distill.errors import DistillError
 from distill.serving.app import ProgramAppArgs
+from distill.serving.deploy import llm_config_class, template_serve_config
 from distill.serving.llm import LLMAppArgs
 
 ROOT = Path(__file__).resolve().parents[1]

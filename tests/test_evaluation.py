@@ -9,9 +9,9 @@ import matplotlib.image as mpimg
 import pytest
 
 from distill.errors import DistillError
+from distill.evaluation.plots import plot_confusion_matrix, plot_variant_scores
 from distill.evaluation.variants import choose_best
 from distill.program import DeployParams, IntentClassificationModule, ProgramParams, load_program
-from distill.evaluation.plots import plot_confusion_matrix, plot_variant_scores
 
 LABELS = ["card_arrival", "pending_top_up", "cash_withdrawal_charge"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,9 @@ import pytest
 
 from distill.config import load_config
 from distill.errors import ConfigError
+from distill.serving.control import ensure_ray, shutdown
 from distill.student.finetune import TrainJob, load_recipe
 from distill.student.jobs import JobFailed, load_job_config, submit_and_wait
-from distill.serving.control import ensure_ray, shutdown
 
 # Tests that take `job_server` start a real Ray job server.
 slow = pytest.mark.slow

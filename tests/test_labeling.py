@@ -18,14 +18,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import RayDataLabelingConfig, load_config
-from distill.student.curation import curate, normalize_text, sft_messages, to_sft
 from distill.data.dataset import prepare_data
 from distill.errors import ConfigError, DataError, DistillError
-from distill.teacher.labeling import TeacherQualityError, label_queries, quality_gate, query_id, read_records, shard_files
-from distill.teacher.labeling_ray import label_queries_ray
-from distill.program import IntentClassificationModule
 from distill.lm import adapter, make_lm
+from distill.program import IntentClassificationModule
 from distill.serving.control import serving
+from distill.student.curation import curate, normalize_text, sft_messages, to_sft
+from distill.teacher.labeling import (
+    TeacherQualityError,
+    label_queries,
+    quality_gate,
+    query_id,
+    read_records,
+    shard_files,
+)
+from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import GoldIndex, build_teacher, build_vote
 from distill.teacher.vote import C_GRID, LabelVote
 

@@ -15,12 +15,12 @@ from ray import cloudpickle  # what Ray serializes actor constructor arguments w
 
 from distill.config import LMConfig, load_config
 from distill.errors import ConfigError
+from distill.program import IntentClassificationModule
 from distill.teacher.labeling import fold_shards, read_records, start_labeling
 from distill.teacher.labeling_ray import SHARD_SCHEMA, TeacherLabeler
-from distill.program import IntentClassificationModule
-from distill_harness.fake_llm import answer
 from distill.teacher.program import RetrievalTeacher
 from distill.teacher.vote import LabelVote
+from distill_harness.fake_llm import answer
 
 
 def test_engine_defaults_to_threads_and_is_checked(tmp_path) -> None:

@@ -15,9 +15,9 @@ import yaml
 
 from distill.config import load_config
 from distill.data.dataset import prepare_data
+from distill.lm import make_lm, sanity_check_program, using
 from distill.program import IntentClassificationModule, ValidLabel
 from distill.serving.control import serving
-from distill.lm import make_lm, sanity_check_program, using
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,6 @@ from distill import logs
 from distill.config import load_config
 from distill.notebook import execute_notebook
 
-
 pytestmark = pytest.mark.usefixtures("restore_logs")  # tests here reconfigure the process-wide logs
 
 

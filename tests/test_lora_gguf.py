@@ -26,8 +26,8 @@ import gguf
 import numpy as np
 import pytest
 
-from distill import lora_gguf
 from distill.errors import DistillError
+from distill.student import lora_gguf
 from distill.student.lora_gguf import LogitComparison, compare_logits, export_lora_to_gguf, permute_qk_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -5,7 +5,6 @@ for a served model; no Ray."""
 from __future__ import annotations
 
 import io
-
 from pathlib import Path
 
 import dspy
@@ -13,17 +12,16 @@ import pytest
 from dspy.utils import DummyLM
 from rich.console import Console
 
-from distill import logs, pipeline
+from distill import logs, tables
 from distill.config import load_config
 from distill.data.dataset import make_example, write_jsonl
-from distill.evaluation.variants import bfrs_optimizer, optimize, optimizer_call
 from distill.evaluation.plots import plot_loss_curve
+from distill.evaluation.variants import bfrs_optimizer, optimize, optimizer_call
 from distill.program import IntentClassificationModule
+from distill.stages.base import CallStats, read_manifest, write_manifest
 from distill.stages.curation import CurationManifest, CurationStage
 from distill.stages.evaluation import BestVariant, EvalManifest
-from distill.stages.base import CallStats, read_manifest, write_manifest
 from distill.stages.finetune import FinetuneManifest, FinetuneStage
-
 
 pytestmark = pytest.mark.usefixtures("restore_logs")  # tests here reconfigure the process-wide logs
 
@@ -119,14 +117,14 @@ def test_the_evaluation_table_shows_the_four_variants_and_the_best() -> None:
         bfrs={"max_bootstrapped_demos": 3, "max_labeled_demos": 3, "num_candidate_programs": 2}, plots={},
         calls=CallStats(model="m-ft", n=1, p50_s=0.1, p95_s=0.1, prompt_tokens_per_query=1,
                         completion_tokens_per_query=1))
-    rows = [line for line in _text(pipeline.evaluation_table(m)).splitlines() if "student" in line]
+    rows = [line for line in _text(tables.evaluation_table(m)).splitlines() if "student" in line]
     assert len(rows) == 4
     assert [r for r in rows if "best" in r] == [r for r in rows if "finetuned student, zero-shot" in r]
     assert "72.0%" in rows[2] and "70.0%" in rows[2]
 
 
 def test_the_finetune_table_reads_the_manifest() -> None:
-    text = _text(pipeline.finetune_table(_finetune_manifest()))
+    text = _text(tables.finetune_table(_finetune_manifest()))
     assert "2.000 -> 0.500" in text and "8 x 3" in text and "12 s" in text
 
 
@@ -144,11 +142,11 @@ def test_the_teacher_table_puts_the_teacher_next_to_the_baselines(tmp_path: Path
         valid_rate_gold=1.0, n_gold=100, accuracy_test=0.775, valid_rate=1.0, test_size=200, test_queries_per_s=5.0,
         labeled=450, to_label=450, labels_per_s=None, calls=calls, llm_share_test=0.11,
         vote=VoteSummary(c=1000.0, loo_accuracy_gold={"1000": 0.7}, accuracy_test=0.77))
-    assert "1-NN" not in _text(pipeline.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]  # no baselines yet
+    assert "1-NN" not in _text(tables.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]  # no baselines yet
     write_manifest(tmp_path / "baselines" / "manifest.json", BaselinesManifest(
         fingerprint="b", accuracy={"nearest_neighbour": 0.68, "logistic_regression": 0.73}, params={},
         test_size=200, n_gold=100, embedder="e"))
-    text = _text(pipeline.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]
+    text = _text(tables.teacher_table(cfg, None, teacher))  # type: ignore[arg-type]
     rows = [line for line in text.splitlines() if "%" in line and "│" in line]
     assert [r.split("│")[0].strip() for r in rows] == [
         "1-NN on gold", "log. regression on gold", "the teacher's vote alone (C=1000)",
@@ -160,7 +158,7 @@ def test_the_curation_table_counts_every_step_it_dropped_labels_at() -> None:
     m = CurationManifest(fingerprint="c", input=100, invalid_label=1, low_confidence=7, duplicate=2, test_overlap=0,
                          kept=90, devset=20, optimizer_train=60, optimizer_val=10, sft_examples=60,
                          label_counts={"a": 90}, plot="p.png")
-    rows = dict((cell.strip() for cell in line.split("│")) for line in _text(pipeline.curation_table(m)).splitlines()
+    rows = dict((cell.strip() for cell in line.split("│")) for line in _text(tables.curation_table(m)).splitlines()
                 if "│" in line)
     assert rows["- teacher less sure than curation.min_confidence"] == "7" and rows["kept"] == "90"
 

@@ -12,9 +12,9 @@ import yaml
 
 from distill import pipeline
 from distill.config import load_config
+from distill.report import load_report
 from distill_harness.curve import measure_point, profile_rows
 from distill_harness.learning_curve import plot_curve, read_curve, write_curve
-from distill.report import load_report
 
 # The main job on real served models, a real Ray job and the notebook: minutes on 2 cores.
 pytestmark = pytest.mark.slow
@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # ("...\tINFO worker.py:2038 -- ...", "INFO 2026-... serve 123 -- ..."), access-log lines, and the error
 # serve.shutdown() used to cause per deployment ("(raylet) Task ServeController.graceful_shutdown failed ...
 # killed by `ray.kill`"; distill.logs turns off Ray's retry-error reporting, which printed it).
+# MLflow's and alembic's INFO lines too ("2026/12/05 ... INFO mlflow.store.db.utils: Creating initial MLflow
+# database tables...", "INFO  [alembic.runtime.migration] Running upgrade ...").
 RAY_NOISE = re.compile(r"\([A-Za-z]\w*(:[\w.-]+)* pid=\d+\)|\bINFO\b.* -- |\b(GET|POST) /\S* \d{3}\b|"
-                       r"graceful_shutdown failed")
+                       r"graceful_shutdown failed|\bINFO\s+\[?(mlflow|alembic)\b")
 
 
 def output_lines(nb: nbformat.NotebookNode) -> list[str]:

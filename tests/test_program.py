@@ -73,8 +73,8 @@ def test_finetuned_students_sft_messages_are_its_inference_messages_with_the_com
     (instructions, then the bare query; no label list) and the JSON answer the adapter parses back."""
     from dspy.utils import DummyLM
 
-    from distill.student.curation import sft_messages
     from distill.lm import adapter, using
+    from distill.student.curation import sft_messages
 
     labels = ["card_arrival", "pending_top_up", "activate_my_card"]
     program = IntentClassificationModule(labels)

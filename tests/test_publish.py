@@ -7,6 +7,7 @@ import pytest
 from distill.errors import DistillError
 from distill.student.publish import adapter_name, publish_adapter
 
+
 def test_adapter_name_is_the_part_ray_serve_llm_routes_on() -> None:
     assert adapter_name("meta-llama/Llama-3.2-1B-Instruct:distill-lora") == "distill-lora"
     for bad in ("meta-llama/Llama-3.2-1B-Instruct", ":x", "m:a/b"):

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.serving.deploy import RAY_LLM_APP, cpu_llm_config, cpu_serve_config, llm_config_class
 from distill.errors import DistillError
+from distill.serving.deploy import RAY_LLM_APP, cpu_llm_config, cpu_serve_config, llm_config_class
 from distill.student.finetune import load_recipe
 from distill.student.publish import publish_adapter
 from distill_harness.rehearse import PROFILE, cpu_recipe, derive_configs, local_s3

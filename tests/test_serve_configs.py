@@ -8,8 +8,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from distill.serving.deploy import llm_config_class
 from distill.serving.app import ProgramAppArgs
+from distill.serving.deploy import llm_config_class
 from distill.serving.llm import LLMAppArgs
 
 ROOT = Path(__file__).resolve().parents[1]

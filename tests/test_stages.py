@@ -15,9 +15,8 @@ import pytest
 from dspy.utils import DummyLM
 
 from distill.config import load_config
-from distill.errors import DistillError
-from distill.teacher.labeling import TeacherQualityError, read_records
 from distill.data.dataset import read_jsonl
+from distill.errors import DistillError
 from distill.lm import CompactJSONAdapter, CompactPromptAdapter
 from distill.program import IntentClassificationModule
 from distill.report import assemble_report
@@ -25,6 +24,7 @@ from distill.stages.base import Manifest, Stage
 from distill.stages.curation import CurationStage
 from distill.stages.data import DataStage
 from distill.stages.teacher import TeacherStage
+from distill.teacher.labeling import TeacherQualityError, read_records
 
 
 class CountManifest(Manifest):

@@ -12,8 +12,8 @@ enum -- and the server constrains the answer to it (a grammar, or decoding over 
 from __future__ import annotations
 
 import contextlib
-import os
 import json
+import os
 from typing import Any, Iterator, Literal, Sequence, get_origin
 
 # DSPy otherwise tries to download a model-price map from the internet at first use (5 s timeout offline).

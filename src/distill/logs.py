@@ -89,7 +89,8 @@ def apply_levels() -> None:
     """
     level = logging.INFO if _settings.verbose else logging.WARNING
     # dspy.Evaluate logs its score once more after its progress bar's last line has shown it.
-    for name in ("ray", "ray.serve", "dspy.evaluate"):
+    # MLflow says at INFO that it creates its store's tables (alembic: each migration) on a first run.
+    for name in ("ray", "ray.serve", "dspy.evaluate", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(level)
     # Importing ray.serve.llm puts the root logger at INFO behind a JSON handler, and vLLM its own logger:
     # every library's INFO lines (httpx, botocore, vLLM) would reach the terminal. Verbose keeps them.

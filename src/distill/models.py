@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
+import json
+import os
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -40,3 +44,36 @@ class ModelSource(BaseModel):
         if not p.is_file():
             raise DistillError(f"model weights not found: {p}")
         return p
+
+
+# A model file's content hash is computed once per (path, size, mtime) and kept here: hashing a GGUF or a
+# safetensors file on every fingerprint would cost seconds per stage.
+_DIGESTS = Path(os.environ.get("DISTILL_CACHE_DIR", "~/.cache/distill")).expanduser() / "file_digests.json"
+_digest_lock = threading.Lock()
+
+
+def file_identity(path: str | Path) -> dict[str, object]:
+    """What identifies a weights file (or a directory of them): size and sha256 of the content, not where it
+    lies (a fresh clone's venv holds the same package file under another path)."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {"files": {str(f.relative_to(p)): file_identity(f)["sha256"] for f in files}}
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    with _digest_lock:
+        try:
+            known = json.loads(_DIGESTS.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if key not in known:
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            known[key] = h.hexdigest()
+            _DIGESTS.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _DIGESTS.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+            tmp.replace(_DIGESTS)
+    return {"size": st.st_size, "sha256": known[key]}

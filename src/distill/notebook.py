@@ -19,7 +19,6 @@ from typing import Any
 from distill.config import load_config, project_root
 from distill.errors import DistillError
 
-
 ALWAYS = ("Set-up", "Data")  # every section needs the profile and the data object
 INJECTED = "injected-parameters"  # papermill's tag for the cell that carries a run's parameters
 METADATA_KEY = "distill"  # README.ipynb's metadata: {"code_sha256": ..., "profile": ...} of the published run

@@ -19,21 +19,9 @@ from rich.table import Table
 from distill.config import Config
 from distill.env import installed_versions
 from distill.stages.base import Manifest, fingerprint, read_manifest, write_manifest
-from distill.stages.baselines import BaselinesManifest
-from distill.stages.curation import CurationManifest
-from distill.stages.data import DataManifest
-from distill.stages.evaluation import EvalManifest
-from distill.stages.finetune import FinetuneManifest
-from distill.stages.serving import ServingManifest
-from distill.stages.teacher import TeacherManifest
+from distill.stages.graph import manifest_types
 
 console = Console()
-
-# In pipeline order: a stage only reads stages above it.
-MANIFESTS: dict[str, type[Manifest]] = {
-    "data": DataManifest, "baselines": BaselinesManifest, "teacher": TeacherManifest, "curation": CurationManifest, "finetune": FinetuneManifest,
-    "eval": EvalManifest, "serving": ServingManifest,
-}
 
 
 class RunManifest(Manifest):
@@ -52,7 +40,7 @@ def report_path(cfg: Config) -> Path:
 def current_manifests(cfg: Config) -> dict[str, Manifest]:
     """Each stage's manifest whose recorded upstream fingerprints match the upstream manifests on disk."""
     out: dict[str, Manifest] = {}
-    for name, model in MANIFESTS.items():
+    for name, model in manifest_types().items():
         m = read_manifest(cfg.artifacts / name / "manifest.json", model)
         if m is not None and all(up in out and out[up].fingerprint == fp for up, fp in m.inputs.items()):
             out[name] = m

@@ -34,6 +34,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from distill import logs
 from distill.config import Config, project_root
 from distill.env import STACK, installed_versions
 
@@ -216,6 +217,7 @@ def start(cfg: Config) -> Tracker | None:
         return None
     import mlflow
 
+    logs.apply_levels()  # importing MLflow configures its logger at INFO
     uri, note = remote_uri(cfg), {}
     if uri and (why := _reachable(uri)):
         console.print(f"[yellow]warning: the tracking server in ${cfg.tracking.uri_env} is unreachable ({why}); "

@@ -17,8 +17,8 @@ which would measure the step count rather than the labels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 import shutil
+from collections.abc import Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,8 +26,6 @@ from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.errors import DistillError
 from distill.evaluation.variants import evaluate
-from distill.student.finetune import load_recipe
-from distill_harness.learning_curve import CurveRow
 from distill.lm import make_lm
 from distill.program import IntentClassificationModule
 from distill.stages.base import console, read_manifest, served, write_manifest
@@ -37,6 +35,8 @@ from distill.stages.data import DataStage
 from distill.stages.evaluation import BASELINE_NAMES, EvaluationStage
 from distill.stages.finetune import FinetuneManifest, FinetuneStage
 from distill.stages.teacher import TeacherStage
+from distill.student.finetune import load_recipe
+from distill_harness.learning_curve import CurveRow
 
 UPSTREAM = (DataStage.name, BaselinesStage.name, TeacherStage.name)
 

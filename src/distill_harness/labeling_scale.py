@@ -18,7 +18,6 @@ import contextlib
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,9 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config, LMConfig, RayDataLabelingConfig
+from distill.serving.control import serving
 from distill.teacher.labeling import query_id, read_records, shard_files
 from distill.teacher.labeling_ray import QUERY_SCHEMA, label_queries_ray
-from distill.serving.control import serving
 
 FAKE_MODEL = "fake-teacher"
 # Actors mostly wait on the endpoint; a tenth of a CPU each lets 16 of them fit beside Serve on 2 cores.
@@ -235,9 +234,9 @@ def to_markdown(result: ScaleResult) -> str:
 def plot_scale(result: ScaleResult, path: str | Path) -> Path:
     """Two panels: queries/s against concurrency (one line per replica count, its capacity dashed), and
     peak RSS against the number of queries (log x)."""
-    from distill.evaluation.plots import save_figure  # first: it sets the headless backend
-
     import matplotlib.pyplot as plt
+
+    from distill.evaluation.plots import save_figure  # first: it sets the headless backend
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for i, r in enumerate(sorted({p.replicas for p in result.throughput})):

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, field_validator  # noqa: E402
 from distill.config import project_root  # noqa: E402
 
 
-
 def curve_csv() -> Path:
     """Where the measured curve is committed."""
     return project_root() / "docs" / "learning_curve.csv"

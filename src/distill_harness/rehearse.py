@@ -30,11 +30,11 @@ from pydantic import BaseModel, ConfigDict
 
 from distill import logs
 from distill.config import Config, load_config
-from distill.serving.deploy import cpu_serve_config
 from distill.errors import DistillError
-from distill.student.finetune import BaseModelSpec, load_base, load_recipe
 from distill.models import ModelSource
 from distill.serving.control import STARTUP_SECONDS
+from distill.serving.deploy import cpu_serve_config
+from distill.student.finetune import BaseModelSpec, load_base, load_recipe
 
 PROFILE = "cluster_cpu"
 # The weights the rehearsal serves and finetunes: the local profile's GGUF, exported once to HF format
@@ -247,9 +247,9 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
     """Every stage of the cluster path on CPU, each step asserted; returns the summary (also written)."""
     from distill import pipeline
     from distill.data.dataset import read_jsonl
-    from distill.student.publish import adapter_name
     from distill.serving.control import shutdown
     from distill.stages.curation import CurationStage
+    from distill.student.publish import adapter_name
 
     started = time.time()
     # Each Serve deployment reserves whole logical CPUs (vLLM's replica, the OpenAI ingress, the DSPy app),

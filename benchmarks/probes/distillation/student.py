@@ -60,7 +60,7 @@ if not a.eval_only:
                 "gradient_accumulation_steps": 1, "max_length": 256, "gradient_checkpointing": False, "bf16": False,
                 "warmup_steps": 0.1, "logging_steps": 5, "seed": 0, "num_train_epochs": a.epochs, "max_steps": a.max_steps,
                 "save_strategy": "no"}
-    from distill import finetune as F
+    from distill.student import finetune as F
     managed = {**F.MANAGED_SFT_ARGS}; managed.pop("save_strategy")
     from trl import SFTConfig
     args = SFTConfig(**{**managed, **training, "output_dir": str(out / "hf"), "use_cpu": True})

@@ -23,9 +23,9 @@ from rich.console import Console
 from tqdm import tqdm
 
 from distill import logs
-from distill.evaluation.latency import latency_summary
 from distill.data.dataset import write_jsonl
 from distill.errors import DistillError
+from distill.evaluation.latency import latency_summary
 from distill.lm import Prompt, using
 from distill.program import IntentClassificationModule, ValidLabel, exact_match, load_program
 

@@ -11,8 +11,11 @@ across runs, so a number measured under other inputs cannot survive a change of 
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import time
 from abc import ABC, abstractmethod
@@ -21,12 +24,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Iterator, TypeVar
 
 import dspy
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.console import Console
 
 from distill.config import Config, LMConfig
 from distill.errors import DistillError
 from distill.lm import adapter, make_lm
+from distill.models import ModelSource, file_identity
 from distill.program import IntentClassificationModule
 from distill.serving.control import forward_env_names, serving
 
@@ -36,6 +41,76 @@ console = Console()
 def fingerprint(*parts: Any) -> str:
     """A short, stable hash of JSON-able parts (anything else by its str())."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@functools.cache
+def code_version(*modules: str) -> str:
+    """A hash of the code of these modules (a package: all its modules), comments and docstrings left out:
+    a stage whose code changes is not current any more, one whose comments change still is."""
+    parts = []
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise DistillError(f"code_version: no module {name!r}")
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
+        for f in files:
+            tree = ast.parse(f.read_text())
+            for node in ast.walk(tree):  # drop docstrings: they document, they do not compute
+                body = getattr(node, "body", None)
+                if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                        and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                    node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+            parts.append((str(f.relative_to(origin.parent.parent if spec.submodule_search_locations
+                                              else origin.parent)), ast.dump(tree)))
+    return fingerprint(parts)
+
+
+# The code of the LLM server: how it decodes (closed-set decoding, grammars) changes what a model answers.
+LLM_SERVER_CODE = ("distill.serving.llm", "distill.serving.choices", "distill.serving.common")
+# Keys whose directory value is a model (weights and tokenizer files), identified by its files' content.
+_MODEL_DIR_KEYS = {"model_source", "model_path", "path", "lora_path"}
+
+
+def serve_config_identity(cfg: Config, path: str | Path) -> Any:
+    """A Serve config as what it serves: its settings, every YAML file it refers to (read in), and every
+    model file or model directory it names, by content (`distill.models.file_identity`)."""
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            if node and set(node) <= {"path", "package", "file"}:
+                try:
+                    return {"model": file_identity(ModelSource(**node).resolve())}
+                except (ValueError, DistillError) as e:
+                    return {"unresolved": str(e), **node}
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str) and node and not node.startswith(("http:", "https:", "s3:", "gs:")):
+            p = cfg.path(node)
+            try:
+                if p.suffix in (".yaml", ".yml") and p.is_file():
+                    return {"file": node, "content": walk(yaml.safe_load(p.read_text()))}
+                if p.is_file() and key in _MODEL_DIR_KEYS:
+                    return {"file": node, "identity": file_identity(p)}
+                if p.is_dir() and key in _MODEL_DIR_KEYS and (p / "config.json").is_file():
+                    return {"dir": node, "identity": file_identity(p)}
+            except OSError:
+                pass
+        return node
+
+    p = cfg.path(path)
+    if not p.is_file():
+        raise DistillError(f"serve config not found: {p}")
+    return walk(yaml.safe_load(p.read_text()))
+
+
+def endpoint_fingerprint(cfg: Config, lm_cfg: LMConfig, serve_config: str | Path | None = None) -> str:
+    """Everything that decides what an endpoint answers: the client's settings (model id, max_tokens,
+    temperature), the Serve config with the model files it loads, and the server's decoding code."""
+    client = lm_cfg.model_dump(exclude={"api_base", "api_key_env", "timeout_s", "serve_config"})
+    path = serve_config or lm_cfg.serve_config
+    return fingerprint(client, serve_config_identity(cfg, path) if path else None, code_version(*LLM_SERVER_CODE))
 
 
 class Manifest(BaseModel):
@@ -54,10 +129,36 @@ class Manifest(BaseModel):
 M = TypeVar("M", bound=Manifest)
 
 
+class Tracked(BaseModel):
+    """What a stage that ran leaves in its MLflow run besides its manifest: files, JSON files, loss series."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    files: list[Path] = []
+    dicts: dict[str, Any] = {}
+    series: dict[str, list[tuple[int, float]]] = {}
+
+
 class Stage(ABC, Generic[M]):
     name: ClassVar[str]
     title: ClassVar[str]  # the rule printed when the stage starts
     manifest_type: ClassVar[type[Manifest]]
+    # The stages whose outputs this one reads, by name: the pipeline's order, the report's sections and the
+    # staleness checks derive from it (`distill.stages.graph`). `inputs()` returns their fingerprints.
+    upstream: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def build(cls, graph: Any) -> "Stage[Any]":
+        """This stage as the pipeline builds it, from the graph's config, data and upstream stages
+        (`graph.stage(name)`); a stage whose constructor is `(cfg, data)` needs no override."""
+        return cls(graph.cfg, graph.data)  # type: ignore[call-arg]
+
+    def tracked(self, manifest: M) -> Tracked:
+        """What tracking records of this stage besides its manifest's numbers."""
+        return Tracked()
+
+    def on_recorded(self, record: Any, manifest: M) -> None:
+        """Called after tracking recorded a stage that ran (e.g. to register a model)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -115,6 +216,9 @@ class Stage(ABC, Generic[M]):
     def ensure(self) -> M:
         """The current manifest, running the stage first when it is not current."""
         console.rule(self.title)
+        if undeclared := set(self.inputs()) - set(self.upstream):
+            raise DistillError(f"stage {self.name!r} reads {sorted(undeclared)}, which its `upstream` does not "
+                               f"declare ({self.upstream})")
         if self.is_current():
             m = self.load()
             assert m is not None
@@ -194,5 +298,25 @@ def served(cfg: Config, lm_cfg: LMConfig, serve_config: str | Path | None = None
     path = cfg.path(serve_config or lm_cfg.serve_config or "")
     # serving.timeout_s, not serving()'s 180 s default: vLLM loading a cluster model takes longer than that
     with serving(path, lm_cfg.api_base, models=models or [lm_cfg.model], forward_env=forward_env_names(cfg),
-                 timeout_s=cfg.serving.timeout_s):
+                 timeout_s=cfg.serving.timeout_s), \
+            endpoint_cache(cfg, endpoint_fingerprint(cfg, lm_cfg, serve_config)):
         yield
+
+
+@contextlib.contextmanager
+def endpoint_cache(cfg: Config, key: str) -> Iterator[None]:
+    """DSPy's LM cache for this block kept per endpoint identity (`endpoint_fingerprint`).
+
+    DSPy keys its cache on the model id and the request, not on the weights or the decoding behind the id:
+    a teacher whose GGUF, serve config or server code changed would otherwise be answered from the old
+    teacher's cache. With DSPy's disk cache off, it stays off.
+    """
+    previous = dspy.cache
+    if not getattr(previous, "enable_disk_cache", False):
+        yield
+        return
+    dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(cfg.artifacts / "dspy_cache_endpoints" / key))
+    try:
+        yield
+    finally:
+        dspy.cache = previous

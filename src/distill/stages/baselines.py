@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.evaluation.baselines import run_baselines
 from distill.config import Config
 from distill.data.dataset import TaskData, write_jsonl
-from distill.stages.base import Manifest, Stage, fingerprint
+from distill.evaluation.baselines import run_baselines
+from distill.stages.base import Manifest, Stage, code_version, fingerprint
 from distill.stages.data import data_fingerprint
 
 
@@ -24,6 +24,7 @@ class BaselinesStage(Stage[BaselinesManifest]):
     name = "baselines"
     title = "baselines: 1-NN and logistic regression on the gold embeddings"
     manifest_type = BaselinesManifest
+    upstream = ("data",)
 
     def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
@@ -34,7 +35,8 @@ class BaselinesStage(Stage[BaselinesManifest]):
 
     def fingerprint(self) -> str:
         # "lr-loo": how C is chosen; baselines computed with the former 5-fold CV are not current.
-        return fingerprint(self.inputs(), self.cfg.teacher.embedder, "lr-loo")
+        return fingerprint(self.inputs(), self.cfg.teacher.embedder, "lr-loo",
+                           code_version("distill.evaluation.baselines", "distill.teacher.vote", "distill.teacher.program"))
 
     def outputs(self, m: BaselinesManifest) -> list[Path]:
         return [self.dir / "predictions" / f"{name}.jsonl" for name in m.accuracy]

@@ -4,16 +4,31 @@ and the optimizer trainset written as SFT data -- exactly the messages the stude
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from distill.config import Config
-from distill.student.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
-from distill.data.dataset import TaskData, make_example, read_jsonl, split_devset_and_optimizer_sets, write_jsonl
-from distill.teacher.labeling import read_records
+from distill.data.dataset import (
+    TaskData,
+    make_example,
+    read_jsonl,
+    split_devset_and_optimizer_sets,
+    write_jsonl,
+)
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
-from distill.stages.base import Manifest, Stage, fingerprint, prompt_fingerprint, require
+from distill.stages.base import (
+    Manifest,
+    Stage,
+    Tracked,
+    code_version,
+    fingerprint,
+    prompt_fingerprint,
+    require,
+)
 from distill.stages.data import data_fingerprint
 from distill.stages.teacher import TeacherStage
+from distill.student.curation import curate, plot_label_distribution, print_curation, save_sft, to_sft
+from distill.teacher.labeling import read_records
 
 SPLITS = ("devset", "optimizer_train", "optimizer_val")
 
@@ -38,6 +53,16 @@ class CurationStage(Stage[CurationManifest]):
     name = "curation"
     title = "curation and SFT data"
     manifest_type = CurationManifest
+    upstream = ("teacher",)
+
+    @classmethod
+    def build(cls, graph: Any) -> "CurationStage":
+        stage = cls(graph.cfg, graph.data)
+        stage.teacher = graph.stage("teacher")
+        return stage
+
+    def tracked(self, m: CurationManifest) -> Tracked:
+        return Tracked(files=[Path(m.plot)], dicts={"label_counts.json": m.label_counts})
 
     def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
@@ -62,7 +87,7 @@ class CurationStage(Stage[CurationManifest]):
         d = self.cfg.data
         return fingerprint(self.inputs(), data_fingerprint(self.data), prompt_fingerprint(self.cfg, self.data.labels),
                            d.devset_size, d.optimizer_val_size, d.optimizer_train_size, self.cfg.program.model_dump(),
-                           self.cfg.curation.model_dump())
+                           self.cfg.curation.model_dump(), code_version("distill.student.curation", "distill.program"))
 
     def outputs(self, m: CurationManifest) -> list[Path]:
         return [self.sft_path, Path(m.plot), *(self.split_path(n) for n in SPLITS)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from distill.config import Config
 from distill.data.dataset import TaskData, prepare_data, save_data
@@ -33,6 +34,10 @@ class DataStage(Stage[DataManifest]):
     name = "data"
     title = "data"
     manifest_type = DataManifest
+
+    @classmethod
+    def build(cls, graph: Any) -> "DataStage":
+        return cls(graph.cfg, graph._data)  # the data the graph was given, or the profile's
 
     def __init__(self, cfg: Config, data: TaskData | None = None) -> None:
         super().__init__(cfg)

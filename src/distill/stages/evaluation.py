@@ -5,20 +5,32 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import dspy
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
 from distill.data.dataset import TaskData, read_jsonl
-from distill.evaluation.variants import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
 from distill.evaluation.plots import plot_confusion_matrix, plot_variant_scores
+from distill.evaluation.variants import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
+from distill.lm import adapter, make_lm
 from distill.program import DeployParams, ProgramParams, load_program
-from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint, require
+from distill.stages.base import (
+    CallStats,
+    Manifest,
+    Stage,
+    Tracked,
+    code_version,
+    endpoint_fingerprint,
+    fingerprint,
+    prompt_fingerprint,
+    require,
+)
 from distill.stages.baselines import BaselinesStage
 from distill.stages.curation import CurationStage
 from distill.stages.finetune import FinetuneStage
+from distill.tracking import model_name
 
 BASELINE_NAMES = {"nearest_neighbour": "1-NN on gold", "logistic_regression": "log. regression on gold"}
 Scores = dict[str, dict[str, float]]  # {"base"|"finetuned": {"vanilla"|"bfrs": accuracy}}
@@ -49,6 +61,23 @@ class EvaluationStage(Stage[EvalManifest]):
     name = "eval"
     title = "evaluation and prompt optimization (BootstrapFewShotWithRandomSearch)"
     manifest_type = EvalManifest
+    upstream = ("teacher", "baselines", "curation", "finetune")
+
+    @classmethod
+    def build(cls, graph: Any) -> "EvaluationStage":
+        stage = cls(graph.cfg, graph.data, graph.stage("curation"), graph.stage("finetune"))
+        stage.baselines = graph.stage("baselines")
+        return stage
+
+    def tracked(self, m: EvalManifest) -> Tracked:
+        return Tracked(files=[*(Path(p) for p in m.plots.values()), self.dir / "programs", self.deploy_params_path])
+
+    def on_recorded(self, record: Any, m: EvalManifest) -> None:
+        if self.cfg.tracking.register_model:  # the deployed program, uncached, as the program app calls it
+            params = DeployParams.load(self.deploy_params_path)
+            record.register_program(params.load_program(), make_lm(self.cfg.models.student, model=params.model,
+                                                                   cache=False),
+                                    adapter(params.program.prompt), model_name(self.cfg))
 
     def __init__(self, cfg: Config, data: TaskData, curation: CurationStage, finetune: FinetuneStage) -> None:
         super().__init__(cfg)
@@ -72,8 +101,9 @@ class EvaluationStage(Stage[EvalManifest]):
     def fingerprint(self) -> str:
         cfg = self.cfg
         return fingerprint(self.inputs(), prompt_fingerprint(cfg, self.data.labels), [ex.text for ex in self.data.test],
-                           cfg.evaluation.model_dump(exclude={"threads", "max_errors"}), cfg.models.student.model,
-                           cfg.program.model_dump(), cfg.seed)
+                           cfg.evaluation.model_dump(exclude={"threads", "max_errors"}),
+                           endpoint_fingerprint(cfg, cfg.models.student), cfg.program.model_dump(), cfg.seed,
+                           code_version("distill.evaluation", "distill.program", "distill.lm"))
 
     def outputs(self, m: EvalManifest) -> list[Path]:
         return [self.deploy_params_path, Path(m.best.program_path), *(Path(p) for p in m.plots.values())]

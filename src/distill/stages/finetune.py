@@ -13,16 +13,25 @@ import dspy
 
 from distill.config import Config
 from distill.data.dataset import read_jsonl
-from distill.serving.deploy import check_lora_storage, template_serve_config
 from distill.errors import DistillError
-from distill.student.finetune import load_recipe
-from distill.lm import make_lm
 from distill.evaluation.plots import plot_loss_curve
+from distill.lm import make_lm
+from distill.serving.control import ensure_ray, shutdown
+from distill.serving.deploy import check_lora_storage, template_serve_config
+from distill.stages.base import (
+    Manifest,
+    Stage,
+    Tracked,
+    code_version,
+    endpoint_fingerprint,
+    fingerprint,
+    require,
+    write_manifest,
+)
+from distill.stages.curation import CurationStage
+from distill.student.finetune import load_recipe
 from distill.student.provider import RayJobProvider
 from distill.student.publish import adapter_name, publish_adapter
-from distill.serving.control import ensure_ray, shutdown
-from distill.stages.base import Manifest, Stage, fingerprint, require, write_manifest
-from distill.stages.curation import CurationStage
 
 
 class FinetuneManifest(Manifest):
@@ -72,10 +81,27 @@ class FinetuneCall:
                 "finetuned = job.result()  # the finetuned student's dspy.LM; raises if the job failed")
 
 
+def loss_steps(cfg: Config, losses: list[float]) -> list[tuple[int, float]]:
+    """The finetune's logged losses (the Ray job's trainer log) at their optimizer steps: the trainer logs
+    every `logging_steps` steps (HF's default 500); a fractional setting falls back to 1, 2, 3, ..."""
+    every = load_recipe(cfg.path(cfg.finetune.recipe), cfg.finetune.training).training.get("logging_steps", 500)
+    every = every if isinstance(every, int) and every >= 1 else 1
+    return [((i + 1) * every, loss) for i, loss in enumerate(losses)]
+
+
 class FinetuneStage(Stage[FinetuneManifest]):
     name = "finetune"
     title = "finetune the student (Ray job)"
     manifest_type = FinetuneManifest
+    upstream = ("curation",)
+
+    @classmethod
+    def build(cls, graph: Any) -> "FinetuneStage":
+        return cls(graph.cfg, graph.stage("curation"))
+
+    def tracked(self, m: FinetuneManifest) -> Tracked:
+        return Tracked(files=[Path(m.loss_plot)] if m.loss_plot else [],
+                       series={"loss": loss_steps(self.cfg, m.loss_history)})
 
     def __init__(self, cfg: Config, curation: CurationStage) -> None:
         super().__init__(cfg)
@@ -90,7 +116,8 @@ class FinetuneStage(Stage[FinetuneManifest]):
         if not sft.is_file():
             raise DistillError("no SFT data yet: run the curation stage first")
         return fingerprint(sft.read_text(), self.cfg.path(ft.recipe).read_text(), ft.training, ft.finetuned_model,
-                           ft.adapter_storage, self.cfg.path(self.cfg.models.student.serve_config).read_text())
+                           ft.adapter_storage, endpoint_fingerprint(self.cfg, self.cfg.models.student),
+                           code_version("distill.student"))
 
     @property
     def loss_plot_path(self) -> Path:

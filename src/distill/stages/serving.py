@@ -8,16 +8,17 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
 from distill.config import Config
 from distill.data.dataset import TaskData
-from distill.serving.deploy import PROGRAM_APP, template_serve_config
 from distill.program import DeployParams
 from distill.serving.control import forward_env_names, shutdown, start_serve_config, wait_until_healthy
-from distill.stages.base import Manifest, Stage, fingerprint, require
+from distill.serving.deploy import PROGRAM_APP, template_serve_config
+from distill.stages.base import Manifest, Stage, code_version, fingerprint, require, serve_config_identity
 from distill.stages.evaluation import EvaluationStage
 from distill.stages.finetune import FinetuneStage
 
@@ -51,6 +52,12 @@ class ServingStage(Stage[ServingManifest]):
     name = "serving"
     title = "serving: POST /classify_intent"
     manifest_type = ServingManifest
+    upstream = ("eval", "finetune")
+
+    @classmethod
+    def build(cls, graph: Any) -> "ServingStage":
+        return cls(graph.cfg, graph.data, graph.stage("eval"), graph.stage("finetune"),
+                   graph.options.get("keep_running", False))
 
     def __init__(self, cfg: Config, data: TaskData, evaluation: EvaluationStage, finetune: FinetuneStage,
                  keep_running: bool = False) -> None:
@@ -61,7 +68,8 @@ class ServingStage(Stage[ServingManifest]):
         return {"eval": require(self.evaluation.load(), "evaluation").fingerprint}
 
     def fingerprint(self) -> str:
-        return fingerprint(self.inputs(), self.cfg.path(self.cfg.serving.deploy_config).read_text())
+        return fingerprint(self.inputs(), serve_config_identity(self.cfg, self.cfg.serving.deploy_config),
+                           code_version("distill.serving"))
 
     def is_current(self) -> bool:
         return False

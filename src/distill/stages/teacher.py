@@ -15,10 +15,18 @@ from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.errors import DistillError
 from distill.evaluation.variants import measure_calls
+from distill.stages.base import (
+    CallStats,
+    Manifest,
+    Stage,
+    code_version,
+    endpoint_fingerprint,
+    fingerprint,
+    prompt_fingerprint,
+)
+from distill.stages.data import data_fingerprint
 from distill.teacher.labeling import LabelingResult, label_queries, quality_gate, score_teacher
 from distill.teacher.labeling_ray import label_queries_ray
-from distill.stages.base import CallStats, Manifest, Stage, fingerprint, prompt_fingerprint
-from distill.stages.data import data_fingerprint
 from distill.teacher.program import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
 
 
@@ -57,6 +65,7 @@ class TeacherStage(Stage[TeacherManifest]):
     name = "teacher"
     title = "teacher: quality gate and labeling"
     manifest_type = TeacherManifest
+    upstream = ("data",)
 
     def __init__(self, cfg: Config, data: TaskData) -> None:
         super().__init__(cfg)
@@ -69,8 +78,10 @@ class TeacherStage(Stage[TeacherManifest]):
     def labeling_fingerprint(self) -> str:
         """What the labels depend on: the teacher, its prompt and the queries (not how it is timed)."""
         cfg = self.cfg
-        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "engine", "ray_data", "min_accuracy_gold"}), cfg.models.teacher.model,
-                           prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data))
+        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "engine", "ray_data", "min_accuracy_gold"}),
+                           endpoint_fingerprint(cfg, cfg.models.teacher),
+                           prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data),
+                           code_version("distill.teacher", "distill.program", "distill.lm"))
 
     def inputs(self) -> dict[str, str]:
         return {"data": data_fingerprint(self.data)}

@@ -23,8 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError, DistillError
-from distill.student.lora_gguf import export_lora_to_gguf
 from distill.models import ModelSource
+from distill.student.lora_gguf import export_lora_to_gguf
 
 
 class _Strict(BaseModel):
@@ -186,8 +186,8 @@ def _top_layers(model: Any, n: int | None) -> list[int] | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import datasets
-    import torch
     import ray.train
+    import torch
     from peft import LoraConfig
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from trl import SFTTrainer

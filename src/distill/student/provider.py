@@ -18,9 +18,9 @@ from dspy.clients.provider import Provider, TrainingJob
 
 from distill.data.dataset import write_jsonl
 from distill.errors import DistillError
+from distill.logs import JobLog
 from distill.student.finetune import TrainJob, load_recipe
 from distill.student.jobs import load_job_config, runtime_env, submit_and_wait
-from distill.logs import JobLog
 
 
 class RayTrainingJob(TrainingJob):

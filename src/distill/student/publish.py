@@ -11,6 +11,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 
+
 def adapter_name(finetuned_model: str) -> str:
     """`meta-llama/Llama-3.2-1B-Instruct:distill-lora` -> `distill-lora` (the id ray.serve.llm routes on)."""
     base, sep, name = finetuned_model.rpartition(":")

@@ -26,8 +26,8 @@ from rich.console import Console
 from tqdm import tqdm
 
 from distill.errors import DistillError
-from distill.program import ValidLabel, exact_match
 from distill.lm import using
+from distill.program import ValidLabel, exact_match
 
 console = Console()
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from distill.config import LMConfig, RayDataLabelingConfig
+from distill.lm import make_lm, using
 from distill.teacher.labeling import (
     SHARDS_DIR,
     LabelingResult,
@@ -48,7 +49,6 @@ from distill.teacher.labeling import (
     record,
     start_labeling,
 )
-from distill.lm import make_lm, using
 
 console = Console()
 
