@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import dspy
 import pytest
+import yaml
 from dspy.utils import DummyLM
 
 from distill.config import load_config
@@ -20,7 +21,7 @@ from distill.errors import DistillError
 from distill.lm import CompactJSONAdapter, CompactPromptAdapter
 from distill.program import IntentClassificationModule
 from distill.report import assemble_report
-from distill.stages.base import Manifest, Stage
+from distill.stages.base import Manifest, Stage, code_version, endpoint_cache
 from distill.stages.curation import CurationStage
 from distill.stages.data import DataStage
 from distill.stages.teacher import TeacherStage
@@ -198,3 +199,77 @@ def test_the_student_can_learn_from_the_gold_labels_alone_or_with_the_teachers(c
     assert m.sft_source == source and set(gold_users) <= set(sft_users)
     assert m.sft_examples == len(data.gold) + (teacher_only.sft_examples if source == "both" else 0)
     assert (m.devset, m.optimizer_val) == (teacher_only.devset, teacher_only.optimizer_val)  # teacher-labeled
+
+
+def _teacher_serve_config(cfg: Any, tmp_path: Path, weights: Path, n_ctx: int = 4096) -> Any:
+    """The profile's teacher endpoint with its own serve config: the same app, these weights and context."""
+    raw = yaml.safe_load(cfg.path(cfg.models.teacher.serve_config).read_text())
+    model = raw["applications"][0]["args"]["models"][0]
+    model["source"], model["n_ctx"] = {"path": str(weights)}, n_ctx
+    path = tmp_path / f"serve_teacher_{n_ctx}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return cfg.model_copy(update={"models": cfg.models.model_copy(update={
+        "teacher": cfg.models.teacher.model_copy(update={"serve_config": str(path)})})})
+
+
+def test_a_swapped_teacher_model_or_serve_config_runs_the_teacher_and_what_follows_again(cfg, tmp_path) -> None:
+    """The stale-teacher case: the same model id behind other weights or other serve settings is another
+    teacher. Its stage, and the stages computed from its labels, are not current any more."""
+    data = DataStage(cfg).data
+    DataStage(cfg, data).ensure()
+    weights = tmp_path / "teacher.gguf"
+    weights.write_bytes(b"GGUF" + b"\0" * 64)
+    right = {ex.text: ex.label for ex in [*data.gold, *data.test]} | {ex.text: data.labels[0] for ex in data.to_label}
+    first_cfg = _teacher_serve_config(cfg, tmp_path, weights)
+    ScriptedTeacher(first_cfg, data, right).ensure()
+    CurationStage(first_cfg, data).ensure()
+    assert ScriptedTeacher(first_cfg, data, right).is_current() and CurationStage(first_cfg, data).is_current()
+
+    # other weights under the same path, model id and size: only their content differs
+    weights.write_bytes(b"GGUF" + b"\1" * 64)
+    assert not ScriptedTeacher(first_cfg, data, right).is_current()
+    second = ScriptedTeacher(first_cfg, data, right)
+    second.ensure()
+    assert second.calls > 0 and second.skipped is False
+    assert not CurationStage(first_cfg, data).is_current() and "curation" not in assemble_report(first_cfg)
+    CurationStage(first_cfg, data).ensure()
+
+    # the same weights, another serve setting (the context length)
+    third_cfg = _teacher_serve_config(cfg, tmp_path, weights, n_ctx=2048)
+    assert not ScriptedTeacher(third_cfg, data, right).is_current()
+    # ... and decoding settings the client sends
+    hotter = first_cfg.model_copy(update={"models": first_cfg.models.model_copy(update={
+        "teacher": first_cfg.models.teacher.model_copy(update={"temperature": 0.7})})})
+    assert not ScriptedTeacher(hotter, data, right).is_current()
+    assert ScriptedTeacher(first_cfg, data, right).is_current()  # nothing else moved it
+
+
+def test_the_llm_cache_is_kept_per_endpoint_identity(cfg) -> None:
+    """DSPy keys its cache on the model id and the request: another endpoint behind the same id must not be
+    answered from the first one's cache."""
+    request = {"model": "openai/smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}]}
+    dspy.configure_cache(enable_disk_cache=True, disk_cache_dir=str(cfg.artifacts / "dspy_cache"))
+    with endpoint_cache(cfg, "teacher-a"):
+        dspy.cache.put(request, "answer of a")
+        assert dspy.cache.get(request) == "answer of a"
+    with endpoint_cache(cfg, "teacher-b"):
+        assert dspy.cache.get(request) is None
+    with endpoint_cache(cfg, "teacher-a"):  # on disk: a fresh Cache object over the same directory
+        assert dspy.cache.get(request) == "answer of a"
+    assert dspy.cache.get(request) is None  # the profile's own cache is back
+
+
+def test_code_versions_ignore_comments_and_docstrings_but_not_code(tmp_path, monkeypatch) -> None:
+    pkg = tmp_path / "codever_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    mod = pkg / "m.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    versions = []
+    for source in ('"""doc"""\nX = 1\n', '"""other doc"""\n# a comment\nX = 1\n', 'X = 2\n'):
+        mod.write_text(source)
+        code_version.cache_clear()
+        versions.append(code_version("codever_pkg.m"))
+    assert versions[0] == versions[1] != versions[2]
+    code_version.cache_clear()
+    assert code_version("codever_pkg") != ""  # a package: all its modules
