@@ -441,11 +441,29 @@ def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monk
         assert not [w for w in BANKING_WORDS if w in text.lower()]
 
 
-def test_the_readme_walk_through_is_the_tiny_task(tmp_path, monkeypatch) -> None:
-    """README.md's "Bring your own task" profile, as printed, loads the tests' tiny task."""
+def _yaml_block(path: Path, heading: str) -> str:
     import re
 
-    section = (ROOT / "README.md").read_text().split("## Bring your own task", 1)[1]
+    section = path.read_text().split(heading, 1)[1]
+    return re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_task_loads_as_printed(tmp_path, monkeypatch) -> None:
+    """README.md's short "Bring your own task" profile, as printed, runs the data stage on the tiny task."""
+    (tmp_path / "mytask.yaml").write_text(_yaml_block(ROOT / "README.md", "## Bring your own task"))
+    pd.DataFrame(tiny_rows()).to_csv(tmp_path / "topics.csv", index=False)
+    monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path))
+    cfg = load_config(str(tmp_path / "mytask.yaml"))
+    assert cfg.data == load_config("local").data and cfg.artifacts.name == "mytask"
+    data = prepare_data(cfg)
+    assert (len(data.train), data.full_test_size, len(data.labels)) == (270, 90, 6)
+
+
+def test_the_docs_walk_through_is_the_tiny_task(tmp_path, monkeypatch) -> None:
+    """docs/task.md's walk-through profile, as printed, loads the tests' tiny task."""
+    import re
+
+    section = (ROOT / "docs" / "task.md").read_text().split("# Bring your own task", 1)[1]
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     (tmp_path / "topics.yaml").write_text(block)
     pd.DataFrame(tiny_rows()).to_csv(tmp_path / "topics.csv", index=False)
