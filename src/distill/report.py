@@ -8,6 +8,7 @@ manifests have changed since it was computed is left out (it is stale until that
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from distill.config import Config
 from distill.env import installed_versions
 from distill.stages.base import Manifest, fingerprint, read_manifest, write_manifest
 from distill.stages.graph import manifest_types
+from distill.tracking import git_commit
 
 console = Console()
 
@@ -31,6 +33,9 @@ class RunManifest(Manifest):
     sizes: dict[str, Any]
     versions: dict[str, str]
     setup_seconds: float | None = None
+    # Where and from what the numbers were measured: the report's Markdown table carries it.
+    git_commit: str = "unknown"
+    cpu_count: int | None = None
 
 
 def report_path(cfg: Config) -> Path:
@@ -95,7 +100,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
         versions=installed_versions(),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
-        setup_seconds=setup_seconds,
+        setup_seconds=setup_seconds, git_commit=git_commit(cfg.root), cpu_count=os.cpu_count(),
     )
     write_manifest(cfg.artifacts / "run" / "manifest.json", run)
     return write_report(cfg)
@@ -168,7 +173,13 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     """The summary as a Markdown table (what README.md shows, pasted from this output)."""
-    profile = report.get("run", {}).get("profile", "?")
+    run = report.get("run", {})
+    profile = run.get("profile", "?")
     lines = [f"| measured on `{profile}` | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    if run:  # provenance travels with the numbers, not in the prose around them
+        lines.append("")
+        lines.append(f"Measured at commit `{run.get('git_commit', 'unknown')[:12]}` on {run.get('cpu_count') or '?'} "
+                     f"CPU cores, finished {run.get('finished_at', '?')}; accuracies on the profile's own test "
+                     f"queries, latencies one call at a time.")
     return "\n".join(lines)
