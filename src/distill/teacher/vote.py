@@ -11,9 +11,11 @@ labels are not) and each label's name as one more training example.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,21 +32,31 @@ def fit_lr(x: np.ndarray, y: Sequence[str], c: float, balanced: bool = False) ->
         return LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None).fit(x, list(y))
 
 
-def loo_predictions(x: np.ndarray, y: Sequence[str], c: float) -> list[str]:
-    """Each row predicted by a model fitted on every other row."""
+def loo_predictions(x: np.ndarray, y: Sequence[str], c: float, n_jobs: int = 1) -> list[str]:
+    # n_jobs > 1 runs folds in threads; on 2 cores BLAS's own threads already use them (measured slower).
+    """Each row predicted by a model fitted on every other row, from scratch.
+
+    Cold fits on purpose: a fit warm-started from the all-rows model stops at its tolerance still carrying
+    the held-out row (far too high a leave-one-out score at large C), and LogisticRegressionCV's warm path
+    over C shifts the large-C scores too (and was slower than these fits).
+    """
+    from joblib import Parallel, delayed
+
     y = list(y)
-    out = []
-    for i in range(len(y)):
+
+    def one(i: int) -> str:
         keep = [j for j in range(len(y)) if j != i]
-        out.append(str(fit_lr(x[keep], [y[j] for j in keep], c).predict(x[i : i + 1])[0]))
-    return out
+        return str(fit_lr(x[keep], [y[j] for j in keep], c).predict(x[i : i + 1])[0])
+
+    return list(Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(i) for i in range(len(y))))
 
 
 def choose_c(x: np.ndarray, y: Sequence[str], grid: Sequence[float] = C_GRID) -> tuple[float, dict[float, float]]:
     """The C with the best leave-one-out accuracy on (x, y); ties go to the smaller C.
 
-    The baselines and the teacher's vote both ask this of the same gold embeddings in one run, and it is
-    hundreds of fits: the answer is kept per content of (x, y, grid).
+    It is hundreds of fits, asked of the same gold embeddings by the baselines and the teacher's vote, in
+    every run and test process: the answer is kept per content of (x, y, grid) in memory and on disk
+    (joblib.Memory under ~/.cache/distill, keyed by the arguments and this function's code).
     """
     return _choose_c(x.astype(np.float32).tobytes(), x.shape, tuple(y), tuple(grid))
 
@@ -52,6 +64,25 @@ def choose_c(x: np.ndarray, y: Sequence[str], grid: Sequence[float] = C_GRID) ->
 @lru_cache(maxsize=4)
 def _choose_c(x_bytes: bytes, shape: tuple[int, ...], y: tuple[str, ...],
               grid: tuple[float, ...]) -> tuple[float, dict[float, float]]:
+    return _choose_c_on_disk()(x_bytes, shape, y, grid, _sklearn_version())
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return sklearn.__version__
+
+
+@lru_cache(maxsize=1)
+def _choose_c_on_disk() -> Any:
+    from joblib import Memory
+
+    location = Path(os.environ.get("DISTILL_CACHE_DIR", "~/.cache/distill")).expanduser() / "joblib"
+    return Memory(location, verbose=0).cache(_loo_grid)
+
+
+def _loo_grid(x_bytes: bytes, shape: tuple[int, ...], y: tuple[str, ...], grid: tuple[float, ...],
+              sklearn_version: str) -> tuple[float, dict[float, float]]:
     x = np.frombuffer(x_bytes, dtype=np.float32).reshape(shape)
     scores = {c: float(np.mean([p == t for p, t in zip(loo_predictions(x, y, c), y)])) for c in grid}
     return max(grid, key=lambda c: (scores[c], -c)), scores
