@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+import llama_cpp
 from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
 from llama_cpp.llama_grammar import JSON_GBNF
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from distill.config import resolve_path
 from distill.models import ModelSource
 from distill.serving.choices import ChoiceTrie, Streaks, answers_for, decode
+from distill.serving.grammar import GrammarProver, GrammarRefused, schema_to_gbnf
 from distill.serving.common import (
     NO_DOCS,
     backpressure,
@@ -149,9 +151,9 @@ class ChatCompletionRequest(_Req):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: Text | list[Text] | None = None
+    stop: Annotated[Text, Field(max_length=1000)] | Annotated[list[Annotated[Text, Field(max_length=1000)]], Field(max_length=16)] | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="llama.cpp's seed is an unsigned 32-bit integer.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
@@ -198,11 +200,6 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 # --- the engine -----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def _grammar(schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
-
-
 def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     try:
         return fmt.schema_dict() if fmt is not None and fmt.type != "text" else None
@@ -210,17 +207,37 @@ def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
         raise APIError(400, str(e), param="response_format") from None
 
 
-def grammar_for(fmt: ResponseFormat | None) -> LlamaGrammar | None:
-    """The grammar that enforces `fmt`, or None for free text. Never silently drops a schema."""
+@lru_cache(maxsize=256)
+def _gbnf(schema_json: str) -> str:
+    return schema_to_gbnf(json.loads(schema_json))
+
+
+def grammar_text(fmt: ResponseFormat | None) -> str | None:
+    """The GBNF text that enforces `fmt`, or None for free text. Never silently drops a schema; a schema
+    beyond `distill.serving.grammar.LIMITS`, or one the converter cannot express, is a 400 naming why.
+    Not yet proven: `LlamaCppEngine.chat` has llama.cpp's parser check it in a child process first."""
     if fmt is None or fmt.type == "text":
         return None
     schema = _schema(fmt)
     if schema is None:  # plain JSON mode
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return JSON_GBNF
     try:
-        return _grammar(json.dumps(schema, sort_keys=True))
-    except Exception as e:  # noqa: BLE001 - the converter raises assorted types
-        raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
+        return _gbnf(json.dumps(schema, sort_keys=True))
+    except GrammarRefused as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+
+
+def proven_grammar(req: ChatCompletionRequest, prover: GrammarProver) -> LlamaGrammar | None:
+    """The request's grammar once llama.cpp's parser, in `prover`'s child process, has built and applied
+    it; else a 400 naming why. Blocking (the engine runs it on its grammar-check thread)."""
+    text = grammar_text(req.response_format)
+    if text is None:
+        return None
+    try:
+        prover.prove(text)
+    except GrammarRefused as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+    return LlamaGrammar.from_string(text, verbose=False)
 
 
 def choices_for(req: ChatCompletionRequest) -> list[str] | None:
@@ -250,6 +267,22 @@ class ServedLlama(Llama):
         super().__init__(*args, **kwargs)
         self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
         self._streaks: Streaks = {}
+        self._grammars_ok: set[str] = set()
+
+    def _check_grammar(self, grammar: LlamaGrammar) -> None:
+        """Build the grammar's sampler here, as generation will, and refuse it if llama.cpp returns NULL:
+        llama-cpp-python would chain the NULL sampler and crash at the first `sample`. Only grammars the
+        child process has proven reach this point, so the parser cannot crash this process here."""
+        if grammar._grammar in self._grammars_ok:
+            return
+        sampler = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar._grammar.encode(), b"root")
+        if not sampler:
+            raise APIError(400, "response_format: llama.cpp cannot build a sampler for the schema's grammar",
+                           param="response_format", code="unsupported_schema")
+        llama_cpp.llama_sampler_free(sampler)
+        if len(self._grammars_ok) >= 1024:
+            self._grammars_ok.clear()
+        self._grammars_ok.add(grammar._grammar)
 
     def _trie(self, answers: list[str]) -> ChoiceTrie:
         # Tokenizing every answer costs a good part of a forward pass: once per answer set, not per request.
@@ -263,6 +296,8 @@ class ServedLlama(Llama):
 
     def create_completion(self, prompt: Any, *args: Any,
                           stopping_criteria: StoppingCriteriaList | None = None, **kwargs: Any) -> Any:
+        if (grammar := kwargs.get("grammar")) is not None:
+            self._check_grammar(grammar)
         flag = self.stop_flag
         if self.answers is not None and not args and isinstance(prompt, list):
             trie = self._trie(self.answers)
@@ -338,7 +373,20 @@ class LlamaCppEngine:
             )
         # The executor is the model's lock: its single thread is the only one that ever touches the Llama.
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"llama-{name}") for name in self.llamas}
+        # One grammar checker per distinct GGUF (a LoRA does not change the vocabulary); checks take turns
+        # on their own thread, never on a model's.
+        by_path: dict[str, GrammarProver] = {}
+        self.provers = {name: by_path.setdefault(llama.model_path, GrammarProver(llama.model_path))
+                        for name, llama in self.llamas.items()}
+        self.prover_executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
         self.created = int(time.time())
+
+        for prover in by_path.values():  # start each checker now rather than on the first request
+            prover.prove(JSON_GBNF)
+
+    async def grammar_for(self, req: ChatCompletionRequest) -> LlamaGrammar | None:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.prover_executor, proven_grammar, req, self.provers[req.model])
 
     def model_list(self) -> dict[str, Any]:
         return {
@@ -383,7 +431,7 @@ class LlamaCppEngine:
         if req.model not in self.llamas:
             raise APIError(404, f"model '{req.model}' not found; available: {sorted(self.llamas)}", param="model",
                            type_="not_found_error")
-        grammar = grammar_for(req.response_format)
+        grammar = await self.grammar_for(req)
         stop = threading.Event()
         job = asyncio.get_running_loop().run_in_executor(self.executors[req.model], self._generate, req, grammar, stop)
         try:
