@@ -21,6 +21,7 @@ Work is bounded: `max_tokens` is capped per model, the request body size is capp
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ from distill.serving.choices import ChoiceTrie, Streaks, answers_for, decode
 from distill.serving.grammar import GrammarProver, GrammarRefused, schema_to_gbnf
 from distill.serving.common import (
     NO_DOCS,
+    BodyLimits,
     backpressure,
     describe_validation_errors,
     parse_app_args,
@@ -86,9 +88,19 @@ class LLMAppArgs(BaseModel):
         8, ge=1, description="Requests one replica holds (one generation per model runs, the rest wait for it).")
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests each caller (proxy) queues beyond that; then 503 at once (-1: no limit).")
+    max_queued_generations: int | None = Field(
+        None, ge=0, description="Generations that may wait for a model (per model, in the replica); then 503 "
+        "at once. Lets max_ongoing_requests be large, so that requests still sending their body, which hold a "
+        "replica slot, cannot crowd out generations (null: no limit of its own).")
     retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of those 503s (null: no header).")
-    api_key_env: str | None = Field(None, description="If this variable is set, requests need its Bearer key.")
+    api_key_env: str | list[str] | None = Field(
+        None, description="If this variable (or the first set of these) is set, requests need its Bearer key.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get a 413.")
+    body_timeout_s: float = Field(10.0, gt=0, description="A request body not in this long after the replica got "
+                                  "the request is a 408 (slow clients cannot hold a slot).")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often Serve checks the replica: a crashed one is noticed (and its callers "
+        "told) within about this long.")
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
     choice_decoding: bool = Field(
         True, description="Decode a schema that admits a closed set of strings over their tokens "
@@ -186,9 +198,10 @@ class ChatCompletionRequest(_Req):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -379,6 +392,7 @@ class LlamaCppEngine:
         self.provers = {name: by_path.setdefault(llama.model_path, GrammarProver(llama.model_path))
                         for name, llama in self.llamas.items()}
         self.prover_executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
+        self.in_flight = {name: 0 for name in self.llamas}  # generations running or waiting, per model
         self.created = int(time.time())
 
         for prover in by_path.values():  # start each checker now rather than on the first request
@@ -432,7 +446,13 @@ class LlamaCppEngine:
             raise APIError(404, f"model '{req.model}' not found; available: {sorted(self.llamas)}", param="model",
                            type_="not_found_error")
         grammar = await self.grammar_for(req)
+        limit = self.args.max_queued_generations
+        if limit is not None and self.in_flight[req.model] > limit:  # one running + `limit` waiting
+            retry = self.args.retry_after_s
+            raise APIError(503, f"model '{req.model}' is at capacity; retry later", type_="server_error",
+                           headers={"Retry-After": str(math.ceil(retry))} if retry is not None else None)
         stop = threading.Event()
+        self.in_flight[req.model] += 1
         job = asyncio.get_running_loop().run_in_executor(self.executors[req.model], self._generate, req, grammar, stop)
         try:
             return await job
@@ -442,6 +462,8 @@ class LlamaCppEngine:
             # starts nothing else on this model until its thread is free.
             stop.set()
             raise
+        finally:
+            self.in_flight[req.model] -= 1
 
 
 # --- the HTTP application -------------------------------------------------------------------------
@@ -449,8 +471,10 @@ class LlamaCppEngine:
 
 def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
     """The OpenAI-compatible FastAPI app over `engine`, built per replica from its args (usable without Ray)."""
-    api = FastAPI(title="distill llama.cpp OpenAI server", max_body_size=args.max_body_bytes,
-                  **({} if args.docs else NO_DOCS))
+    api = FastAPI(title="distill llama.cpp OpenAI server", **({} if args.docs else NO_DOCS))
+    api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s,
+                       error=lambda status, message, headers: error_response(status, message, headers=headers))
+    # Added last, so it runs first: no body is read for a caller without the key.
     require_key(api, args.api_key_env, lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
 
     @api.exception_handler(RequestValidationError)
@@ -462,13 +486,12 @@ def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers an undecodable or too deeply nested body with a bare 400, an oversized one with 413.
-        messages = {400: "request body is not valid JSON text (UTF-8)",
-                    413: f"request body is larger than {args.max_body_bytes} bytes"}
+        messages = {400: "request body is not valid JSON text (UTF-8)"}
         return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, code=exc.code, headers=exc.headers)
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -508,5 +531,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=parsed.max_ongoing_requests,
         max_queued_requests=parsed.max_queued_requests,
         backpressure_config=backpressure(parsed.retry_after_s),
+        health_check_period_s=parsed.health_check_period_s,
         ray_actor_options={"num_cpus": parsed.num_cpus},
     ).bind(parsed.model_dump(by_alias=True))
