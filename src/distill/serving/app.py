@@ -67,14 +67,15 @@ class ProgramAppArgs(BaseModel):
     deploy_params: str = Field(..., description="deploy_params.json written by the evaluation stage.")
     llm_api_base: str | None = Field(None, description="The LLM application's OpenAI base URL.")
     llm_api_base_env: str | None = Field(None, description="...or the variable holding it (separate services).")
-    llm_api_key_env: str | list[str] | None = Field(
-        None, description="Variable holding the LLM application's key (or several: the first one set); sent when "
-        "set, nothing when unset.")
+    llm_api_key_env: str | None = Field(
+        None, description="Variable holding the LLM application's key; sent when set, nothing when unset.")
+    llm_api_key_fallback_env: str | None = Field(
+        None, description="...else this variable's key (the deployment's shared key, when the LLM app has no key "
+        "of its own). Never set it to a key meant for the classifier's clients when the LLM service is elsewhere.")
     llm_app: str | None = Field(
         None, description="The LLM application's name when it runs in the same Serve instance: its replicas' "
         "state is then read from the Serve controller, so a crashed replica is a fast 503, not a wait.")
-    api_key_env: str | list[str] | None = Field(
-        "DISTILL_API_KEY", description="If this variable (or the first set of these) is set, clients need its key.")
+    api_key_env: str | None = Field("DISTILL_API_KEY", description="If this variable is set, clients need its key.")
     max_query_chars: int = Field(1000, ge=1)
     max_query_tokens: int = Field(512, ge=1, description="Longer queries are a 422 before the LLM is called.")
     tokenizer: ModelSource | None = Field(
@@ -101,6 +102,9 @@ class ProgramAppArgs(BaseModel):
         if (self.llm_api_base is None) == (self.llm_api_base_env is None):
             raise ValueError("give exactly one of 'llm_api_base' or 'llm_api_base_env'")
         return self
+
+    def llm_key_env(self) -> tuple[str | None, str | None]:
+        return self.llm_api_key_env, self.llm_api_key_fallback_env
 
     def llm_base(self) -> str:
         api_base = self.llm_api_base or os.environ.get(self.llm_api_base_env or "")
@@ -173,7 +177,7 @@ class Classifier:
         self.labels = frozenset(self.params.labels)
         self.program = self.params.load_program()
         self.api_base = args.llm_base()
-        key_env = key_variable(args.llm_api_key_env)
+        key_env = key_variable(args.llm_key_env())
         if args.llm_api_key_env and key_env is None:
             logger.warning("%s is not set: calling the LLM application without a key", args.llm_api_key_env)
         lm_cfg = LMConfig(model=self.params.model, api_base=self.api_base, api_key_env=key_env,
@@ -327,7 +331,7 @@ class IntentClassifierApp:
         self.labels = frozenset(self.params.labels)
         self.count_tokens = token_counter(self.args.tokenizer)
         self.worker = worker
-        self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_api_key_env), self.args.health_probe_s,
+        self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_key_env()), self.args.health_probe_s,
                               self.args.llm_app)
         self.probe.start()
 

@@ -93,8 +93,10 @@ class LLMAppArgs(BaseModel):
         "at once. Lets max_ongoing_requests be large, so that requests still sending their body, which hold a "
         "replica slot, cannot crowd out generations (null: no limit of its own).")
     retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of those 503s (null: no header).")
-    api_key_env: str | list[str] | None = Field(
-        None, description="If this variable (or the first set of these) is set, requests need its Bearer key.")
+    api_key_env: str | None = Field(None, description="If this variable is set, requests need its Bearer key.")
+    api_key_fallback_env: str | None = Field(
+        None, description="...else this one's (the deployment's shared key): the app has a key of its own only "
+        "when `api_key_env` is set.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get a 413.")
     body_timeout_s: float = Field(10.0, gt=0, description="A request body not in this long after the replica got "
                                   "the request is a 408 (slow clients cannot hold a slot).")
@@ -475,7 +477,7 @@ def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
     api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s,
                        error=lambda status, message, headers: error_response(status, message, headers=headers))
     # Added last, so it runs first: no body is read for a caller without the key.
-    require_key(api, args.api_key_env, lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
+    require_key(api, (args.api_key_env, args.api_key_fallback_env), lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
