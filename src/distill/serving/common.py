@@ -52,15 +52,15 @@ def describe_validation_errors(
     return "; ".join(msgs) or "invalid request", first
 
 
-# A key's variable, or several: the first one set holds the key. The LLM app names its own key first and
-# the deployment's shared key second, so it has a key of its own only when one is set (issue 30).
-KeyEnv = Union[str, Sequence[str], None]
+# A key's variable, or several (None entries ignored): the first one set holds the key. The LLM app names
+# its own key first and the deployment's shared key second, so it has a key of its own only when one is set.
+KeyEnv = Union[str, Sequence[Union[str, None]], None]
 
 
 def key_variable(key_env: KeyEnv) -> str | None:
     """The first variable of `key_env` that is set (to a non-empty value) in this process's environment."""
     names = [key_env] if isinstance(key_env, str) else list(key_env or ())
-    return next((n for n in names if os.environ.get(n)), None)
+    return next((n for n in names if n and os.environ.get(n)), None)
 
 
 def authorized(authorization: str | None, key_env: KeyEnv) -> bool:
