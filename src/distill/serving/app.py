@@ -254,7 +254,6 @@ class LLMProbe:
         self.url, self.headers, self.period_s, self.llm_app = f"{api_base}/models", headers, period_s, llm_app
         self.timeout_s = 3.0
         self.state, self.checked = "not probed yet", float("-inf")
-        self.replicas: str | None = None  # "down" while the controller reports no running replica
         self.down = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.watch: asyncio.Task[None] | None = None

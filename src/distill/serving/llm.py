@@ -13,8 +13,11 @@ starts only when that thread has really returned, even if the request that start
 cancelled request (client gone, proxy timeout) sets a flag that the generation reads after every token,
 so abandoned work stops at once instead of holding the model. Throughput scales with `num_replicas`.
 
-Work is bounded: `max_tokens` is capped per model, the request body size is capped, and beyond
-`max_ongoing_requests` + `max_queued_requests` the proxy answers 503 with `Retry-After` at once.
+Work is bounded: `max_tokens` is capped per model, the request body's size and arrival time are capped
+(413, 408), generations waiting for a model can be capped (`max_queued_generations`), and beyond
+`max_ongoing_requests` + `max_queued_requests` the proxy answers 503 with `Retry-After` at once. A schema
+reaches generation only once llama.cpp's parser has built its sampler in a child process
+(`distill.serving.grammar`): a grammar it rejects, or one that crashes it, is a 400, never a dead replica.
 """
 
 
