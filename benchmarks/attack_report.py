@@ -19,16 +19,20 @@ BEGIN, END = "<!-- attack:begin -->", "<!-- attack:end -->"
 def render(result: dict[str, Any]) -> str:
     """The attack benchmark's result as Markdown: what was thrown at the deployment and how it held."""
     c, a = result["classify"], result["attack"]
+
+    def n(kind: str, outcome: str) -> int:
+        return a[kind].get(outcome, 0)
+
     rows = [
         ("`/classify_intent` success during the attack", f"{c['success_rate']:.1%} ({c['ok']}/{c['requests']})"),
         ("`/classify_intent` p50 / p95 of the 200s", f"{c['p50_s']} s / {c['p95_s']} s"),
         ("`/classify_intent` statuses", ", ".join(f"{k}: {v}" for k, v in c["status_counts"].items())),
         ("replica restarts (by replica PID)", str(result["replica_restarts"])),
-        ("crash schemas sent / answered 4xx", f"{a['crash_schemas']['sent']} / {a['crash_schemas']['4xx']}"),
-        ("slow bodies opened (1 byte/s) / ended by a 408", f"{a['slow_bodies']['opened']} / {a['slow_bodies']['408']}"),
-        ("abandoned long generations", str(a["cancellations"]["sent"])),
-        ("burst requests / shed with 503", f"{a['burst']['sent']} / {a['burst']['503']}"),
-        ("classifier-only key on the LLM app: 401s", f"{a['wrong_key']['401']} / {a['wrong_key']['sent']}"),
+        ("crash schemas sent / answered 4xx", f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')}"),
+        ("slow bodies opened (1 byte/s) / ended by a 408", f"{n('slow_bodies', 'opened')} / {n('slow_bodies', '408')}"),
+        ("abandoned long generations", str(n("cancellations", "sent"))),
+        ("burst requests / shed with 503", f"{n('burst', 'sent')} / {n('burst', '503')}"),
+        ("classifier-only key on the LLM app: 401s", f"{n('wrong_key', '401')} / {n('wrong_key', 'sent')}"),
     ]
     lines = [f"Measured {result['when']} on {result['machine']}, {result['duration_s']:g} s of attack "
              f"(`{result['command']}`):", "", "| what | result |", "|---|---|"]
