@@ -14,6 +14,21 @@ status: p50/p95 are of the 200s, and the 503s' own latency shows how fast they c
 app is under load, /healthz is sampled every 0.5 s. When the benchmark starts the deployment itself, it
 also reports how many replicas restarted during the run (compared by replica id; must be 0).
 The JSON result is printed and written to <artifacts>/bench/classify-<UTC time>.json.
+
+`--mode attack` (issue 30) instead throws, all at once for `--duration` seconds, what once took replicas
+down or starved them, while one legitimate client classifies test queries two at a time:
+
+* schemas that crashed llama.cpp (the issue's five, with numbers varied so no verdict is cached);
+* 20 bodies trickled at 1 byte/s to each app, reopened as soon as they end;
+* a cancellation storm: long generations abandoned after 0.3-1.3 s, two at a time;
+* a burst of 100 generations at once every 15 s, straight at the LLM app;
+* the classifier's key tried on the LLM app.
+
+Attacks on the LLM app use its own key (the worst case: a holder of that key). It reports the legitimate
+client's success rate and p50/p95, what became of each attack, and replica restarts by replica PID:
+
+    flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --out docs/bench_attack.json
+    .venv/bin/python benchmarks/attack_report.py docs/bench_attack.json docs/serving.md
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import random
 import statistics
 import time
@@ -169,6 +185,186 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": params.model, "concurrency": args.concurrency, "abuse_share": args.abuse_share, **results}
 
 
+# The issue's five reproducers, each a SIGSEGV of the LLM replica before the grammar gates; `i` varies
+# them so that no cached verdict answers for the checker.
+def crash_schema(i: int) -> tuple[dict[str, Any], list[str] | None]:
+    return [
+        ({"enum": []}, None),
+        ({"type": "string", "maxLength": 3000 + i}, None),
+        ({"type": "string", "maxLength": 20000 + i}, None),
+        ({"type": "string", "pattern": f"^a{{0,{5000 + i}}}$"}, None),
+        ({"type": "string", "enum": ['a"b', f"c{i}"]}, ["\n"]),
+    ][i % 5]
+
+
+async def slow_body(url: str, headers: dict[str, str], stop: asyncio.Event, length: int = 400) -> str:
+    """Declare a `length`-byte body and send a byte a second; the status line that ended it (or why not)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    try:
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    except OSError as e:
+        return f"connect failed: {type(e).__name__}"
+    try:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {length}\r\n{head}\r\n".encode())
+        answer = asyncio.ensure_future(reader.readline())
+        for _ in range(length):
+            done, _ = await asyncio.wait({answer}, timeout=1.0)
+            if done:
+                return answer.result().decode(errors="replace").strip() or "closed"
+            if stop.is_set():
+                answer.cancel()
+                return "stopped"
+            writer.write(b" ")
+            await writer.drain()
+        return "sent"
+    except OSError:
+        return "closed"
+    finally:
+        writer.close()
+
+
+def replica_pids(apps: list[str]) -> dict[str, dict[str, list[int]]]:
+    """The process ids of each application's replicas (a replica that restarted has a new one)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    return {a: {name: sorted(r.pid for r in d.replicas) for name, d in details.applications[a].deployments.items()}
+            for a in apps if a in details.applications}
+
+
+async def attack(args: argparse.Namespace) -> dict[str, Any]:
+    deploy_cfg = yaml.safe_load((ROOT / args.config).read_text())
+    program_args = next(a for a in deploy_cfg["applications"] if a["import_path"] == "distill.serving.app:build_app")
+    params = DeployParams.load(program_args["args"]["deploy_params"])
+    labels = set(params.labels)
+    queries = build_queries(args.profile, 400, 0.0)
+    key, llm_key = os.environ.get("DISTILL_API_KEY"), os.environ.get("DISTILL_LLM_API_KEY") or os.environ.get("DISTILL_API_KEY")
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    llm_auth = {"Authorization": f"Bearer {llm_key}"} if llm_key else {}
+    chat = f"{args.llm_url.rstrip('/')}/chat/completions"
+    stop = asyncio.Event()
+    tally: dict[str, dict[str, int]] = {k: {"sent": 0} for k in ("crash_schemas", "slow_bodies", "cancellations",
+                                                                   "burst", "wrong_key")}
+
+    def count(kind: str, outcome: str) -> None:
+        tally[kind][outcome] = tally[kind].get(outcome, 0) + 1
+
+    def long_generation() -> dict[str, Any]:
+        return {"model": params.model, "messages": [{"role": "user", "content": "List the numbers from 1 to 1000."}],
+                "max_tokens": 10**9, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                    "type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 400}},
+                    "required": ["n"]}}}}
+
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=50)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        deadline = time.monotonic() + 180
+        while (await client.get(f"{args.url}/healthz", headers=auth)).status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{args.url}/healthz did not turn healthy in 180 s")
+            await asyncio.sleep(1)
+        await client.post(args.url, json={"query": queries[0]}, headers=auth)  # warm-up
+
+        legit: list[tuple[str, float]] = []
+
+        async def legitimate(offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    r = await client.post(args.url, json={"query": queries[i % len(queries)]}, headers=auth)
+                    kind = str(r.status_code) if r.status_code != 200 or r.json()["label"] in labels else "bad label"
+                except httpx.HTTPError as e:
+                    kind = type(e).__name__
+                legit.append((kind, time.perf_counter() - t))
+                i += 2
+
+        async def crashes() -> None:
+            i = 0
+            while not stop.is_set():
+                schema, stop_list = crash_schema(i)
+                body = {"model": params.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+                if stop_list:
+                    body["stop"] = stop_list
+                tally["crash_schemas"]["sent"] += 1
+                try:
+                    r = await client.post(chat, json=body, headers=llm_auth)
+                    count("crash_schemas", "4xx" if 400 <= r.status_code < 500 else str(r.status_code))
+                except httpx.HTTPError as e:
+                    count("crash_schemas", type(e).__name__)
+                i += 1
+                await asyncio.sleep(1.0)
+
+        async def slow(url: str, headers: dict[str, str]) -> None:
+            while not stop.is_set():
+                tally["slow_bodies"]["opened"] = tally["slow_bodies"].get("opened", 0) + 1
+                tally["slow_bodies"]["sent"] += 1
+                ending = await slow_body(url, headers, stop)
+                count("slow_bodies", "408" if " 408 " in f"{ending} " else ending[:40])
+
+        async def cancellations() -> None:
+            i = 0
+            while not stop.is_set():
+                tally["cancellations"]["sent"] += 1
+                try:
+                    await client.post(chat, json=long_generation(), headers=llm_auth, timeout=0.3 + 0.25 * (i % 5))
+                    count("cancellations", "answered")
+                except httpx.TimeoutException:
+                    count("cancellations", "abandoned")
+                except httpx.HTTPError as e:
+                    count("cancellations", type(e).__name__)
+                i += 1
+
+        async def bursts() -> None:
+            async def one() -> None:
+                try:
+                    r = await client.post(chat, headers=llm_auth, json={
+                        "model": params.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+                    count("burst", str(r.status_code))
+                except httpx.HTTPError as e:
+                    count("burst", type(e).__name__)
+
+            while not stop.is_set():
+                tally["burst"]["sent"] += args.burst
+                await asyncio.gather(*(one() for _ in range(args.burst)))
+                try:
+                    await asyncio.wait_for(stop.wait(), 15)
+                except asyncio.TimeoutError:
+                    pass
+
+        async def wrong_key() -> None:
+            while not stop.is_set() and key and llm_key != key:
+                tally["wrong_key"]["sent"] += 1
+                r = await client.get(f"{args.llm_url.rstrip('/')}/models", headers=auth)
+                count("wrong_key", str(r.status_code))
+                await asyncio.sleep(2.0)
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(c) for c in (
+            legitimate(0), legitimate(1), crashes(), cancellations(), cancellations(), bursts(), wrong_key(),
+            *(slow(chat, llm_auth) for _ in range(20)), *(slow(args.url, auth) for _ in range(20)))]
+        await asyncio.sleep(args.duration)
+        stop.set()
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ok = [lat for kind, lat in legit if kind == "200"]
+    counts: dict[str, int] = {}
+    for kind, _ in legit:
+        counts[kind] = counts.get(kind, 0) + 1
+    return {
+        "mode": "attack", "model": params.model, "duration_s": args.duration, "wall_s": round(wall, 1),
+        "classify": {"requests": len(legit), "ok": len(ok), "success_rate": round(len(ok) / max(1, len(legit)), 4),
+                     "status_counts": dict(sorted(counts.items())), "p50_s": _quantile(ok, 0.5),
+                     "p95_s": _quantile(ok, 0.95)},
+        "attack": tally,
+    }
+
+
 def _restarts(before: dict[str, dict[str, list[str]]], after: dict[str, dict[str, list[str]]]) -> int:
     """Replicas whose id is gone after the run (each restart replaces one)."""
     return sum(len(set(ids) - set(after.get(app, {}).get(dep, [])))
@@ -186,14 +382,19 @@ def main() -> None:
     ap.add_argument("--abuse-share", type=float, default=0.1)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=None, help="result file (default: <artifacts>/bench/classify-<time>.json)")
+    ap.add_argument("--mode", choices=["load", "attack"], default="load")
+    ap.add_argument("--duration", type=float, default=60.0, help="attack mode: seconds of attack")
+    ap.add_argument("--burst", type=int, default=100, help="attack mode: generations per burst")
     args = ap.parse_args()
+    if args.mode == "attack":
+        return main_attack(args)
     args.concurrency = args.concurrency or args.requests
     started = args.url is None
     args.url = args.url or "http://127.0.0.1:8000/classify_intent"
     cfg = ROOT / args.config
     apps = [a["name"] for a in yaml.safe_load(cfg.read_text())["applications"]]
-    ctx = serving(cfg, args.llm_url, forward_env=["DISTILL_API_KEY"],
-                  api_key=os.environ.get("DISTILL_API_KEY")) if started else nullcontext()
+    ctx = serving(cfg, args.llm_url, forward_env=["DISTILL_API_KEY", "DISTILL_LLM_API_KEY"],
+                  api_key=os.environ.get("DISTILL_LLM_API_KEY") or os.environ.get("DISTILL_API_KEY")) if started else nullcontext()
     with ctx:
         before = {a: replica_ids(a) for a in apps} if started else None
         out = asyncio.run(run(args))
@@ -226,6 +427,35 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2))
     console.print(f"written: {path}")
     print(json.dumps(out))
+
+
+def main_attack(args: argparse.Namespace) -> None:
+    started = args.url is None
+    args.url = args.url or "http://127.0.0.1:8000/classify_intent"
+    cfg = ROOT / args.config
+    apps = [a["name"] for a in yaml.safe_load(cfg.read_text())["applications"]]
+    ctx = serving(cfg, args.llm_url, forward_env=["DISTILL_API_KEY", "DISTILL_LLM_API_KEY"],
+                  api_key=os.environ.get("DISTILL_LLM_API_KEY") or os.environ.get("DISTILL_API_KEY")) if started else nullcontext()
+    with ctx:
+        before = replica_pids(apps) if started else None
+        out = asyncio.run(attack(args))
+        if started:
+            after = replica_pids(apps)
+            out["replicas"] = {"pids_before": before, "pids_after": after}
+            out["replica_restarts"] = _restarts(before, after)  # type: ignore[arg-type]
+        else:
+            out["replica_restarts"] = None  # unknown for a remote deployment
+    out["when"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out["machine"] = f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    out["command"] = f"bench_classify.py --mode attack --duration {args.duration:g} --burst {args.burst}"
+    path = Path(args.out) if args.out else load_config(args.profile).artifacts / "bench" / (
+        "attack-" + out["when"].replace(":", "") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    c = out["classify"]
+    print(f"/classify_intent during the attack: {c['success_rate']:.1%} success ({c['status_counts']}), "
+          f"p95 {c['p95_s']} s; replica restarts: {out['replica_restarts']}; attack: {out['attack']}")
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ def test_token_limits_and_stop_are_honoured(endpoint, client) -> None:
         ({"model": "smollm2-135m-teacher", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
         ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}],
           "response_format": {"type": "json_schema"}}, 400, "json_schema"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400,
+         "seed: Input should be greater than or equal to 0"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "seed": 2**40}, 400,
+         "seed"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17},
+         400, "stop"),
+        ({"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "maxLength": 3000}}}},
+         400, "maxLength 3000 at # is above the limit of 500"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_4xx_and_server_stays_up(endpoint, body, status, needle) -> None:
@@ -125,8 +134,11 @@ def test_malformed_json_and_auth(endpoint) -> None:
     r = _post(endpoint, content=b'{"model": "x", "messages": [')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     body = {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert _post(endpoint, body, key=None).status_code == 401
-    assert _post(endpoint, body, key="wrong").status_code == 401
+    for key in (None, "wrong"):
+        r = _post(endpoint, body, key=key)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.headers
+    r = httpx.post(f"{endpoint.api_base}/chat/completions", json=body, headers={"Authorization": f"bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text  # the scheme is case-insensitive
 
 
 def test_no_open_door(endpoint) -> None:
@@ -153,12 +165,12 @@ def test_max_tokens_is_capped(endpoint, client) -> None:
     (b'{"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "surrogate"),
     (b'{"model": "smollm2-135m-teacher", "messages": [{"role": "user", "content": "caf\xe9"}]}', 400, "UTF-8"),
     (b"[" * 20_000, 400, "not valid JSON"),
-    (b'{"model": "x", "messages": [], "pad": "' + b"a" * (2 << 20) + b'"}', 413, "Too Large"),
+    (b'{"model": "x", "messages": [], "pad": "' + b"a" * (2 << 20) + b'"}', 413, "larger than 1048576 bytes"),
 ])  # fmt: skip
 def test_undecodable_or_oversized_bodies_are_refused(endpoint, content, status, needle) -> None:
     r = _post(endpoint, content=content)
     assert r.status_code == status, r.text
-    assert needle in r.text
+    assert needle in r.json()["error"]["message"]  # JSON, a declared oversize (Content-Length) included
     ok = _post(endpoint, {"model": endpoint.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import os
 import re
 import secrets
 import threading
@@ -33,6 +34,9 @@ URL = "http://127.0.0.1:8000/classify_intent"
 LLM = "http://127.0.0.1:8000/v1"
 KEY = "test-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# The LLM app's own key (least privilege): the program app sends it; the classifier's clients do not have it.
+LLM_KEY = "test-llm-" + secrets.token_hex(8)
+LLM_AUTH = {"Authorization": f"Bearer {LLM_KEY}"}
 JSON_CT = {"Content-Type": "application/json"}
 # A JSON schema the grammar can only satisfy with a long answer: the generation runs to max_tokens.
 LONG_ANSWER = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
@@ -47,11 +51,12 @@ def deployment(pipeline_artifacts):
     mp = pytest.MonkeyPatch()
     mp.setenv("DISTILL_ARTIFACTS_DIR", str(pipeline_artifacts))
     mp.setenv("DISTILL_API_KEY", KEY)  # reaches the replicas through Ray's runtime_env, never a file
+    mp.setenv("DISTILL_LLM_API_KEY", LLM_KEY)
     try:
         path = deploy_config(load_config("local_ci"))
         raw = yaml.safe_load(path.read_text())
         assert raw["applications"][0]["args"]["deploy_params"] == str(pipeline_artifacts / "deploy_params.json")
-        start_serve_config(path, forward_env=["DISTILL_API_KEY"])
+        start_serve_config(path, forward_env=["DISTILL_API_KEY", "DISTILL_LLM_API_KEY"])
         wait_until_healthy(f"{URL}/healthz", 180, AUTH)
         params = json.loads((pipeline_artifacts / "deploy_params.json").read_text())
         yield {**params, "config": raw}
@@ -145,8 +150,19 @@ def test_missing_or_wrong_key_is_a_401_on_every_app(deployment) -> None:
     assert httpx.get(f"{URL}/healthz", timeout=10).status_code == 401
     for path in ("/docs", "/openapi.json", "/classify_intent/docs", "/classify_intent/openapi.json", "/nope"):
         assert httpx.get(f"http://127.0.0.1:8000{path}", timeout=10).status_code == 401, path
-        assert httpx.get(f"http://127.0.0.1:8000{path}", headers=AUTH, timeout=10).status_code == 404, path  # docs off
-    assert httpx.get(f"{LLM}/models", headers=AUTH, timeout=10).status_code == 200
+        own_key = AUTH if path.startswith("/classify_intent") else LLM_AUTH  # the rest is the LLM app's
+        assert httpx.get(f"http://127.0.0.1:8000{path}", headers=own_key, timeout=10).status_code == 404, path  # docs off
+    assert httpx.get(f"{LLM}/models", headers=LLM_AUTH, timeout=10).status_code == 200
+
+
+def test_the_classifiers_key_is_refused_by_the_llm_app(deployment) -> None:
+    """Least privilege: a client holding only the classifier's key cannot use the LLM directly."""
+    for method, path, body in (("GET", "/models", None), ("POST", "/chat/completions", tiny_generation(deployment["model"]))):
+        r = httpx.request(method, f"{LLM}{path}", json=body, headers=AUTH, timeout=10)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        r = httpx.request(method, f"{LLM}{path}", json=body, headers={"Authorization": f"bearer {LLM_KEY}"}, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+    assert classify("my card has not arrived yet").status_code == 200  # the program app holds the LLM key
 
 
 def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_artifacts) -> None:
@@ -158,9 +174,9 @@ def test_saved_program_reloads_with_the_same_predictions(deployment, pipeline_ar
     report = json.loads((pipeline_artifacts / "report.json").read_text())
     models = {"base": cfg.models.student.model, "finetuned": report["finetune"]["model"]}
     prompts = {"base": "full", "finetuned": cfg.program.student_prompt}  # as the evaluation ran them
-    lm_cfg = cfg.models.student.model_copy(update={"api_key_env": "DISTILL_API_KEY"})
+    lm_cfg = cfg.models.student.model_copy(update={"api_key_env": "DISTILL_LLM_API_KEY"})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DISTILL_API_KEY", KEY)
+        mp.setenv("DISTILL_LLM_API_KEY", LLM_KEY)
         for kind, model in models.items():
             program = load_program(pipeline_artifacts / "eval" / "programs" / f"{kind}_bfrs.json", deployment["labels"])
             rows = read_jsonl(pipeline_artifacts / "eval" / "predictions" / "testset" / f"{kind}_bfrs.jsonl")[:5]
@@ -174,15 +190,15 @@ def test_max_tokens_is_capped_and_a_cancelled_generation_stops(deployment) -> No
     """max_tokens 10^9 is cut to the model's limit; a generation whose client left ends at once."""
     limit = _llm_limit(deployment)
     t = time.perf_counter()
-    r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH, timeout=120)
+    r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=LLM_AUTH, timeout=120)
     full_s = time.perf_counter() - t
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == limit and r.json()["choices"][0]["finish_reason"] == "length"
 
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH, timeout=0.5)
+        httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=LLM_AUTH, timeout=0.5)
     t = time.perf_counter()
-    r = httpx.post(f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]), headers=AUTH, timeout=60)
+    r = httpx.post(f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]), headers=LLM_AUTH, timeout=60)
     after_s = time.perf_counter() - t
     assert r.status_code == 200, r.text
     # Had the abandoned generation run on, the tiny request would have waited ~full_s - 0.5 s for the model.
@@ -199,7 +215,7 @@ def test_cancellation_storm_leaves_the_replicas_up(deployment, pipeline_artifact
 
     def abandoned(i: int) -> str:
         try:  # the client gives up after 0.3-1.3 s: before, during and after the model starts on it
-            r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=AUTH,
+            r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"]), headers=LLM_AUTH,
                            timeout=0.3 + 0.25 * (i % 5))
             return f"HTTP {r.status_code}"
         except httpx.TimeoutException:
@@ -293,6 +309,82 @@ def test_healthz_answers_within_a_second_under_load(deployment) -> None:
     assert set(statuses) <= {200, 503} and 200 in statuses
 
 
+def replica_pids(app: str) -> dict[str, list[int]]:
+    """The process ids of a running application's replicas, per deployment (a restart changes them)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    return {name: sorted(r.pid for r in d.replicas) for name, d in details.applications[app].deployments.items()}
+
+
+CRASH_SCHEMAS = [({"enum": []}, None), ({"type": "string", "maxLength": 3000}, None),
+                 ({"type": "string", "maxLength": 20000}, None), ({"type": "string", "pattern": "^a{0,5000}$"}, None),
+                 ({"type": "string", "enum": ['a"b', "c"]}, ["\n"])]
+
+
+def test_the_issues_crash_schemas_are_4xx_and_no_replica_restarts(deployment) -> None:
+    before = replica_pids("llm")
+    for schema, stop in CRASH_SCHEMAS:
+        body = {**tiny_generation(deployment["model"]), "max_tokens": 4,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        if stop:
+            body["stop"] = stop
+        r = httpx.post(f"{LLM}/chat/completions", json=body, headers=LLM_AUTH, timeout=60)
+        if schema.get("enum") == ['a"b', "c"]:  # an escaping bug, fixed: served, and the answer is in the enum
+            assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"]) in ['a"b', "c"], r.text
+        else:
+            assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+            assert any(w in r.json()["error"]["message"] for w in ("enum", "maxLength", "{0,5000}")), r.text
+    assert replica_pids("llm") == before
+    assert classify("my card has not arrived yet").status_code == 200
+
+
+def _slow_body(url: str, headers: dict[str, str], stop: threading.Event, length: int = 400) -> str:
+    """A client that declares a body of `length` bytes and sends a byte a second; how its request ended."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {length}\r\n{head}\r\n".encode())
+        sock.setblocking(False)
+        for _ in range(length):
+            try:
+                answer = sock.recv(4096)
+                return answer.split(b"\r\n", 1)[0].decode() if answer else "closed"
+            except BlockingIOError:
+                pass
+            if stop.wait(1.0):
+                return "stopped"
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                return "closed"
+    return "sent"
+
+
+def test_slow_bodies_on_either_app_leave_classification_up(deployment) -> None:
+    """20 bodies trickled at a byte a second to each app; classifications keep their 95%."""
+    stop = threading.Event()
+    with cf.ThreadPoolExecutor(40) as pool:
+        slow = [pool.submit(_slow_body, f"{LLM}/chat/completions", LLM_AUTH, stop) for _ in range(20)]
+        slow += [pool.submit(_slow_body, URL, AUTH, stop) for _ in range(20)]
+        time.sleep(2.0)
+        statuses = []
+        t_end = time.monotonic() + 15
+        while time.monotonic() < t_end:
+            statuses.append(classify("how do I top up my card?").status_code)
+        stop.set()
+        endings = [f.result() for f in slow]
+    print(f"slow bodies: {sorted(set(endings))}; classifications {statuses.count(200)}/{len(statuses)} 200")
+    assert statuses.count(200) >= 0.95 * len(statuses), statuses
+    # The body deadline (10 s) answered them with a 408 before they were done (400 s at a byte a second).
+    assert all(e.endswith("408 Request Timeout") for e in endings), endings
+
+
 @pytest.fixture
 def strict_timeout_app(deployment):
     """A second program app on the same LLM, with a 2 s timeout and no query limits of its own."""
@@ -322,7 +414,7 @@ def test_llm_rejection_is_a_422_and_a_timed_out_request_is_cancelled(deployment,
         hogs = []
         for _ in range(2):
             hogs.append(pool.submit(httpx.post, f"{LLM}/chat/completions", json=long_generation(deployment["model"]),
-                                    headers=AUTH, timeout=120))
+                                    headers=LLM_AUTH, timeout=120))
             time.sleep(0.1)
         t = time.perf_counter()
         r = httpx.post(strict_timeout_app, json={"query": "my card has not arrived"}, headers=AUTH, timeout=60)
@@ -333,11 +425,38 @@ def test_llm_rejection_is_a_422_and_a_timed_out_request_is_cancelled(deployment,
         # ... and its LLM call is withdrawn: a tiny request sent now runs right after the long ones,
         # not after the abandoned classification (~430 prompt tokens: over a second on 2 cores).
         tiny = pool.submit(httpx.post, f"{LLM}/chat/completions", json=tiny_generation(deployment["model"]),
-                           headers=AUTH, timeout=60)
+                           headers=LLM_AUTH, timeout=60)
         assert all(h.result().status_code == 200 for h in hogs)
         hogs_done = time.perf_counter()
         assert tiny.result().status_code == 200
         assert time.perf_counter() - hogs_done < 0.6
+
+
+def test_a_crashed_llm_replica_is_a_fast_503_and_healthz_says_down(deployment) -> None:
+    """SIGKILL the LLM replica: Serve restarts it (seconds); meanwhile classifications fail fast, not wait."""
+    import signal
+
+    probe_s = next(a for a in deployment["config"]["applications"] if a["name"] == "classify-intent")["args"].get(
+        "health_probe_s", 2.0)
+    (pid,) = replica_pids("llm")["LlamaCppServer"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while (h := httpx.get(f"{URL}/healthz", headers=AUTH, timeout=10)).json()["llm"] != "down":
+        assert time.monotonic() - killed < probe_s, h.text  # within one probe period
+        time.sleep(0.05)
+    down_after = time.monotonic() - killed
+    assert h.status_code == 503
+    answers = []
+    while time.monotonic() - killed < 3.0:  # the successor takes longer than that to load
+        t = time.perf_counter()
+        r = classify("where is my card")
+        answers.append((r.status_code, time.perf_counter() - t, "retry-after" in r.headers))
+    print(f"LLM replica killed: healthz 'down' after {down_after:.2f} s; answers while down: "
+          f"{[(s, round(w, 2)) for s, w, _ in answers][:10]}")
+    assert answers and all(s == 503 and w < 1.0 and retry for s, w, retry in answers), answers
+    wait_until_healthy(f"{URL}/healthz", 120, AUTH)
+    assert replica_pids("llm")["LlamaCppServer"] != [pid]
+    assert classify("my card has not arrived yet").status_code == 200
 
 
 def test_llm_app_down_is_a_503_with_a_message(deployment) -> None:

@@ -72,6 +72,7 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario, **overrides:
         worker = Worker()
         ingress = ingress_cls.__new__(ingress_cls)
         await ingress.__init__(args, worker)
+        worker.ingress = ingress
         try:
             transport = httpx.ASGITransport(app=program_app.make_api(ingress))
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -103,7 +104,7 @@ def test_everything_is_behind_the_key(tmp_path, monkeypatch) -> None:
     (b'{"query": "\\ud800"}', 422, "lone surrogate"),
     (b'{"query": "caf\xe9"}', 422, "not valid JSON text (UTF-8)"),
     (b"[" * 4000, 422, "not valid JSON text"),
-    (b'{"query": "' + b"a" * 5000 + b'"}', 413, None),
+    (b'{"query": "' + b"a" * 5000 + b'"}', 413, "larger than 4096 bytes"),  # Content-Length declares it
 ])
 def test_input_limits(tmp_path, monkeypatch, content, status, needle) -> None:
     async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
@@ -164,3 +165,68 @@ def test_healthz_reports_the_cached_llm_state(tmp_path, monkeypatch) -> None:
         assert body["labels"] == 25 and body["model"] == "m" and body["llm_checked_s_ago"] < 1
 
     _run(tmp_path, monkeypatch, scenario, health_probe_s=0.1)
+
+
+def test_401_challenges_and_the_scheme_is_case_insensitive(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        for header in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
+            r = await client.post("/", json={"query": "where is my card"}, headers=header)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (header, r.headers)
+            assert "detail" in r.json()
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            r = await client.post("/", json={"query": "where is my card"}, headers={"Authorization": f"{scheme} {KEY}"})
+            assert r.status_code == 200, (scheme, r.text)
+
+    _run(tmp_path, monkeypatch, scenario)
+
+
+def test_oversized_and_slow_bodies_get_a_json_answer(tmp_path, monkeypatch) -> None:
+    async def trickle(first: bytes, pause_s: float):
+        yield first
+        await asyncio.sleep(pause_s)
+        yield b'"hi"}'
+
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        # Streamed (no Content-Length) past the limit: counted as it arrives.
+        async def big():
+            for _ in range(10):
+                yield b"a" * 1000
+        r = await client.post("/", content=big(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["detail"] == "request body is larger than 4096 bytes", r.text
+        # A body that stops arriving: a 408 once body_timeout_s has passed since the request came in.
+        t = time.perf_counter()
+        r = await client.post("/", content=trickle(b'{"query": ', 5.0), headers={**AUTH, "Content-Type": "application/json"})
+        waited = time.perf_counter() - t
+        assert r.status_code == 408 and "not received within 0.5 s" in r.json()["detail"], r.text
+        assert 0.4 < waited < 2.0, waited
+        # A slow body that makes it in time is served.
+        r = await client.post("/", content=trickle(b'{"query": ', 0.1), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert len(worker.calls) == 1
+
+    _run(tmp_path, monkeypatch, scenario, body_timeout_s=0.5)
+
+
+def test_llm_down_is_a_fast_503_and_withdraws_waiting_calls(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        probe = worker.ingress.probe
+        worker.mode = "hang"  # a call waiting for the LLM ...
+        pending = asyncio.ensure_future(client.post("/", json={"query": "where is my card"}, headers=AUTH))
+        await asyncio.sleep(0.2)
+        t = time.perf_counter()
+        probe.down.set()  # ... when its replica goes down
+        r = await pending
+        assert r.status_code == 503 and r.headers["retry-after"] == "2" and "restarting" in r.json()["detail"], r.text
+        assert time.perf_counter() - t < 0.5 and worker.cancelled == 1
+        # While it is down: a 503 at once, without calling the worker; healthz says so.
+        calls = len(worker.calls)
+        r = await client.post("/", json={"query": "where is my card"}, headers=AUTH)
+        assert r.status_code == 503 and "retry-after" in r.headers and len(worker.calls) == calls
+        h = await client.get("/healthz", headers=AUTH)
+        assert h.status_code == 503 and h.json()["llm"] == "down", h.text
+        probe.down.clear()
+        worker.mode = "answer"
+        r = await client.post("/", json={"query": "where is my card"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+
+    _run(tmp_path, monkeypatch, scenario, timeout_s=30)

@@ -48,9 +48,11 @@ from distill.models import ModelSource
 from distill.program import DeployParams
 from distill.serving.common import (
     NO_DOCS,
+    BodyLimits,
     backpressure,
     bearer_headers,
     describe_validation_errors,
+    key_variable,
     parse_app_args,
     require_key,
     valid_unicode,
@@ -67,6 +69,12 @@ class ProgramAppArgs(BaseModel):
     llm_api_base_env: str | None = Field(None, description="...or the variable holding it (separate services).")
     llm_api_key_env: str | None = Field(
         None, description="Variable holding the LLM application's key; sent when set, nothing when unset.")
+    llm_api_key_fallback_env: str | None = Field(
+        None, description="...else this variable's key (the deployment's shared key, when the LLM app has no key "
+        "of its own). Never set it to a key meant for the classifier's clients when the LLM service is elsewhere.")
+    llm_app: str | None = Field(
+        None, description="The LLM application's name when it runs in the same Serve instance: its replicas' "
+        "state is then read from the Serve controller, so a crashed replica is a fast 503, not a wait.")
     api_key_env: str | None = Field("DISTILL_API_KEY", description="If this variable is set, clients need its key.")
     max_query_chars: int = Field(1000, ge=1)
     max_query_tokens: int = Field(512, ge=1, description="Longer queries are a 422 before the LLM is called.")
@@ -84,6 +92,7 @@ class ProgramAppArgs(BaseModel):
     retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of every 503 (null: no header).")
     health_probe_s: float = Field(2.0, gt=0, description="How often the ingress probes the LLM for /healthz.")
     max_body_bytes: int = Field(64 << 10, ge=1024, description="Larger request bodies get a 413.")
+    body_timeout_s: float = Field(10.0, gt=0, description="A body not in this long after arrival is a 408.")
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, gt=0)
@@ -93,6 +102,9 @@ class ProgramAppArgs(BaseModel):
         if (self.llm_api_base is None) == (self.llm_api_base_env is None):
             raise ValueError("give exactly one of 'llm_api_base' or 'llm_api_base_env'")
         return self
+
+    def llm_key_env(self) -> tuple[str | None, str | None]:
+        return self.llm_api_key_env, self.llm_api_key_fallback_env
 
     def llm_base(self) -> str:
         api_base = self.llm_api_base or os.environ.get(self.llm_api_base_env or "")
@@ -165,7 +177,7 @@ class Classifier:
         self.labels = frozenset(self.params.labels)
         self.program = self.params.load_program()
         self.api_base = args.llm_base()
-        key_env = args.llm_api_key_env if bearer_headers(args.llm_api_key_env) else None
+        key_env = key_variable(args.llm_key_env())
         if args.llm_api_key_env and key_env is None:
             logger.warning("%s is not set: calling the LLM application without a key", args.llm_api_key_env)
         lm_cfg = LMConfig(model=self.params.model, api_base=self.api_base, api_key_env=key_env,
@@ -227,24 +239,50 @@ class ClassifierWorker:
 
 
 class LLMProbe:
-    """The LLM application's state, refreshed in the background: `GET /models`, answered or not in 3 s."""
+    """The LLM application's state, refreshed in the background: `GET /models`, answered or not in 3 s.
+
+    With `llm_app` (the LLM application in the same Serve instance) the Serve controller is also asked,
+    every `CONTROLLER_S`, whether the application has a running replica. Through the proxy a crashed
+    replica looks slow, not down: requests to it wait for its successor (3-11 s). The controller knows.
+    `down` is set while it has none, so that classifications fail at once instead of waiting.
+    """
 
     HEALTHY = ("up", "busy")
+    CONTROLLER_S = 0.25
 
-    def __init__(self, api_base: str, headers: dict[str, str], period_s: float) -> None:
-        self.url, self.headers, self.period_s = f"{api_base}/models", headers, period_s
+    def __init__(self, api_base: str, headers: dict[str, str], period_s: float, llm_app: str | None = None) -> None:
+        self.url, self.headers, self.period_s, self.llm_app = f"{api_base}/models", headers, period_s, llm_app
         self.timeout_s = 3.0
         self.state, self.checked = "not probed yet", float("-inf")
+        self.down = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
+        if self.llm_app:
+            self.watch = asyncio.get_running_loop().create_task(self._watch())
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             while True:
                 self.state, self.checked = await self.probe(client), time.monotonic()
                 await asyncio.sleep(self.period_s)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                running = await asyncio.to_thread(_running_replicas, self.llm_app)
+            except Exception as e:  # noqa: BLE001 - the controller busy or restarting: no news, not "down"
+                logger.warning("LLM replica watch: %s: %s", type(e).__name__, e)
+                running = None
+            if running == 0:
+                if not self.down.is_set():
+                    logger.warning("the LLM application %r has no running replica: failing fast", self.llm_app)
+                self.down.set()
+            elif running:
+                self.down.clear()
+            await asyncio.sleep(self.CONTROLLER_S)
 
     async def probe(self, client: httpx.AsyncClient) -> str:
         try:
@@ -264,11 +302,23 @@ class LLMProbe:
 
     def snapshot(self) -> tuple[str, float | None]:
         """The last state and its age in seconds (None before the first probe has answered)."""
+        if self.down.is_set():
+            return "down", 0.0
         if self.checked == float("-inf"):
             return self.state, None
         age = time.monotonic() - self.checked
         stale = age > 2 * self.period_s + self.timeout_s  # the probe itself is stuck
         return ("unknown (probe stale)" if stale else self.state), age
+
+
+def _running_replicas(app: str) -> int | None:
+    """Running replicas of the Serve application `app` (None if there is no such application)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return None
+    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
 
 
 @serve.deployment
@@ -280,7 +330,8 @@ class IntentClassifierApp:
         self.labels = frozenset(self.params.labels)
         self.count_tokens = token_counter(self.args.tokenizer)
         self.worker = worker
-        self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_api_key_env), self.args.health_probe_s)
+        self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_key_env()), self.args.health_probe_s,
+                              self.args.llm_app)
         self.probe.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
@@ -305,22 +356,35 @@ class IntentClassifierApp:
             return _error(422, f"query: longer than {self.args.max_query_chars} characters ({len(query)})")
         if (n := self.count_tokens(query)) > self.args.max_query_tokens:
             return _error(422, f"query: longer than {self.args.max_query_tokens} tokens ({n})")
+        if self.probe.down.is_set():
+            return self._unavailable("the LLM application is restarting; retry later")
         response = self.worker.classify.remote(query, deadline)
+        # The worker keeps the deadline itself; this bound (plus a moment for its answer to come back)
+        # also covers the time spent waiting for a free worker. If the LLM's replica goes down meanwhile,
+        # the call would wait for its successor: it is withdrawn at once instead.
+        answer = asyncio.ensure_future(asyncio.wait_for(response, deadline - time.time() + 0.25))
+        went_down = asyncio.ensure_future(self.probe.down.wait())
         try:
-            # The worker keeps the deadline itself; this bound (plus a moment for its answer to come back)
-            # also covers the time spent waiting for a free worker.
-            outcome: Outcome = await asyncio.wait_for(response, deadline - time.time() + 0.25)
+            await asyncio.wait({answer, went_down}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                answer.cancel()
+                response.cancel()
+                return self._unavailable("the LLM application is restarting; retry later")
+            outcome: Outcome = answer.result()
         except BackPressureError:
             return self._unavailable("the classifier is at capacity; retry later")
         except asyncio.TimeoutError:
             response.cancel()
             return self._unavailable(f"no answer within {self.args.timeout_s:g} s")
         except asyncio.CancelledError:  # the client went away: so does the work
+            answer.cancel()
             response.cancel()
             raise
         except Exception:  # noqa: BLE001 - a failed worker replica, logged with its traceback
             logger.exception("classification failed in the worker")
             return self._unavailable("the classifier is unavailable")
+        finally:
+            went_down.cancel()
         if outcome.status == 503:
             return self._unavailable(outcome.detail or "the LLM application is unavailable")
         if outcome.status != 200:
@@ -353,8 +417,10 @@ def make_api(app: IntentClassifierApp) -> FastAPI:
     """The FastAPI app of one ingress replica, built from its args."""
     args = app.args
     api = FastAPI(title="distill intent classifier", description="POST /classify_intent {'query': '...'}",
-                  max_body_size=args.max_body_bytes, **({} if args.docs else NO_DOCS))
+                  **({} if args.docs else NO_DOCS))
     api.add_middleware(_ExactPrefix)
+    api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s, error=_error)
+    # Added last, so it runs first: no body is read for a caller without the key.
     require_key(api, args.api_key_env, lambda _conn, exc: _error(401, str(exc)))
 
     @api.exception_handler(RequestValidationError)
@@ -369,8 +435,6 @@ def make_api(app: IntentClassifierApp) -> FastAPI:
         # FastAPI answers an undecodable or too deeply nested body with a bare 400: for us that is bad input.
         if exc.status_code == 400:
             return _error(422, "request body is not valid JSON text (UTF-8)")
-        if exc.status_code == 413:
-            return _error(413, f"request body is larger than {args.max_body_bytes} bytes")
         return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @api.exception_handler(Exception)

@@ -3,16 +3,19 @@ checks and the HTTP-level limits both apply."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.exceptions import HTTPException
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 A = TypeVar("A", bound=BaseModel)
 
@@ -49,19 +52,34 @@ def describe_validation_errors(
     return "; ".join(msgs) or "invalid request", first
 
 
-def authorized(authorization: str | None, key_env: str | None) -> bool:
-    """True when no key is configured (the variable is unset) or the header is `Bearer <key>`.
+# A key's variable, or several (None entries ignored): the first one set holds the key. The LLM app names
+# its own key first and the deployment's shared key second, so it has a key of its own only when one is set.
+KeyEnv = Union[str, Sequence[Union[str, None]], None]
 
-    The key is read from the replica's environment on each request and compared in constant time.
+
+def key_variable(key_env: KeyEnv) -> str | None:
+    """The first variable of `key_env` that is set (to a non-empty value) in this process's environment."""
+    names = [key_env] if isinstance(key_env, str) else list(key_env or ())
+    return next((n for n in names if n and os.environ.get(n)), None)
+
+
+def authorized(authorization: str | None, key_env: KeyEnv) -> bool:
+    """True when no key is configured (no variable is set) or the header is `Bearer <key>`.
+
+    The key is read from the replica's environment on each request and compared in constant time; the
+    scheme is case-insensitive (RFC 9110 section 11.1), the key is not.
     """
-    key = os.environ.get(key_env) if key_env else None
-    return not key or hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode())
+    name = key_variable(key_env)
+    if name is None:
+        return True
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), os.environ[name].encode())
 
 
-def bearer_headers(key_env: str | None) -> dict[str, str]:
-    """The Authorization header for a service whose key is in `key_env` (none when the variable is unset)."""
-    key = os.environ.get(key_env) if key_env else None
-    return {"Authorization": f"Bearer {key}"} if key else {}
+def bearer_headers(key_env: KeyEnv) -> dict[str, str]:
+    """The Authorization header for a service whose key is in `key_env` (none when no variable is set)."""
+    name = key_variable(key_env)
+    return {"Authorization": f"Bearer {os.environ[name]}"} if name else {}
 
 
 class BearerKey(AuthenticationBackend):
@@ -69,7 +87,7 @@ class BearerKey(AuthenticationBackend):
 
     message = "missing or wrong API key (send 'Authorization: Bearer <key>')"
 
-    def __init__(self, key_env: str | None) -> None:
+    def __init__(self, key_env: KeyEnv) -> None:
         self.key_env = key_env
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
@@ -78,11 +96,74 @@ class BearerKey(AuthenticationBackend):
         return AuthCredentials(["authenticated"]), SimpleUser("client")
 
 
-def require_key(app: Starlette, key_env: str | None,
+def require_key(app: Starlette, key_env: KeyEnv,
                 on_error: Callable[[HTTPConnection, AuthenticationError], Response]) -> None:
     """Put every route of `app` -- docs, unknown paths and bodies that would not parse included -- behind
-    the key: the check runs before routing and before the body is read."""
-    app.add_middleware(AuthenticationMiddleware, backend=BearerKey(key_env), on_error=on_error)
+    the key: the check runs before routing and before the body is read. A 401 says which scheme to use
+    (`WWW-Authenticate: Bearer`, RFC 6750)."""
+    def challenge(conn: HTTPConnection, exc: AuthenticationError) -> Response:
+        response = on_error(conn, exc)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    app.add_middleware(AuthenticationMiddleware, backend=BearerKey(key_env), on_error=challenge)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"request body not received within {timeout_s:g} s", headers={"Connection": "close"})
+
+
+class BodyLimits:
+    """ASGI middleware: a request body must be at most `max_bytes` and arrive within `timeout_s`.
+
+    Why here: Ray Serve's proxy hands a request to a replica as soon as its headers are in and streams the
+    body after it, so a body trickled at a byte a second holds a replica slot (`max_ongoing_requests`) for
+    as long as the client likes; the proxy's HTTP options (Ray 2.60: `request_timeout_s`,
+    `keep_alive_timeout_s`) have no body deadline. The replica is the first place that sees the body, so
+    the deadline is kept here, from the moment the replica gets the request.
+
+    A declared Content-Length over the limit is answered at once, before anything is read; a body that
+    grows past it while streaming, or is late, raises `BodyTooLarge` / `BodyTimeout` (HTTPExceptions that
+    FastAPI passes through to the app's handler), so every answer is the app's JSON error. Starlette's own
+    limit (FastAPI's `max_body_size`) answered a declared oversize with a text/plain 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float,
+                 error: Callable[[int, str, dict[str, str] | None], Response]) -> None:
+        self.app, self.max_bytes, self.timeout_s, self.error = app, max_bytes, timeout_s, error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            exc = BodyTooLarge(self.max_bytes)
+            return await self.error(413, exc.detail, {"Connection": "close"})(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        size, done = 0, False
+
+        async def limited() -> Message:
+            nonlocal size, done
+            if done:  # the body is in; later calls wait for a disconnect, which is not ours to bound
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+                done = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def valid_unicode(text: str) -> str:

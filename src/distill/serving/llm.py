@@ -13,14 +13,18 @@ starts only when that thread has really returned, even if the request that start
 cancelled request (client gone, proxy timeout) sets a flag that the generation reads after every token,
 so abandoned work stops at once instead of holding the model. Throughput scales with `num_replicas`.
 
-Work is bounded: `max_tokens` is capped per model, the request body size is capped, and beyond
-`max_ongoing_requests` + `max_queued_requests` the proxy answers 503 with `Retry-After` at once.
+Work is bounded: `max_tokens` is capped per model, the request body's size and arrival time are capped
+(413, 408), generations waiting for a model can be capped (`max_queued_generations`), and beyond
+`max_ongoing_requests` + `max_queued_requests` the proxy answers 503 with `Retry-After` at once. A schema
+reaches generation only once llama.cpp's parser has built its sampler in a child process
+(`distill.serving.grammar`): a grammar it rejects, or one that crashes it, is a 400, never a dead replica.
 """
 
 
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Sequence
 
+import llama_cpp
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,12 +48,14 @@ from distill.models import ModelSource
 from distill.serving.choices import ChoiceTrie, Streaks, answers_for, decode
 from distill.serving.common import (
     NO_DOCS,
+    BodyLimits,
     backpressure,
     describe_validation_errors,
     parse_app_args,
     require_key,
     valid_unicode,
 )
+from distill.serving.grammar import GrammarProver, GrammarRefused, schema_to_gbnf
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,9 +91,21 @@ class LLMAppArgs(BaseModel):
         8, ge=1, description="Requests one replica holds (one generation per model runs, the rest wait for it).")
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests each caller (proxy) queues beyond that; then 503 at once (-1: no limit).")
+    max_queued_generations: int | None = Field(
+        None, ge=0, description="Generations that may wait for a model (per model, in the replica); then 503 "
+        "at once. Lets max_ongoing_requests be large, so that requests still sending their body, which hold a "
+        "replica slot, cannot crowd out generations (null: no limit of its own).")
     retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of those 503s (null: no header).")
     api_key_env: str | None = Field(None, description="If this variable is set, requests need its Bearer key.")
+    api_key_fallback_env: str | None = Field(
+        None, description="...else this one's (the deployment's shared key): the app has a key of its own only "
+        "when `api_key_env` is set.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get a 413.")
+    body_timeout_s: float = Field(10.0, gt=0, description="A request body not in this long after the replica got "
+                                  "the request is a 408 (slow clients cannot hold a slot).")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often Serve checks the replica: a crashed one is noticed (and its callers "
+        "told) within about this long.")
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
     choice_decoding: bool = Field(
         True, description="Decode a schema that admits a closed set of strings over their tokens "
@@ -149,9 +168,9 @@ class ChatCompletionRequest(_Req):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: Text | list[Text] | None = None
+    stop: Annotated[Text, Field(max_length=1000)] | Annotated[list[Annotated[Text, Field(max_length=1000)]], Field(max_length=16)] | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="llama.cpp's seed is an unsigned 32-bit integer.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
@@ -184,9 +203,10 @@ class ChatCompletionRequest(_Req):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -198,11 +218,6 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 # --- the engine -----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def _grammar(schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
-
-
 def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     try:
         return fmt.schema_dict() if fmt is not None and fmt.type != "text" else None
@@ -210,17 +225,37 @@ def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
         raise APIError(400, str(e), param="response_format") from None
 
 
-def grammar_for(fmt: ResponseFormat | None) -> LlamaGrammar | None:
-    """The grammar that enforces `fmt`, or None for free text. Never silently drops a schema."""
+@lru_cache(maxsize=256)
+def _gbnf(schema_json: str) -> str:
+    return schema_to_gbnf(json.loads(schema_json))
+
+
+def grammar_text(fmt: ResponseFormat | None) -> str | None:
+    """The GBNF text that enforces `fmt`, or None for free text. Never silently drops a schema; a schema
+    beyond `distill.serving.grammar.LIMITS`, or one the converter cannot express, is a 400 naming why.
+    Not yet proven: `LlamaCppEngine.chat` has llama.cpp's parser check it in a child process first."""
     if fmt is None or fmt.type == "text":
         return None
     schema = _schema(fmt)
     if schema is None:  # plain JSON mode
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return JSON_GBNF
     try:
-        return _grammar(json.dumps(schema, sort_keys=True))
-    except Exception as e:  # noqa: BLE001 - the converter raises assorted types
-        raise APIError(400, f"response_format schema cannot be compiled to a grammar: {e}", param="response_format")
+        return _gbnf(json.dumps(schema, sort_keys=True))
+    except GrammarRefused as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+
+
+def proven_grammar(req: ChatCompletionRequest, prover: GrammarProver) -> LlamaGrammar | None:
+    """The request's grammar once llama.cpp's parser, in `prover`'s child process, has built and applied
+    it; else a 400 naming why. Blocking (the engine runs it on its grammar-check thread)."""
+    text = grammar_text(req.response_format)
+    if text is None:
+        return None
+    try:
+        prover.prove(text)
+    except GrammarRefused as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+    return LlamaGrammar.from_string(text, verbose=False)
 
 
 def choices_for(req: ChatCompletionRequest) -> list[str] | None:
@@ -250,6 +285,22 @@ class ServedLlama(Llama):
         super().__init__(*args, **kwargs)
         self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
         self._streaks: Streaks = {}
+        self._grammars_ok: set[str] = set()
+
+    def _check_grammar(self, grammar: LlamaGrammar) -> None:
+        """Build the grammar's sampler here, as generation will, and refuse it if llama.cpp returns NULL:
+        llama-cpp-python would chain the NULL sampler and crash at the first `sample`. Only grammars the
+        child process has proven reach this point, so the parser cannot crash this process here."""
+        if grammar._grammar in self._grammars_ok:
+            return
+        sampler = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar._grammar.encode(), b"root")
+        if not sampler:
+            raise APIError(400, "response_format: llama.cpp cannot build a sampler for the schema's grammar",
+                           param="response_format", code="unsupported_schema")
+        llama_cpp.llama_sampler_free(sampler)
+        if len(self._grammars_ok) >= 1024:
+            self._grammars_ok.clear()
+        self._grammars_ok.add(grammar._grammar)
 
     def _trie(self, answers: list[str]) -> ChoiceTrie:
         # Tokenizing every answer costs a good part of a forward pass: once per answer set, not per request.
@@ -263,6 +314,8 @@ class ServedLlama(Llama):
 
     def create_completion(self, prompt: Any, *args: Any,
                           stopping_criteria: StoppingCriteriaList | None = None, **kwargs: Any) -> Any:
+        if (grammar := kwargs.get("grammar")) is not None:
+            self._check_grammar(grammar)
         flag = self.stop_flag
         if self.answers is not None and not args and isinstance(prompt, list):
             trie = self._trie(self.answers)
@@ -338,7 +391,21 @@ class LlamaCppEngine:
             )
         # The executor is the model's lock: its single thread is the only one that ever touches the Llama.
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"llama-{name}") for name in self.llamas}
+        # One grammar checker per distinct GGUF (a LoRA does not change the vocabulary); checks take turns
+        # on their own thread, never on a model's.
+        by_path: dict[str, GrammarProver] = {}
+        self.provers = {name: by_path.setdefault(llama.model_path, GrammarProver(llama.model_path))
+                        for name, llama in self.llamas.items()}
+        self.prover_executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
+        self.in_flight = {name: 0 for name in self.llamas}  # generations running or waiting, per model
         self.created = int(time.time())
+
+        for prover in by_path.values():  # start each checker now rather than on the first request
+            prover.prove(JSON_GBNF)
+
+    async def grammar_for(self, req: ChatCompletionRequest) -> LlamaGrammar | None:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.prover_executor, proven_grammar, req, self.provers[req.model])
 
     def model_list(self) -> dict[str, Any]:
         return {
@@ -383,8 +450,14 @@ class LlamaCppEngine:
         if req.model not in self.llamas:
             raise APIError(404, f"model '{req.model}' not found; available: {sorted(self.llamas)}", param="model",
                            type_="not_found_error")
-        grammar = grammar_for(req.response_format)
+        grammar = await self.grammar_for(req)
+        limit = self.args.max_queued_generations
+        if limit is not None and self.in_flight[req.model] > limit:  # one running + `limit` waiting
+            retry = self.args.retry_after_s
+            raise APIError(503, f"model '{req.model}' is at capacity; retry later", type_="server_error",
+                           headers={"Retry-After": str(math.ceil(retry))} if retry is not None else None)
         stop = threading.Event()
+        self.in_flight[req.model] += 1
         job = asyncio.get_running_loop().run_in_executor(self.executors[req.model], self._generate, req, grammar, stop)
         try:
             return await job
@@ -394,6 +467,8 @@ class LlamaCppEngine:
             # starts nothing else on this model until its thread is free.
             stop.set()
             raise
+        finally:
+            self.in_flight[req.model] -= 1
 
 
 # --- the HTTP application -------------------------------------------------------------------------
@@ -401,9 +476,11 @@ class LlamaCppEngine:
 
 def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
     """The OpenAI-compatible FastAPI app over `engine`, built per replica from its args (usable without Ray)."""
-    api = FastAPI(title="distill llama.cpp OpenAI server", max_body_size=args.max_body_bytes,
-                  **({} if args.docs else NO_DOCS))
-    require_key(api, args.api_key_env, lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
+    api = FastAPI(title="distill llama.cpp OpenAI server", **({} if args.docs else NO_DOCS))
+    api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s,
+                       error=lambda status, message, headers: error_response(status, message, headers=headers))
+    # Added last, so it runs first: no body is read for a caller without the key.
+    require_key(api, (args.api_key_env, args.api_key_fallback_env), lambda _conn, exc: error_response(401, str(exc), "authentication_error"))
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -414,13 +491,12 @@ def make_api(engine: LlamaCppEngine, args: LLMAppArgs) -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers an undecodable or too deeply nested body with a bare 400, an oversized one with 413.
-        messages = {400: "request body is not valid JSON text (UTF-8)",
-                    413: f"request body is larger than {args.max_body_bytes} bytes"}
+        messages = {400: "request body is not valid JSON text (UTF-8)"}
         return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, code=exc.code, headers=exc.headers)
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -460,5 +536,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=parsed.max_ongoing_requests,
         max_queued_requests=parsed.max_queued_requests,
         backpressure_config=backpressure(parsed.retry_after_s),
+        health_check_period_s=parsed.health_check_period_s,
         ray_actor_options={"num_cpus": parsed.num_cpus},
     ).bind(parsed.model_dump(by_alias=True))
