@@ -143,7 +143,8 @@ def _evaluation(cfg: Config, data: TaskData) -> EvaluationStage:
 
 
 def evaluation_stage(cfg: Config, data: TaskData) -> EvalManifest:
-    """Base and finetuned student, zero-shot and BFRS: devset, test set, best, plots, deploy params."""
+    """Base and finetuned student, zero-shot and BFRS: devset, valset, test set, the deployed variant (chosen
+    on the devset), plots, deploy params."""
     return _ensure(_evaluation(cfg, data))  # type: ignore[return-value]
 
 
@@ -282,15 +283,17 @@ def finetune_table(m: FinetuneManifest) -> Table:
 
 
 def evaluation_table(m: EvalManifest) -> Table:
-    """The four variants on both splits; the best (by test score) is marked."""
+    """The four variants on every split; the deployed one (chosen on the devset, ties: valset) is marked."""
     rows = []
     for kind in m.testset:
         for variant in m.testset[kind]:
-            best = "<- best" if (kind, variant) == (m.best.kind, m.best.variant) else ""
+            chosen = "<- deployed" if (kind, variant) == (m.best.kind, m.best.variant) else ""
             rows.append([f"{kind} student, {VARIANT_NAMES.get(variant, variant)}",
-                         _pct(m.devset.get(kind, {}).get(variant)), _pct(m.testset[kind][variant]), best])
-    return table("The four variants", ["", f"devset ({m.sizes.get('devset', '?')})",
-                                       f"test set ({m.sizes.get('testset', '?')})", ""], rows,
+                         _pct(m.devset.get(kind, {}).get(variant)), _pct(m.optimizer_val.get(kind, {}).get(variant)),
+                         _pct(m.testset[kind][variant]), chosen])
+    return table("The four variants (the deployed one is chosen on the devset, never on the test set)",
+                 ["", f"devset ({m.sizes.get('devset', '?')})", f"valset, ties ({m.sizes.get('optimizer_val', '?')})",
+                  f"test set ({m.sizes.get('testset', '?')})", ""], rows,
                  caption=f"BFRS: up to {m.bfrs.get('max_bootstrapped_demos')} bootstrapped + "
                          f"{m.bfrs.get('max_labeled_demos')} labeled demos, {m.bfrs.get('num_candidate_programs')} "
                          f"random candidates; demos from {m.sizes.get('optimizer_train', '?')} queries, picked on "
