@@ -92,7 +92,10 @@ def _record(record: tracking.StageRecord, stage: Stage, m: Manifest) -> None:
         files, dicts = [Path(m.plot)], {"label_counts.json": m.label_counts}
     elif isinstance(m, FinetuneManifest):
         files = [Path(m.loss_plot)] if m.loss_plot else []
-        series = {"loss": loss_steps(stage.cfg, m.loss_history)}
+        series = {"loss": list(zip(m.loss_steps, m.loss_history)) if len(m.loss_steps) == len(m.loss_history)
+                  else loss_steps(stage.cfg, m.loss_history)}
+        if m.validation:
+            series["eval_loss"] = [(p.step, p.eval_loss) for p in m.validation.curve]
     elif isinstance(m, EvalManifest) and isinstance(stage, EvaluationStage):
         files = [*(Path(p) for p in m.plots.values()), stage.dir / "programs", stage.deploy_params_path]
     record.ran(m.model_dump(mode="json"), m.fingerprint, files, dicts, series)
@@ -277,6 +280,9 @@ def finetune_table(m: FinetuneManifest) -> Table:
     return table(f"Finetune: {m.model}", ["", ""], [
         ["SFT examples x epochs", f"{m.examples} x {m.epochs:.3g}"], ["optimizer steps", m.steps],
         ["training loss, first -> last", loss],
+        *([["validation loss per evaluation (epoch: loss)",
+            ", ".join(f"{p.epoch:g}: {p.eval_loss:.3f}" for p in m.validation.curve)],
+           ["kept", m.validation.reason]] if m.validation else []),
         ["training time", f"{m.train_seconds:.0f} s" if m.train_seconds is not None else ""],
         ["recipe", m.recipe], ["adapter", m.published or m.adapter],
     ], header=False)

@@ -138,6 +138,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         loss = (f"{f['first_loss']:.3f} -> {f['last_loss']:.3f}" if f.get("first_loss") is not None else "-")
         rows.append(("finetune: steps, training loss first -> last, wall",
                      f"{f['steps']}, {loss}, {f['wall_seconds']:.0f} s"))
+        if v := f.get("validation"):
+            best = (f"epoch {v['best_epoch']:g} (step {v['best_step']}), {v['metric']} {v['best_metric']:.3f}"
+                    if v.get("best_step") is not None else "no evaluation before the cap")
+            rows.append((f"finetune: checkpoint kept on {v['examples']} held-out examples",
+                         best + (", stopped early" if v.get("stopped_early") else "")))
     for split in ("devset", "testset"):
         for kind, variants in e.get(split, {}).items():
             rows.append((f"{split}: {kind} student zero-shot / BFRS",
