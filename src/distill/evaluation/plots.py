@@ -96,7 +96,7 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps
     else:
         x = np.arange(1, n + 1) * (steps / n if steps else 1)
     by_step = loss_steps is not None or bool(steps)
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot(x, y, color="tab:blue", alpha=0.45 if n > 20 else 1.0, linewidth=1, marker="o" if n <= 20 else None,
             label="training loss")
     if n > 20:
@@ -119,7 +119,7 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps
     ax.set_ylabel("loss (answer tokens)")
     lo, hi = min(all_y), max(all_y)
     ax.set_yscale("log" if lo > 0 and hi / lo > 20 else "linear")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)

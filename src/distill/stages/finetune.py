@@ -146,7 +146,7 @@ class FinetuneStage(Stage[FinetuneManifest]):
         held = f", {v.examples} held out" if v else ""
         return plot_loss_curve(
             m.loss_history, self.loss_plot_path,
-            f"LoRA finetune of {self.cfg.models.student.model} ({m.examples} examples{held}, {m.epochs:.3g} epochs)",
+            f"LoRA finetune of {self.cfg.models.student.model}\n({m.examples} examples{held}, {m.epochs:.3g} epochs)",
             steps=m.steps, loss_steps=m.loss_steps or None,
             validation=[(p.step, p.eval_loss) for p in v.curve] if v else None,
             chosen_step=v.best_step if v and v.restored else None)
