@@ -95,7 +95,16 @@ def test_a_real_finetune_records_the_validation_curve_and_ends_on_its_best_check
         "scaling": recipe.scaling.model_copy(update={"cpus_per_worker": 1}),
     })
     out = tmp_path / "run"
-    result = run_training(TrainJob(recipe=recipe, train_file=str(train_file), output_dir=str(out), name="val"))
+    import ray
+
+    from distill.serving.control import shutdown_ray
+
+    # A Ray of its own ("local"): a bare ray.init() would try to join whatever cluster /tmp/ray last recorded.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:  # the job's driver does the same inside its Ray job: TorchTrainer.fit on the current Ray
+        result = run_training(TrainJob(recipe=recipe, train_file=str(train_file), output_dir=str(out), name="val"))
+    finally:
+        shutdown_ray()
 
     v = result["validation"]
     assert v["examples"] == 6 and result["examples"] == 18
