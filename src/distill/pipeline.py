@@ -114,8 +114,8 @@ def finetune_stage(cfg: Config, data: TaskData) -> FinetuneManifest:
 
 
 def evaluation_stage(cfg: Config, data: TaskData) -> EvalManifest:
-    """Base and finetuned student, zero-shot and BFRS: devset, test set, the variant chosen on dev data, plots,
-    deploy params."""
+    """Base and finetuned student, zero-shot and BFRS: devset, valset, test set, the deployed variant (chosen
+    on the devset), plots, deploy params."""
     return stage(cfg, "eval", data)  # type: ignore[return-value]
 
 

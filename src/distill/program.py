@@ -153,8 +153,9 @@ class ProgramParams(BaseModel):
 
 
 class DeployParams(BaseModel):
-    """`deploy_params.json`: the best model id, its saved program and the labels -- written by the
-    evaluation stage, read by the serving application. One model for writer and reader."""
+    """`deploy_params.json`: the deployed variant's model id, its saved program and the labels -- written by
+    the evaluation stage, read by the serving application. One model for writer and reader. The variant
+    was chosen on the devset (`devset_score`); `test_score` is reported, it took no part in the choice."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -164,6 +165,7 @@ class DeployParams(BaseModel):
     variant: str
     kind: str
     test_score: float
+    devset_score: float | None = None
     program: ProgramParams = ProgramParams()
 
     def save(self, path: Path) -> Path:

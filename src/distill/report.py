@@ -58,7 +58,7 @@ def current_manifests(cfg: Config) -> dict[str, Manifest]:
 def assemble_report(cfg: Config) -> dict[str, Any]:
     manifests = current_manifests(cfg)
     report: dict[str, Any] = {name: m.model_dump(mode="json") for name, m in manifests.items()}
-    # Latency and cost side by side: the teacher and the best student, timed on the same test queries.
+    # Latency and cost side by side: the teacher and the deployed student, timed on the same test queries.
     calls = {who: report[stage][key] for who, stage, key in (
         ("teacher", "teacher", "calls"), ("teacher_llm_path", "teacher", "calls_llm"), ("student_best", "eval", "calls"))
         if report.get(stage, {}).get(key)}
@@ -131,14 +131,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         loss = (f"{f['first_loss']:.3f} -> {f['last_loss']:.3f}" if f.get("first_loss") is not None else "-")
         rows.append(("finetune: steps, training loss first -> last, wall",
                      f"{f['steps']}, {loss}, {f['wall_seconds']:.0f} s"))
+        if v := f.get("validation"):
+            best = (f"epoch {v['best_epoch']:g} (step {v['best_step']}), {v['metric']} {v['best_metric']:.3f}"
+                    if v.get("best_step") is not None else "no evaluation before the cap")
+            rows.append((f"finetune: checkpoint kept on {v['examples']} held-out examples",
+                         best + (", stopped early" if v.get("stopped_early") else "")))
     for split in ("devset", "testset"):
         for kind, variants in e.get(split, {}).items():
             rows.append((f"{split}: {kind} student zero-shot / BFRS",
                          f"{_pct(variants.get('vanilla'))} / {_pct(variants.get('bfrs'))}"))
-    if b := e.get("best"):
-        rows.append(("best variant (test set)", f"{b['kind']} {b['variant']} ({b['model']}) {_pct(b['test_score'])}"))
+    if b := e.get("best"):  # chosen on the devset (ties: optimizer valset); its test score is only reported
+        rows.append(("deployed variant (chosen on the devset): devset / test",
+                     f"{b['kind']} {b['variant']} ({b['model']}) {_pct(b['devset_score'])} / {_pct(b['test_score'])}"))
         if t.get("accuracy_test"):
-            rows.append(("best student / teacher (test set)", f"{b['test_score'] / t['accuracy_test']:.2f}x"))
+            rows.append(("deployed student / teacher (test set)", f"{b['test_score'] / t['accuracy_test']:.2f}x"))
     for who in ("teacher", "teacher_llm_path", "student_best"):
         if who in lat:
             rows.append((f"{who}: p50 per call, tokens/query (prompt + completion)",
@@ -146,7 +152,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                          f"{cost[who]['completion_tokens_per_query']:.0f}"))
     teacher_lat = lat.get("teacher_llm_path") or lat.get("teacher")
     if teacher_lat and "student_best" in lat and teacher_lat["p50_s"]:
-        rows.append(("best student p50 / teacher p50 (through its LLM)",
+        rows.append(("deployed student p50 / teacher p50 (through its LLM)",
                      f"{lat['student_best']['p50_s'] / teacher_lat['p50_s']:.2f}x"))
     if srv:
         rows.append(("served /classify_intent: ok, valid labels, accuracy",

@@ -85,21 +85,26 @@ def finetune_table(m: FinetuneManifest) -> Table:
     return table(f"Finetune: {m.model}", ["", ""], [
         ["SFT examples x epochs", f"{m.examples} x {m.epochs:.3g}"], ["optimizer steps", m.steps],
         ["training loss, first -> last", loss],
+        *([["validation loss per evaluation (epoch: loss)",
+            ", ".join(f"{p.epoch:g}: {p.eval_loss:.3f}" for p in m.validation.curve)],
+           ["kept", m.validation.reason]] if m.validation else []),
         ["training time", f"{m.train_seconds:.0f} s" if m.train_seconds is not None else ""],
         ["recipe", m.recipe], ["adapter", m.published or m.adapter],
     ], header=False)
 
 
 def evaluation_table(m: EvalManifest) -> Table:
-    """The four variants on both splits; the best (by test score) is marked."""
+    """The four variants on every split; the deployed one (chosen on the devset, ties: valset) is marked."""
     rows = []
     for kind in m.testset:
         for variant in m.testset[kind]:
-            best = "<- best" if (kind, variant) == (m.best.kind, m.best.variant) else ""
+            chosen = "<- deployed" if (kind, variant) == (m.best.kind, m.best.variant) else ""
             rows.append([f"{kind} student, {VARIANT_NAMES.get(variant, variant)}",
-                         _pct(m.devset.get(kind, {}).get(variant)), _pct(m.testset[kind][variant]), best])
-    return table("The four variants", ["", f"devset ({m.sizes.get('devset', '?')})",
-                                       f"test set ({m.sizes.get('testset', '?')})", ""], rows,
+                         _pct(m.devset.get(kind, {}).get(variant)), _pct(m.optimizer_val.get(kind, {}).get(variant)),
+                         _pct(m.testset[kind][variant]), chosen])
+    return table("The four variants (the deployed one is chosen on the devset, never on the test set)",
+                 ["", f"devset ({m.sizes.get('devset', '?')})", f"valset, ties ({m.sizes.get('optimizer_val', '?')})",
+                  f"test set ({m.sizes.get('testset', '?')})", ""], rows,
                  caption=f"BFRS: up to {m.bfrs.get('max_bootstrapped_demos')} bootstrapped + "
                          f"{m.bfrs.get('max_labeled_demos')} labeled demos, {m.bfrs.get('num_candidate_programs')} "
                          f"random candidates; demos from {m.sizes.get('optimizer_train', '?')} queries, picked on "

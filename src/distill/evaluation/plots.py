@@ -1,5 +1,5 @@
-"""Charts (matplotlib, Agg backend): the finetune's loss curve, variant scores per split, and the best
-variant's confusion matrix."""
+"""Charts (matplotlib, Agg backend): the finetune's training and validation loss, variant scores per split,
+and the deployed variant's confusion matrix."""
 
 from __future__ import annotations
 
@@ -77,28 +77,49 @@ def plot_confusion_matrix(
     return save_figure(fig, path)
 
 
-def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps: int | None = None) -> Path:
-    """The training loss as the trainer logged it; x is the training step when `steps` (the run's total) is given.
+def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str, steps: int | None = None,
+                    loss_steps: Sequence[int] | None = None,
+                    validation: Sequence[tuple[int, float]] | None = None, chosen_step: int | None = None) -> Path:
+    """The training loss as the trainer logged it and, when the finetune held out a validation slice, the
+    validation loss at each evaluation (step, loss) with the checkpoint kept (`chosen_step`) marked.
 
-    The trainer logs every `logging_steps` steps, so the i-th of n values is placed at step (i + 1) * steps / n.
-    A moving average is drawn over long, noisy curves (one value per step).
+    x is the training step: `loss_steps` gives each logged loss's step; without it, when `steps` (the run's
+    total) is given, the i-th of n values is placed at step (i + 1) * steps / n (the trainer logs every
+    `logging_steps` steps). A moving average is drawn over long, noisy curves (one value per step).
     """
     if not losses:
         raise ValueError("plot_loss_curve needs at least one loss value")
     y = np.asarray(losses, dtype=float)
     n = len(y)
-    x = np.arange(1, n + 1) * (steps / n if steps else 1)
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    if loss_steps is not None and len(loss_steps) == n:
+        x = np.asarray(loss_steps, dtype=float)
+    else:
+        x = np.arange(1, n + 1) * (steps / n if steps else 1)
+    by_step = loss_steps is not None or bool(steps)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot(x, y, color="tab:blue", alpha=0.45 if n > 20 else 1.0, linewidth=1, marker="o" if n <= 20 else None,
             label="training loss")
     if n > 20:
         window = max(2, n // 15)
         smooth = np.convolve(y, np.ones(window) / window, mode="valid")
         ax.plot(x[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"moving average ({window} logs)")
-    ax.set_xlabel("training step" if steps else "logged step")
+    all_y = list(y)
+    if validation:
+        vx = np.asarray([s for s, _ in validation], dtype=float)
+        vy = np.asarray([v for _, v in validation], dtype=float)
+        all_y += list(vy)
+        ax.plot(vx, vy, color="tab:orange", linewidth=2, marker="s", label="validation loss (held-out SFT examples)")
+        for sx, sy in zip(vx, vy):
+            ax.annotate(f"{sy:.3f}", (sx, sy), textcoords="offset points", xytext=(0, 7), fontsize=7, ha="center",
+                        color="tab:orange")
+        if chosen_step is not None:
+            ax.axvline(chosen_step, color="tab:green", linestyle="--", linewidth=1,
+                       label=f"checkpoint kept (step {chosen_step})")
+    ax.set_xlabel("training step" if by_step else "logged step")
     ax.set_ylabel("loss (answer tokens)")
-    ax.set_yscale("log" if y.min() > 0 and y.max() / y.min() > 20 else "linear")
-    ax.set_title(title)
+    lo, hi = min(all_y), max(all_y)
+    ax.set_yscale("log" if lo > 0 and hi / lo > 20 else "linear")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.annotate(f"{y[0]:.3f}", (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)

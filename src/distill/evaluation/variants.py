@@ -4,9 +4,10 @@
 and optimizes each model's prompt with `BootstrapFewShotWithRandomSearch` (trained on the optimizer
 trainset, selected on the optimizer valset); every program is saved as JSON with `Module.save` and an
 optimized program whose inputs did not change is loaded instead of recompiled.
-`run_testset_evaluation` scores the same variants on the real test set and picks the best, as the
-original notebook did. LM calls go through DSPy's cache (inside the artifact directory), so a re-run
-costs little.
+`run_testset_evaluation` picks the variant to deploy on the devset (ties broken on the optimizer
+valset), then scores every variant on the real test set: the test scores are reported, never consulted
+(the original notebook picked on the test set). LM calls go through DSPy's cache (inside the artifact
+directory), so a re-run costs little.
 """
 
 from __future__ import annotations
@@ -237,14 +238,50 @@ def evaluate_and_prompt_optimize(
     return scores, variants
 
 
-def choose_best(test_scores: Mapping[str, Mapping[str, float]],
-                dev_scores: Mapping[str, Mapping[str, float]] | None = None) -> tuple[str, str]:
-    """(kind, variant) with the highest test score; ties go to the higher devset score, then the first listed."""
-    candidates = [(kind, variant) for kind in test_scores for variant in test_scores[kind]]
+# Variants that score the same on the devset and the tie-break split: the one with fewer demonstrations (a
+# shorter prompt, a cheaper call) is preferred, then the order the variants were listed in.
+SIMPLER_FIRST = {"vanilla": 0, "bfrs": 1}
+
+
+def choose_best(dev_scores: Mapping[str, Mapping[str, float]],
+                tiebreak_scores: Mapping[str, Mapping[str, float]] | None = None) -> tuple[str, str]:
+    """(kind, variant) with the highest devset score; ties go to the higher tie-break score (the optimizer
+    valset), then to the simpler variant (zero-shot before BFRS), then to the first listed.
+
+    The test set is not a parameter: the deployed variant is chosen before, and without, any test score
+    (docs/evaluation.md says why the devset decides and the valset only breaks ties).
+    """
+    candidates = [(kind, variant) for kind in dev_scores for variant in dev_scores[kind]]
     if not candidates:
         raise DistillError("no evaluated variants to choose from")
-    dev = dev_scores or {}
-    return max(candidates, key=lambda kv: (test_scores[kv[0]][kv[1]], dev.get(kv[0], {}).get(kv[1], 0.0)))
+    tie = tiebreak_scores or {}
+    order = {kv: i for i, kv in enumerate(candidates)}
+    return max(candidates, key=lambda kv: (dev_scores[kv[0]][kv[1]], tie.get(kv[0], {}).get(kv[1], 0.0),
+                                           -SIMPLER_FIRST.get(kv[1], len(SIMPLER_FIRST)), -order[kv]))
+
+
+def score_variants(
+    models: Mapping[str, dspy.LM],
+    variants: Sequence[Variant],
+    labels: Sequence[str],
+    examples: Sequence[dspy.Example],
+    out_dir: Path,
+    split: str,
+    threads: int = 2,
+    max_errors: int = 5,
+    reasoning: bool = False,
+    max_reasoning_chars: int = 400,
+) -> dict[str, dict[str, float]]:
+    """Every saved variant scored on `examples` ({kind: {variant: accuracy}}); predictions in
+    `<out_dir>/predictions/<split>/<kind>_<variant>.jsonl`."""
+    scores: dict[str, dict[str, float]] = {}
+    for v in variants:
+        program = load_program(v.program_path, labels, reasoning, max_reasoning_chars)
+        result = evaluate(program, models[v.kind], examples, labels, threads, max_errors,
+                          out_dir / "predictions" / split / f"{v.kind}_{v.variant}.jsonl",
+                          f"{split} {v.kind} {v.variant}", v.prompt)
+        scores.setdefault(v.kind, {})[v.variant] = round(result.score, 4)
+    return scores
 
 
 def run_testset_evaluation(
@@ -256,20 +293,19 @@ def run_testset_evaluation(
     threads: int = 2,
     max_errors: int = 5,
     dev_scores: Mapping[str, Mapping[str, float]] | None = None,
+    tiebreak_scores: Mapping[str, Mapping[str, float]] | None = None,
     reasoning: bool = False,
     max_reasoning_chars: int = 400,
-) -> tuple[str, str, float, dict[str, dict[str, float]]]:
-    """Score every variant on the test set; `(best_program_path, best_model, best_score, test_scores)`."""
-    scores: dict[str, dict[str, float]] = {}
-    for v in variants:
-        program = load_program(v.program_path, labels, reasoning, max_reasoning_chars)
-        result = evaluate(program, models[v.kind], testset, labels, threads, max_errors,
-                          out_dir / "predictions" / "testset" / f"{v.kind}_{v.variant}.jsonl",
-                          f"testset {v.kind} {v.variant}", v.prompt)
-        scores.setdefault(v.kind, {})[v.variant] = round(result.score, 4)
-    kind, variant = choose_best(scores, dev_scores)
-    best = next(v for v in variants if (v.kind, v.variant) == (kind, variant))
-    return str(best.program_path), best.model, scores[kind][variant], scores
+) -> tuple[Variant, dict[str, dict[str, float]]]:
+    """The variant to deploy, chosen on `dev_scores` (ties: `tiebreak_scores`) before the test set is
+    touched, and every variant's test score `{kind: {variant: accuracy}}` (reported, never consulted)."""
+    if dev_scores is None:
+        raise DistillError("run_testset_evaluation needs the devset scores: the deployed variant is chosen on them")
+    kind, variant = choose_best(dev_scores, tiebreak_scores)
+    chosen = next(v for v in variants if (v.kind, v.variant) == (kind, variant))
+    scores = score_variants(models, variants, labels, testset, out_dir, "testset", threads, max_errors,
+                            reasoning, max_reasoning_chars)
+    return chosen, scores
 
 
 def measure_calls(program: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Example],

@@ -1,5 +1,6 @@
 """The evaluation stage: base and finetuned student, zero-shot and BFRS-optimized, on the synthetic
-devset and the test set; the best variant, plots, latency/cost of the best, and the deploy params."""
+devset, the optimizer valset and the test set; the variant to deploy (chosen on the devset, ties broken on
+the optimizer valset, never on the test set), plots, its latency/cost, and the deploy params."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from pydantic import BaseModel, ConfigDict
 from distill.config import Config
 from distill.data.dataset import TaskData, read_jsonl
 from distill.evaluation.plots import plot_confusion_matrix, plot_variant_scores
-from distill.evaluation.variants import evaluate_and_prompt_optimize, measure_calls, run_testset_evaluation
+from distill.evaluation.variants import (
+    evaluate_and_prompt_optimize,
+    measure_calls,
+    run_testset_evaluation,
+    score_variants,
+)
 from distill.lm import adapter, make_lm
 from distill.program import DeployParams, ProgramParams, load_program
 from distill.stages.base import (
@@ -37,24 +43,30 @@ Scores = dict[str, dict[str, float]]  # {"base"|"finetuned": {"vanilla"|"bfrs": 
 
 
 class BestVariant(BaseModel):
+    """The deployed variant: chosen on `devset_score`, ties broken on `tiebreak_score` (the optimizer valset);
+    `test_score` is its score on the test set, measured after the choice and never part of it."""
+
     model_config = ConfigDict(extra="forbid")
 
     kind: str
     variant: str
     model: str
     program_path: str
-    test_score: float
     devset_score: float
+    tiebreak_score: float | None = None  # on the optimizer valset
+    test_score: float
+    chosen_on: str = "devset; ties: optimizer valset"
 
 
 class EvalManifest(Manifest):
     devset: Scores
+    optimizer_val: Scores  # the tie-break (BFRS picked its candidates on these queries too)
     testset: Scores
-    best: BestVariant
+    best: BestVariant  # the deployed variant, chosen on the devset
     sizes: dict[str, int]
     bfrs: dict[str, int]
     plots: dict[str, str]
-    calls: CallStats  # the best variant, timed like the teacher
+    calls: CallStats  # the deployed variant, timed like the teacher
 
 
 class EvaluationStage(Stage[EvalManifest]):
@@ -110,7 +122,8 @@ class EvaluationStage(Stage[EvalManifest]):
 
     def describe(self, m: EvalManifest) -> str:
         b = m.best
-        return f"best {b.kind} {b.variant} ({b.model}) {b.test_score:.1%} on the test set"
+        return (f"deployed {b.kind} {b.variant} ({b.model}), chosen on the devset ({b.devset_score:.1%}); "
+                f"{b.test_score:.1%} on the test set")
 
     def run(self) -> EvalManifest:
         cfg, data, ev, st = self.cfg, self.data, self.cfg.evaluation, self.cfg.models.student
@@ -134,13 +147,19 @@ class EvaluationStage(Stage[EvalManifest]):
             dev_scores, variants = evaluate_and_prompt_optimize(
                 lms, data.labels, dev, train, val, self.dir, bfrs, ev.threads, ev.max_errors, opt_fp, **program_kw,
                 prompts=prompts)
-            best_path, best_model, best_score, test_scores = run_testset_evaluation(
-                lms, variants, data.labels, data.test, self.dir, ev.threads, ev.max_errors, dev_scores, **program_kw)
-            best = next(v for v in variants if str(v.program_path) == best_path)
+            # The tie-break: mostly DSPy-cache hits, BFRS scored these programs on the valset already.
+            val_scores = score_variants(lms, variants, data.labels, val, self.dir, "optimizer_val", ev.threads,
+                                        ev.max_errors, **program_kw)
+            # Chosen on the devset (ties: valset) before the test set is scored; test scores are reported only.
+            best, test_scores = run_testset_evaluation(
+                lms, variants, data.labels, data.test, self.dir, ev.threads, ev.max_errors, dev_scores, val_scores,
+                **program_kw)
+            best_path, best_model = str(best.program_path), best.model
+            best_score = test_scores[best.kind][best.variant]
             calls = CallStats(model=best_model, **measure_calls(
                 load_program(best_path, data.labels, **program_kw), self.lm(st, model=best_model, cache=False),
                 data.test[: ev.latency_queries], best.prompt))
-        print(calls.line(f"best student ({best.kind} {best.variant})"))
+        print(calls.line(f"deployed student ({best.kind} {best.variant})"))
         out = self.dir
         plots = {
             "devset": plot_variant_scores(dev_scores, out / "devset_scores.png",
@@ -154,16 +173,19 @@ class EvaluationStage(Stage[EvalManifest]):
         preds = read_jsonl(out / "predictions" / "testset" / f"{best.kind}_{best.variant}.jsonl")
         plots["confusion"] = plot_confusion_matrix(
             [p["label"] for p in preds], [p["predicted"] for p in preds], data.labels, out / "confusion_best.png",
-            f"Best variant on the test set: {best.kind} {best.variant} ({best_score:.1%})")
+            f"Deployed variant (chosen on the devset) on the test set: {best.kind} {best.variant} ({best_score:.1%})")
         DeployParams(model=best_model, program_path=best_path, labels=data.labels, variant=best.variant,
-                     kind=best.kind, test_score=best_score, program=ProgramParams(**program_kw, prompt=best.prompt)
+                     kind=best.kind, test_score=best_score, devset_score=dev_scores[best.kind][best.variant],
+                     program=ProgramParams(**program_kw, prompt=best.prompt)
                      ).save(self.deploy_params_path)
-        print(f"best: {best.kind} {best.variant} ({best_model}) {best_score:.1%} on the test set -> "
-              f"{self.deploy_params_path}")
+        print(f"deployed: {best.kind} {best.variant} ({best_model}), chosen on the devset "
+              f"{dev_scores[best.kind][best.variant]:.1%} (ties: optimizer valset "
+              f"{val_scores[best.kind][best.variant]:.1%}); test set {best_score:.1%} -> {self.deploy_params_path}")
         return EvalManifest(
-            fingerprint=self.fingerprint(), devset=dev_scores, testset=test_scores,
+            fingerprint=self.fingerprint(), devset=dev_scores, optimizer_val=val_scores, testset=test_scores,
             best=BestVariant(kind=best.kind, variant=best.variant, model=best_model, program_path=best_path,
-                             test_score=best_score, devset_score=dev_scores[best.kind][best.variant]),
+                             devset_score=dev_scores[best.kind][best.variant],
+                             tiebreak_score=val_scores[best.kind][best.variant], test_score=best_score),
             sizes={"devset": len(dev), "testset": len(data.test), "optimizer_train": len(train),
                    "optimizer_val": len(val)},
             bfrs=bfrs, plots={k: str(v) for k, v in plots.items()}, calls=calls,

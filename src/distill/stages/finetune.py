@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
 from distill.data.dataset import read_jsonl
@@ -34,15 +35,47 @@ from distill.student.provider import RayJobProvider
 from distill.student.publish import adapter_name, publish_adapter
 
 
+class ValidationPoint(BaseModel):
+    model_config = ConfigDict(extra="allow")  # and the metric_for_best_model when it is not the loss
+
+    step: int
+    epoch: float
+    eval_loss: float
+
+
+class FinetuneValidation(BaseModel):
+    """How the finetune's length was chosen: the loss on held-out SFT examples at each evaluation, the
+    checkpoint kept (restored at the end) and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: int  # held out of the SFT data (teacher labels, never the test set)
+    holdout: float
+    patience: int | None
+    metric: str
+    greater_is_better: bool
+    curve: list[ValidationPoint]
+    best_step: int | None
+    best_epoch: float | None
+    best_metric: float | None
+    restored: bool  # the adapter is that checkpoint's
+    stopped_early: bool
+    cap_steps: int
+    eval_seconds: float  # the evaluations' share of the training time
+    reason: str
+
+
 class FinetuneManifest(Manifest):
     model: str  # the id the finetuned student is served under
     adapter: str  # the llama.cpp GGUF adapter (local) or the PEFT adapter directory
     serve_config: str  # the student's Serve config with the finetuned model in it
     train_seconds: float | None
-    examples: int
-    epochs: float
+    examples: int  # SFT examples given to the job (with validation: trained on + held out)
+    epochs: float  # trained (the cap, or where early stopping ended it)
     steps: int
     loss_history: list[float]
+    loss_steps: list[int] = []  # the step of each logged loss
+    validation: FinetuneValidation | None = None  # None: the recipe does not evaluate
     first_loss: float | None
     last_loss: float | None
     recipe: str
@@ -100,8 +133,11 @@ class FinetuneStage(Stage[FinetuneManifest]):
         return cls(graph.cfg, graph.stage("curation"))
 
     def tracked(self, m: FinetuneManifest) -> Tracked:
-        return Tracked(files=[Path(m.loss_plot)] if m.loss_plot else [],
-                       series={"loss": loss_steps(self.cfg, m.loss_history)})
+        series = {"loss": list(zip(m.loss_steps, m.loss_history)) if len(m.loss_steps) == len(m.loss_history)
+                  else loss_steps(self.cfg, m.loss_history)}
+        if m.validation:
+            series["eval_loss"] = [(p.step, p.eval_loss) for p in m.validation.curve]
+        return Tracked(files=[Path(m.loss_plot)] if m.loss_plot else [], series=series)
 
     def __init__(self, cfg: Config, curation: CurationStage) -> None:
         super().__init__(cfg)
@@ -131,14 +167,19 @@ class FinetuneStage(Stage[FinetuneManifest]):
         m = super().ensure()
         if m.loss_history and not (m.loss_plot and Path(m.loss_plot).is_file()):
             # e.g. a manifest from before the plot existed, or a deleted PNG: seconds, not a finetune
-            m = m.model_copy(update={"loss_plot": str(self._plot_losses(m.loss_history, m.examples, m.epochs,
-                                                                          m.steps))})
+            m = m.model_copy(update={"loss_plot": str(self._plot_losses(m))})
             write_manifest(self.manifest_path, m)
         return m
 
-    def _plot_losses(self, losses: list[float], examples: int, epochs: float, steps: int) -> Path:
-        return plot_loss_curve(losses, self.loss_plot_path, f"LoRA finetune of {self.cfg.models.student.model} "
-                               f"({examples} examples, {epochs:.3g} epochs)", steps=steps)
+    def _plot_losses(self, m: FinetuneManifest) -> Path:
+        v = m.validation
+        held = f", {v.examples} held out" if v else ""
+        return plot_loss_curve(
+            m.loss_history, self.loss_plot_path,
+            f"LoRA finetune of {self.cfg.models.student.model}\n({m.examples} examples{held}, {m.epochs:.3g} epochs)",
+            steps=m.steps, loss_steps=m.loss_steps or None,
+            validation=[(p.step, p.eval_loss) for p in v.curve] if v else None,
+            chosen_step=v.best_step if v and v.restored else None)
 
     def configured_address(self) -> str | None:
         """The Ray job server the profile names (or RAY_ADDRESS); None: the stage starts a local Ray."""
@@ -181,11 +222,15 @@ class FinetuneStage(Stage[FinetuneManifest]):
             st.serve_config or "", self.dir / "serve_student.yaml", base_model=st.model,
             finetuned_model=ft.finetuned_model, adapter=adapter, lora_storage=ft.adapter_storage)
         losses = [float(x) for x in result.get("loss_history") or []]
-        loss_plot = self._plot_losses(losses, result["examples"], result["epochs"], result["steps"]) if losses else None
-        return FinetuneManifest(
+        validation = FinetuneValidation(**result["validation"]) if result.get("validation") else None
+        if validation is not None:
+            print(f"validation: {validation.reason}")
+        m = FinetuneManifest(
             fingerprint=self.fingerprint(), model=finetuned.model.split("/", 1)[-1], adapter=adapter,
             serve_config=str(serve_config), train_seconds=result.get("train_seconds"), examples=result["examples"],
             epochs=result["epochs"], steps=result["steps"], loss_history=losses,
+            loss_steps=[int(x) for x in result.get("loss_steps") or []], validation=validation,
             first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None, recipe=ft.recipe,
-            published=published, loss_plot=str(loss_plot) if loss_plot else None,
+            published=published,
         )
+        return m.model_copy(update={"loss_plot": str(self._plot_losses(m))}) if losses else m

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
 import tempfile
 import time
@@ -55,23 +56,51 @@ class LoraSpec(_Strict):
     top_layers: int | None = Field(None, ge=1)
 
 
+class ValidationSpec(_Strict):
+    """Early stopping on a slice of the SFT data held out from training (teacher labels, never the test set).
+
+    It is on when the recipe's `training` evaluates (`eval_strategy: epoch` or `steps`); then the best
+    checkpoint is kept by SFTConfig's own `load_best_model_at_end` / `metric_for_best_model`, and
+    `num_train_epochs` is a cap. The slice is drawn once, seeded, stratified by the answer (the label).
+    """
+
+    holdout: float = Field(0.1, ge=0, description="Share (< 1) or count (>= 1) of the SFT examples held out.")
+    # transformers' EarlyStoppingCallback: evaluations without improvement before training stops; null: train
+    # to the cap and still restore the best checkpoint.
+    patience: int | None = Field(1, ge=1)
+    min_delta: float = Field(0.0, ge=0, description="EarlyStoppingCallback's early_stopping_threshold.")
+
+
 # Set by the job itself, never by a recipe: where HF writes scratch checkpoints, and the hooks that turn
-# its saves into Ray Train checkpoints and keep the loss on the answer only.
+# its saves into Ray Train checkpoints and keep the loss on the answer only. With a validation slice a
+# checkpoint is saved at every evaluation (save_strategy/save_steps follow eval_strategy/eval_steps), so the
+# best one can be restored.
 MANAGED_SFT_ARGS = {
     "output_dir": None, "completion_only_loss": True, "save_strategy": "epoch", "save_only_model": True,
     "report_to": "none", "dataset_num_proc": 1,
 }
+MANAGED_SFT_KEYS = {*MANAGED_SFT_ARGS, "save_steps"}
+
+
+def evaluates(training: dict[str, Any]) -> bool:
+    """Whether a recipe's `training:` section evaluates during training (then a validation slice is held out)."""
+    return str(training.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO", "None")
 
 
 def sft_config(training: dict[str, Any], output_dir: str, use_cpu: bool) -> Any:
     """TRL's `SFTConfig` from a recipe's `training:` section, passed through as its own keyword arguments."""
     from trl import SFTConfig
 
-    if clash := sorted(set(training) & set(MANAGED_SFT_ARGS)):
+    if clash := sorted(set(training) & MANAGED_SFT_KEYS):
         raise ConfigError(f"training: {clash} are set by the finetune job, not the recipe")
     if unknown := sorted(set(training) - {f.name for f in dataclasses.fields(SFTConfig)}):
         raise ConfigError("; ".join(f"training.{k}: not an SFTConfig argument" for k in unknown))
-    kwargs = {**MANAGED_SFT_ARGS, **training, "output_dir": output_dir, "use_cpu": use_cpu}
+    managed: dict[str, Any] = dict(MANAGED_SFT_ARGS)
+    if evaluates(training):  # a checkpoint at every evaluation: the best one can be restored
+        managed["save_strategy"] = training["eval_strategy"]
+        if training["eval_strategy"] == "steps":
+            managed["save_steps"] = training.get("eval_steps") or training.get("logging_steps") or 500
+    kwargs = {**managed, **training, "output_dir": output_dir, "use_cpu": use_cpu}
     if kwargs.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in training:
         # Non-reentrant checkpointing needs no gradient on the inputs, so with `top_layers` the backward
         # pass (and the recomputation) still stops at the lowest adapted layer.
@@ -99,7 +128,17 @@ class Recipe(_Strict):
     model: BaseModelSpec
     lora: LoraSpec
     training: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig keyword arguments.")
+    validation: ValidationSpec = ValidationSpec()
     scaling: ScalingSpec = ScalingSpec()
+
+    @model_validator(mode="after")
+    def _validation(self) -> "Recipe":
+        if evaluates(self.training) and not self.validation.holdout:
+            raise ValueError("training.eval_strategy evaluates, but validation.holdout is 0: nothing to evaluate on")
+        if self.validation.patience is not None and evaluates(self.training) and \
+                not self.training.get("load_best_model_at_end"):
+            raise ValueError("validation.patience (early stopping) needs training.load_best_model_at_end: true")
+        return self
 
 
 class TrainJob(_Strict):
@@ -184,52 +223,145 @@ def _top_layers(model: Any, n: int | None) -> list[int] | None:
     return list(range(total - n, total))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def holdout_split(answers: list[str], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): `holdout` (a share below 1, else a count) of the examples, drawn
+    per answer in proportion to its frequency (largest remainder), seeded; at least one example trains."""
+    n = len(answers)
+    k = min(n - 1, int(holdout) if holdout >= 1 else round(holdout * n)) if n else 0
+    if k <= 0:
+        return list(range(n)), []
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(answers):
+        groups.setdefault(a, []).append(i)
+    quota = {a: k * len(ix) / n for a, ix in groups.items()}
+    take = {a: int(q) for a, q in quota.items()}
+    rest = sorted(groups, key=lambda a: (quota[a] - take[a], rng.random()), reverse=True)
+    for a in rest[: k - sum(take.values())]:
+        take[a] += 1
+    held: list[int] = []
+    for a, ix in groups.items():
+        held += rng.sample(ix, take[a])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], sorted(held)
+
+
+def build_trainer(job: TrainJob, output_dir: str, callbacks: list[Any] | None = None) -> tuple[Any, int, int]:
+    """TRL's SFTTrainer for `job` (HF checkpoints in `output_dir`); (trainer, SFT examples, held out).
+
+    With validation on (the recipe's `training` evaluates), `validation.holdout` of the SFT examples is the
+    eval_dataset and `EarlyStoppingCallback` stops after `validation.patience` evaluations without
+    improvement; SFTConfig's `load_best_model_at_end` restores the best checkpoint's adapter.
+    """
     import datasets
-    import ray.train
-    import torch
     from peft import LoraConfig
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    job = TrainJob.model_validate(config)
-    lora = job.recipe.lora
-    if not job.recipe.scaling.use_gpu:  # Ray pins OMP threads to 1 unless told otherwise
-        torch.set_num_threads(max(1, int(job.recipe.scaling.cpus_per_worker)))
-    model, tokenizer = load_base(job.recipe.model)
+    recipe, lora, val = job.recipe, job.recipe.lora, job.recipe.validation
+    model, tokenizer = load_base(recipe.model)
     ds = datasets.load_dataset("json", data_files=job.train_file, split="train")
     ds = ds.map(to_prompt_completion, remove_columns=ds.column_names)
-    ctx = ray.train.get_context()
-    # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
-    args = sft_config(job.recipe.training, tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"),
-                      use_cpu=not job.recipe.scaling.use_gpu)
+    n_examples, eval_ds = len(ds), None
+    callbacks = list(callbacks or [])
+    if evaluates(recipe.training):
+        answers = [json.dumps(c, sort_keys=True) for c in ds["completion"]]
+        train_idx, held = holdout_split(answers, val.holdout, int(recipe.training.get("seed", 0)))
+        if not held:
+            raise DistillError(f"validation.holdout={val.holdout} holds out nothing of {n_examples} SFT examples")
+        ds, eval_ds = ds.select(train_idx), ds.select(held)
+        if val.patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=val.patience,
+                                                   early_stopping_threshold=val.min_delta))
+    args = sft_config(recipe.training, output_dir, use_cpu=not recipe.scaling.use_gpu)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=ds,
+        eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
             task_type="CAUSAL_LM", layers_to_transform=_top_layers(model, lora.top_layers),
         ),
-        callbacks=[RayTrainReportCallback()],
+        callbacks=callbacks,
     )
+    return trainer, n_examples, 0 if eval_ds is None else len(eval_ds)
+
+
+def validation_summary(trainer: Any, spec: ValidationSpec, held_out: int) -> dict[str, Any] | None:
+    """The validation curve and the chosen checkpoint, from the trainer's own state after `train()`."""
+    if not held_out:
+        return None
+    state, args = trainer.state, trainer.args
+    metric = args.metric_for_best_model or "loss"
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    curve = [{"step": int(h["step"]), "epoch": round(float(h["epoch"]), 4), "eval_loss": float(h["eval_loss"]),
+              **({key: float(h[key])} if key != "eval_loss" and key in h else {})}
+             for h in state.log_history if "eval_loss" in h]
+    best_step = None
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    elif curve:  # no checkpoint kept: the best evaluation by the metric (first of equals, as transformers)
+        pick = (max if args.greater_is_better else min)
+        best_step = pick(curve, key=lambda p: p.get(key, p["eval_loss"]))["step"]
+    best = next((p for p in curve if p["step"] == best_step), None)
+    stopped_early = state.global_step < state.max_steps
+    restored = bool(args.load_best_model_at_end and best is not None)
+    cap = (f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else
+           f"{args.num_train_epochs:g} epochs ({state.max_steps} steps)")
+    if best is None:
+        reason = f"no evaluation ran before the cap ({cap}): the last weights are kept"
+    else:
+        value = best.get(key, best["eval_loss"])
+        reason = (f"{'highest' if args.greater_is_better else 'lowest'} {key} {value:.4f} at epoch "
+                  f"{best['epoch']:g} (step {best['step']}) of {len(curve)} evaluations on {held_out} held-out "
+                  "examples; " + (f"stopped early after {spec.patience} evaluation(s) without improvement"
+                                  if stopped_early else f"trained to the cap, {cap}")
+                  + ("; that checkpoint's weights restored" if restored else "; the last weights kept"))
+    return {
+        "examples": held_out, "holdout": spec.holdout, "patience": spec.patience, "metric": key,
+        "greater_is_better": bool(args.greater_is_better), "curve": curve,
+        "best_step": best["step"] if best else None, "best_epoch": best["epoch"] if best else None,
+        "best_metric": best.get(key, best["eval_loss"]) if best else None, "restored": restored,
+        "stopped_early": stopped_early, "cap_steps": int(state.max_steps),
+        "eval_seconds": round(sum(float(h.get("eval_runtime", 0.0)) for h in state.log_history), 1),
+        "reason": reason,
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    job = TrainJob.model_validate(config)
+    if not job.recipe.scaling.use_gpu:  # Ray pins OMP threads to 1 unless told otherwise
+        torch.set_num_threads(max(1, int(job.recipe.scaling.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
+    trainer, n_examples, held_out = build_trainer(
+        job, tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"), [RayTrainReportCallback()])
     trainer = prepare_trainer(trainer)
     started = time.perf_counter()
-    trainer.train()
+    trainer.train()  # with validation: ends on the best checkpoint's weights (load_best_model_at_end)
+    history = trainer.state.log_history
     metrics = {
-        "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "examples": len(ds),
+        "loss_history": [h["loss"] for h in history if "loss" in h],
+        "loss_steps": [int(h["step"]) for h in history if "loss" in h],
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "examples": n_examples,
         "train_seconds": round(time.perf_counter() - started, 1),
+        "validation": validation_summary(trainer, job.recipe.validation, held_out),
     }
-    # The final adapter and the loss history as the run's last checkpoint (rank 0 writes it).
+    # The final adapter (with validation: the best checkpoint's) and the metrics as the run's last
+    # checkpoint (rank 0 writes it).
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ctx.get_world_rank() == 0:
             trainer.model.save_pretrained(Path(tmp) / ADAPTER_SUBDIR)
             (Path(tmp) / "train_result.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({k: v for k, v in metrics.items() if k != "validation"}, checkpoint=checkpoint)
 
 
 # --- on the driver (the Ray job) --------------------------------------------------------------------
@@ -282,5 +414,7 @@ def job_main(job_path: str, result_path: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     Path(result_path).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "loss_history"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("loss_history", "loss_steps", "validation")}))
+    if v := result.get("validation"):
+        print(f"validation: {v['reason']}")
     return 0
