@@ -100,6 +100,7 @@ class SourceConfig(_Strict):
 
 class LabelsConfig(_Strict):
     top_n: int | None = Field(None, ge=2, description="The n most frequent labels of the train split.")
+    skip_top: int = Field(0, ge=0, description="With top_n: pass over the most frequent first (25: ranks 26-).")
     names: list[str] | None = Field(None, min_length=2, description="Exactly these labels, in this order.")
     # Shown to the models (in the program's instructions) when given; keys are label names.
     descriptions: dict[str, str] = Field(default_factory=dict)
@@ -108,6 +109,8 @@ class LabelsConfig(_Strict):
     def _one_way(self) -> "LabelsConfig":
         if (self.top_n is None) == (self.names is None):
             raise ValueError("task.labels needs exactly one of top_n (the most frequent) or names (a list)")
+        if self.skip_top and self.top_n is None:
+            raise ValueError("task.labels.skip_top counts down the frequency ranks: it needs top_n, not names")
         return self
 
 

@@ -217,12 +217,14 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
 # --- processing -----------------------------------------------------------------------------------
 
 
-def top_n_labels(examples: Sequence[dspy.Example], n: int) -> list[str]:
-    """The n most frequent labels, most frequent first, ties broken by name (as the original template)."""
+def top_n_labels(examples: Sequence[dspy.Example], n: int, skip: int = 0) -> list[str]:
+    """The n most frequent labels after the `skip` most frequent (ranks skip+1 .. skip+n), most frequent
+    first, ties broken by name (as the original template)."""
     counts = Counter(ex.label for ex in examples)
-    if n > len(counts):
-        raise DataError(f"asked for the top {n} labels but the data has only {len(counts)}")
-    return sorted(counts, key=lambda lab: (-counts[lab], lab))[:n]
+    if skip + n > len(counts):
+        ranks = f"ranks {skip + 1}-{skip + n}" if skip else f"the top {n} labels"
+        raise DataError(f"asked for {ranks} but the data has only {len(counts)} labels")
+    return sorted(counts, key=lambda lab: (-counts[lab], lab))[skip: skip + n]
 
 
 def filter_labels(examples: Sequence[dspy.Example], labels: Sequence[str]) -> list[dspy.Example]:
@@ -333,9 +335,9 @@ def select_labels(cfg: Config, train: Sequence[dspy.Example], source: str) -> Ta
     else:
         assert spec.top_n is not None
         try:
-            names = top_n_labels(train, spec.top_n)
+            names = top_n_labels(train, spec.top_n, spec.skip_top)
         except DataError as e:
-            raise DataError(f"{task.where('labels.top_n')}: {e}") from None
+            raise DataError(f"{task.where('labels.skip_top' if spec.skip_top else 'labels.top_n')}: {e}") from None
     descriptions = {normalize_label(k): v for k, v in spec.descriptions.items()}
     if unknown := sorted(set(descriptions) - set(names)):
         raise DataError(f"{task.where('labels.descriptions')}: {', '.join(unknown)} not among the labels in use "
