@@ -157,10 +157,13 @@ def test_auto_chooses_on_gold_and_the_gate_scores_the_chosen_teacher(cfg, llm_ri
 
 
 def test_a_number_wins_over_auto_and_the_floor_follows_the_routing(cfg) -> None:
-    data = DataStage(cfg).data
-    DataStage(cfg, data).ensure()
+    # More queries and smaller splits than `cfg`: the floor drops about half of the labels
     fixed = load_config("local_ci", overrides={**_overrides(cfg), "teacher": {"gate_size": 30, "min_accuracy_gold": 0.0,
-                                                                              "vote_confidence": 0.95}})
+                                                                              "vote_confidence": 0.95},
+                                               "data": {"num_to_label": 20, "test_size": 25, "devset_size": 2,
+                                                        "optimizer_val_size": 1}})
+    data = DataStage(fixed).data
+    DataStage(fixed, data).ensure()
     # On the queries it labels, the scripted LLM answers the vote's own top label (one of the labels it may give)
     index = GoldIndex(data.gold, cfg.teacher.embedder)
     vote = build_vote(index, data.labels)

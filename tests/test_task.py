@@ -46,7 +46,9 @@ BANKING77_PROMPTS = {
     "local": ("5003bc60cd54", "4e8b6ec797af"),
     "local_full": ("5003bc60cd54", "4e8b6ec797af"),
     "local_ci": ("5003bc60cd54", "4e8b6ec797af"),
-    "cluster": ("0c70794bda17", "72c70e60cce6"),  # ChainOfThought: another signature
+    # no ChainOfThought since cluster's teacher is vote_llm (issue 33): the teacher's prompt is local's, the
+    # student's the full one (ChainOfThought's were 0c70794bda17, 72c70e60cce6)
+    "cluster": ("4a7c140b273b", "4e8b6ec797af"),
 }
 BANKING77_INSTRUCTIONS = ("As part of a bank's customer-support triage system, classify the intent of a customer's "
                           "message into exactly one of the 25 intent labels.")
@@ -473,7 +475,9 @@ def test_banking77_next25_is_the_next_25_intents_from_the_same_files(with_bankin
     assert data.labels[0] == "pending_transfer" and data.labels[-1] == "exchange_via_app"  # ranks 26 and 50
     counts = data.label_counts
     assert max(counts.values()) < min(top.label_counts.values())  # every one rarer than banking77's 25th
-    assert len(data.train) == 3240 and data.full_test_size == 1000  # 40 test rows per intent
+    # 3240 training rows, less the one text that is in the test split too (dropped from train, not from test)
+    assert len(data.train) == 3239 and data.full_test_size == 1000  # 40 test rows per intent
+    assert not {ex.text for ex in data.train} & {ex.text for ex in data.full_test}
     assert len(data.gold) == 100 and len(data.to_label) == 500 and len(data.test) == 200
     assert Counter(ex.label for ex in data.test) == {lab: 8 for lab in data.labels}
 

@@ -130,6 +130,9 @@ class TaskConfig(_Strict):
         None, gt=0.0, lt=1.0, description="Held out of train (per label, seeded) when there is no test split.")
     labels: LabelsConfig
     prompt: PromptConfig = PromptConfig()
+    # A text in both train and test: an error (the default), or dropped from train (the test split stays the
+    # benchmark's own; banking77's ranks 26-50 have one such text).
+    train_test_overlap: Literal["error", "drop_from_train"] = "error"
     # Where the task was read from, for messages that name the file and the key (set by the loader).
     _file: str = PrivateAttr("")
     _prefix: str = PrivateAttr("task.")

@@ -371,7 +371,8 @@ def check_no_test_texts_in_train(cfg: Config, train: Sequence[dspy.Example], tes
     if both:
         example = sorted(both)[0]
         raise DataError(f"{cfg.task.where('source')}: {len(both)} text(s) are in both the train and the test split "
-                        f"({source}), e.g. {example[:80]!r}; remove them from one of the two")
+                        f"({source}), e.g. {example[:80]!r}; remove them from one of the two, or set "
+                        f"task.train_test_overlap: drop_from_train")
 
 
 def prepare_data(cfg: Config) -> TaskData:
@@ -381,6 +382,9 @@ def prepare_data(cfg: Config) -> TaskData:
     train, test = filter_labels(full_train, labels), filter_labels(full_test, labels)
     if not test:
         raise DataError(f"{cfg.task.where('source')}: the test split ({source}) has no example of the labels in use")
+    if cfg.task.train_test_overlap == "drop_from_train":
+        test_texts = {ex.text for ex in full_test}
+        train = [ex for ex in train if ex.text not in test_texts]
     check_no_test_texts_in_train(cfg, train, test, source)
     check_sizes(cfg, train)
     gold, unlabeled = delete_labels(seeded_shuffle(train, cfg.seed), cfg.data.num_gold)
