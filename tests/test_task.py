@@ -46,7 +46,9 @@ BANKING77_PROMPTS = {
     "local": ("5003bc60cd54", "4e8b6ec797af"),
     "local_full": ("5003bc60cd54", "4e8b6ec797af"),
     "local_ci": ("5003bc60cd54", "4e8b6ec797af"),
-    "cluster": ("0c70794bda17", "72c70e60cce6"),  # ChainOfThought: another signature
+    # no ChainOfThought since cluster's teacher is vote_llm (issue 33): the teacher's prompt is local's, the
+    # student's the full one (ChainOfThought's were 0c70794bda17, 72c70e60cce6)
+    "cluster": ("4a7c140b273b", "4e8b6ec797af"),
 }
 BANKING77_INSTRUCTIONS = ("As part of a bank's customer-support triage system, classify the intent of a customer's "
                           "message into exactly one of the 25 intent labels.")
@@ -473,3 +475,38 @@ def test_the_docs_walk_through_is_the_tiny_task(tmp_path, monkeypatch) -> None:
     assert cfg.data == load_config("local_ci").data and cfg.artifacts.name == "topics"
     data = prepare_data(cfg)
     assert (len(data.train), data.full_test_size, len(data.labels)) == (270, 90, 6)
+
+
+# --- the held-out task: banking77's intents ranked 26-50 ------------------------------------------------
+
+
+def test_banking77_next25_is_the_next_25_intents_from_the_same_files(with_banking77) -> None:
+    top = prepare_data(load_config("local"))
+    cfg = load_config("local_next25")
+    assert cfg.task.name == "banking77_next25" and cfg.artifacts_dir == "artifacts/local_next25"
+    # local's settings, no knob changed: only the task and the artifact directory differ
+    local = load_config("local")
+    assert cfg.model_dump(exclude={"name", "task", "artifacts_dir"}) == local.model_dump(
+        exclude={"name", "task", "artifacts_dir"})
+    data = prepare_data(cfg)
+    assert len(data.labels) == 25 and not set(data.labels) & set(top.labels)
+    assert data.labels[0] == "pending_transfer" and data.labels[-1] == "exchange_via_app"  # ranks 26 and 50
+    counts = data.label_counts
+    assert max(counts.values()) < min(top.label_counts.values())  # every one rarer than banking77's 25th
+    # 3240 training rows, less the one text that is in the test split too (dropped from train, not from test)
+    assert len(data.train) == 3239 and data.full_test_size == 1000  # 40 test rows per intent
+    assert not {ex.text for ex in data.train} & {ex.text for ex in data.full_test}
+    assert len(data.gold) == 100 and len(data.to_label) == 500 and len(data.test) == 200
+    assert Counter(ex.label for ex in data.test) == {lab: 8 for lab in data.labels}
+
+
+def test_skip_top_needs_top_n_and_enough_labels(tmp_path, with_banking77) -> None:
+    path = write_tiny_task(tmp_path, tiny_task(labels={"names": ["weather", "music"], "skip_top": 2}))
+    with pytest.raises(ConfigError, match="skip_top counts down the frequency ranks: it needs top_n"):
+        load_config(str(path))
+    p = tmp_path / "far.yaml"
+    task = yaml.safe_load((ROOT / "configs" / "tasks" / "banking77_next25.yaml").read_text())
+    task["labels"]["skip_top"] = 60
+    p.write_text(yaml.safe_dump({"extends": "local", "artifacts_dir": str(tmp_path / "a"), "task": task}))
+    with pytest.raises(DataError, match=r"key 'task\.labels\.skip_top'.*ranks 61-85 but the data has only 77 labels"):
+        prepare_data(load_config(str(p)))

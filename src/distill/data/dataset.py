@@ -217,12 +217,14 @@ def load_task_data(cfg: Config) -> tuple[list[dspy.Example], list[dspy.Example],
 # --- processing -----------------------------------------------------------------------------------
 
 
-def top_n_labels(examples: Sequence[dspy.Example], n: int) -> list[str]:
-    """The n most frequent labels, most frequent first, ties broken by name (as the original template)."""
+def top_n_labels(examples: Sequence[dspy.Example], n: int, skip: int = 0) -> list[str]:
+    """The n most frequent labels after the `skip` most frequent (ranks skip+1 .. skip+n), most frequent
+    first, ties broken by name (as the original template)."""
     counts = Counter(ex.label for ex in examples)
-    if n > len(counts):
-        raise DataError(f"asked for the top {n} labels but the data has only {len(counts)}")
-    return sorted(counts, key=lambda lab: (-counts[lab], lab))[:n]
+    if skip + n > len(counts):
+        ranks = f"ranks {skip + 1}-{skip + n}" if skip else f"the top {n} labels"
+        raise DataError(f"asked for {ranks} but the data has only {len(counts)} labels")
+    return sorted(counts, key=lambda lab: (-counts[lab], lab))[skip: skip + n]
 
 
 def filter_labels(examples: Sequence[dspy.Example], labels: Sequence[str]) -> list[dspy.Example]:
@@ -333,9 +335,9 @@ def select_labels(cfg: Config, train: Sequence[dspy.Example], source: str) -> Ta
     else:
         assert spec.top_n is not None
         try:
-            names = top_n_labels(train, spec.top_n)
+            names = top_n_labels(train, spec.top_n, spec.skip_top)
         except DataError as e:
-            raise DataError(f"{task.where('labels.top_n')}: {e}") from None
+            raise DataError(f"{task.where('labels.skip_top' if spec.skip_top else 'labels.top_n')}: {e}") from None
     descriptions = {normalize_label(k): v for k, v in spec.descriptions.items()}
     if unknown := sorted(set(descriptions) - set(names)):
         raise DataError(f"{task.where('labels.descriptions')}: {', '.join(unknown)} not among the labels in use "
@@ -369,7 +371,8 @@ def check_no_test_texts_in_train(cfg: Config, train: Sequence[dspy.Example], tes
     if both:
         example = sorted(both)[0]
         raise DataError(f"{cfg.task.where('source')}: {len(both)} text(s) are in both the train and the test split "
-                        f"({source}), e.g. {example[:80]!r}; remove them from one of the two")
+                        f"({source}), e.g. {example[:80]!r}; remove them from one of the two, or set "
+                        f"task.train_test_overlap: drop_from_train")
 
 
 def prepare_data(cfg: Config) -> TaskData:
@@ -379,6 +382,9 @@ def prepare_data(cfg: Config) -> TaskData:
     train, test = filter_labels(full_train, labels), filter_labels(full_test, labels)
     if not test:
         raise DataError(f"{cfg.task.where('source')}: the test split ({source}) has no example of the labels in use")
+    if cfg.task.train_test_overlap == "drop_from_train":
+        test_texts = {ex.text for ex in full_test}
+        train = [ex for ex in train if ex.text not in test_texts]
     check_no_test_texts_in_train(cfg, train, test, source)
     check_sizes(cfg, train)
     gold, unlabeled = delete_labels(seeded_shuffle(train, cfg.seed), cfg.data.num_gold)

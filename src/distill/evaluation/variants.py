@@ -24,6 +24,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from distill import logs
+from distill.calls import CallGuard
 from distill.data.dataset import write_jsonl
 from distill.errors import DistillError
 from distill.evaluation.latency import latency_summary
@@ -63,16 +64,19 @@ def evaluate(
 ) -> EvalResult:
     """`dspy.Evaluate` with exact match; per-example predictions are kept (and written as JSONL)."""
     valid = ValidLabel(labels)
+    guard = CallGuard(lm.kwargs.get("api_base"))  # a dead endpoint or a bug in our code: raised as what it is
     t0 = time.perf_counter()
     try:
         with using(lm, prompt):
             result = dspy.Evaluate(
                 devset=list(examples), metric=exact_match, num_threads=threads, display_progress=True,
                 max_errors=max_errors,
-            )(program)
+            )(guard.wrap(program))
     except Exception as e:  # noqa: BLE001 - dspy raises a bare Exception once max_errors is exceeded
+        guard.raise_cause()
         raise DistillError(f"evaluating {name or lm.model} failed ({type(e).__name__}: {e}); more than "
                            f"{max_errors} calls errored -- is the endpoint {lm.kwargs.get('api_base')} healthy?") from e
+    guard.raise_cause()
     seconds = time.perf_counter() - t0
     predictions = [
         {"text": ex.text, "label": ex.label, "predicted": getattr(pred, "label", None) if pred is not None else None,

@@ -14,6 +14,7 @@ from distill.data.dataset import (
     split_devset_and_optimizer_sets,
     write_jsonl,
 )
+from distill.errors import DistillError
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
 from distill.stages.base import (
@@ -37,6 +38,7 @@ class CurationManifest(Manifest):
     input: int
     invalid_label: int
     low_confidence: int = 0  # below curation.min_confidence
+    min_confidence: float | None = None  # the floor applied (auto: the teacher's routing chose it)
     duplicate: int
     test_overlap: int
     kept: int
@@ -95,11 +97,26 @@ class CurationStage(Stage[CurationManifest]):
     def describe(self, m: CurationManifest) -> str:
         return f"{m.input} labels -> {m.kept} kept, {m.sft_examples} SFT examples in {self.sft_path}"
 
+    def min_confidence(self) -> float | None:
+        """curation.min_confidence, or with `auto` the floor the teacher stage chose on gold (its routing)."""
+        floor = self.cfg.curation.min_confidence
+        if floor != "auto":
+            return floor
+        routing = require(self.teacher.load(), "teacher").routing
+        if routing is None or routing.min_confidence is None:
+            raise DistillError("curation.min_confidence is auto but the teacher's manifest has no routing floor: "
+                               "run the teacher stage again (teacher.strategy vote_llm)")
+        print(f"curation floor (auto): {routing.min_confidence:g}, the LLM's gold leave-one-out accuracy in its band "
+              f"being {routing.llm_band_accuracy if routing.llm_band_accuracy is not None else 'n/a'} "
+              f"on {routing.llm_band_n}")
+        return routing.min_confidence
+
     def run(self) -> CurationManifest:
         cfg, data = self.cfg, self.data
         records = read_records(self.teacher.labels_path)
         # Decontaminate against the whole test set, not only the profile's subset of it.
-        result = curate(records, data.labels, [ex.text for ex in data.full_test], cfg.curation.min_confidence)
+        floor = self.min_confidence()
+        result = curate(records, data.labels, [ex.text for ex in data.full_test], floor)
         print_curation(result)
         plot = plot_label_distribution(result.label_counts, self.dir / "label_distribution.png")
         examples = [make_example(r["text"], r["label"]) for r in result.kept]
@@ -120,4 +137,5 @@ class CurationStage(Stage[CurationManifest]):
         print(f"wrote {len(sft)} SFT examples to {self.sft_path}, label chart {plot}")
         return CurationManifest(
             fingerprint=self.fingerprint(), **result.counts, devset=len(dev), optimizer_train=len(train),
-            optimizer_val=len(val), sft_examples=len(sft), sft_source=source, label_counts=result.label_counts, plot=str(plot))
+            optimizer_val=len(val), sft_examples=len(sft), sft_source=source, min_confidence=floor,
+            label_counts=result.label_counts, plot=str(plot))

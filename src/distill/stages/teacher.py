@@ -23,11 +23,14 @@ from distill.stages.base import (
     endpoint_fingerprint,
     fingerprint,
     prompt_fingerprint,
+    require,
 )
 from distill.stages.data import data_fingerprint
 from distill.teacher.labeling import LabelingResult, label_queries, quality_gate, score_teacher
 from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
+from distill.teacher.routing import Routing, grid_line, tune_routing
+from distill.teacher.vote import LabelVote
 
 
 class VoteSummary(BaseModel):
@@ -59,6 +62,10 @@ class TeacherManifest(Manifest):
     llm_share_test: float | None = None
     vote: VoteSummary | None = None
     calls_llm: CallStats | None = None  # vote_llm: the teacher timed with every query going to the LLM
+    # vote_llm: the threshold the teacher labeled with, and (auto, or curation.min_confidence auto) the
+    # leave-one-out grid on gold it was chosen from, with curation's floor.
+    vote_confidence: float | None = None
+    routing: Routing | None = None
 
 
 class TeacherStage(Stage[TeacherManifest]):
@@ -106,11 +113,15 @@ class TeacherStage(Stage[TeacherManifest]):
             lm = self.lm(t)
             index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
             vote = build_vote(index, data.labels) if cfg.teacher.strategy == "vote_llm" else None
-            loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index, vote=vote)
             gate_set = data.gold[: cfg.teacher.gate_size] if cfg.teacher.gate_size else data.gold
+            routing = self.routing(lm, index, vote, gate_set)
+            threshold = routing.vote_confidence if routing else None
+            loo = build_teacher(cfg, data.labels, data.gold, exclude_identical=True, index=index, vote=vote,
+                                vote_confidence=threshold)
+            # The chosen teacher on the same gold: its LLM calls are the routing pass's, from DSPy's cache.
             gate = score_teacher(loo, lm, gate_set, data.labels, cfg.teacher.threads)
             quality_gate(gate.accuracy, gate.n, cfg.teacher.min_accuracy_gold)
-            teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote)
+            teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote, vote_confidence=threshold)
             test = score_teacher(teacher, lm, data.test, data.labels, cfg.teacher.threads)
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
@@ -139,17 +150,46 @@ class TeacherStage(Stage[TeacherManifest]):
             labels_per_s=round(result.new / result.seconds, 3) if result.new else None, calls=calls,
             labeling_engine=cfg.teacher.engine, labeling_concurrency=self.labeling_concurrency(),
             llm_share_gold=gate.llm_share, llm_share_test=test.llm_share, vote=vote_summary, calls_llm=calls_llm,
+            vote_confidence=teacher.vote_confidence if isinstance(teacher, HybridTeacher) else None, routing=routing,
         )
+
+    def routing(self, lm: dspy.LM, index: GoldIndex | None, vote: LabelVote | None,
+                gold: list[dspy.Example]) -> Routing | None:
+        """vote_llm: the routing threshold, chosen by leave-one-out on `gold` when `auto` (or the profile's
+        number), with the grid as evidence. Skipped for a number unless curation's floor is auto."""
+        t, floor = self.cfg.teacher, self.cfg.curation.min_confidence
+        if t.strategy != "vote_llm" or (t.vote_confidence != "auto" and floor != "auto"):
+            return None
+        assert index is not None and vote is not None
+        loo = build_teacher(self.cfg, self.data.labels, self.data.gold, exclude_identical=True, index=index,
+                            vote=vote, vote_confidence=1.0)
+        assert isinstance(loo, HybridTeacher)
+        fixed = None if t.vote_confidence == "auto" else float(t.vote_confidence)
+        routing = tune_routing(loo, lm, gold, t.threads, fixed=fixed, floor_auto=floor == "auto",
+                               floor_fixed=None if floor in (None, "auto") else float(floor))
+        print(grid_line(routing))
+        return routing
+
+    def program(self) -> dspy.Module:
+        """The teacher this stage labeled with (its chosen `vote_confidence` read from the manifest)."""
+        m = require(self.load(), "teacher")
+        index = None if self.cfg.teacher.strategy == "zero_shot" else GoldIndex(self.data.gold, self.cfg.teacher.embedder)
+        return build_teacher(self.cfg, self.data.labels, self.data.gold, index=index, vote_confidence=m.vote_confidence)
 
     def label(self, teacher: dspy.Module, lm: dspy.LM, queries: list[dspy.Example]) -> LabelingResult:
         """Label the queries with the profile's engine, into this stage's directory (resuming)."""
         t = self.cfg.teacher
+        labels_fp = self.labeling_fingerprint()
+        if isinstance(teacher, HybridTeacher) and t.vote_confidence == "auto":
+            # The threshold is chosen on each run: labels made with another one are not these labels.
+            labels_fp = fingerprint(labels_fp, teacher.vote_confidence)
         if t.engine == "ray_data":  # the actors build their own client to the same endpoint, with this cache
             cache_dir = dspy.cache.disk_cache_dir if dspy.cache.enable_disk_cache else None
             return label_queries_ray(teacher, self.cfg.models.teacher, queries, self.dir, t.ray_data,
-                                     fingerprint=self.labeling_fingerprint(), cache=True,
+                                     fingerprint=labels_fp, cache=True,
                                      cache_dir=Path(cache_dir) if cache_dir else None)
-        return label_queries(teacher, lm, queries, self.dir, threads=t.threads, fingerprint=self.labeling_fingerprint())
+        return label_queries(teacher, lm, queries, self.dir, threads=t.threads, fingerprint=labels_fp,
+                             max_consecutive_failures=t.max_consecutive_failures)
 
     def labeling_concurrency(self) -> int:
         t = self.cfg.teacher

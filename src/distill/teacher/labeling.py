@@ -25,6 +25,7 @@ import dspy
 from rich.console import Console
 from tqdm import tqdm
 
+from distill.calls import CallGuard, is_call_failure, is_unreachable, unreachable
 from distill.errors import DistillError
 from distill.lm import using
 from distill.program import ValidLabel, exact_match
@@ -52,14 +53,20 @@ class TeacherScore:
 def score_teacher(
     teacher: dspy.Module, lm: dspy.LM, examples: Sequence[dspy.Example], labels: Sequence[str], threads: int
 ) -> TeacherScore:
-    """Accuracy and valid-label rate of `teacher` on labeled `examples` (dspy.Evaluate, explicit max_errors)."""
+    """Accuracy and valid-label rate of `teacher` on labeled `examples` (dspy.Evaluate, explicit max_errors).
+
+    A failed call scores 0, but a dead endpoint raises `EndpointUnreachable` (with the URL) and a bug in our
+    code raises itself: neither is the teacher being bad.
+    """
     valid = ValidLabel(labels)
+    guard = CallGuard(lm.kwargs.get("api_base"))
     t0 = time.perf_counter()
     with using(lm):
         result = dspy.Evaluate(
             devset=list(examples), metric=exact_match, num_threads=threads, display_progress=True,
-            max_errors=len(examples),  # a failed call scores 0; it must not abort the measurement
-        )(teacher)
+            max_errors=len(examples) + 1,  # a failed call scores 0; it must not abort the measurement
+        )(guard.wrap(teacher))
+    guard.raise_cause()
     seconds = time.perf_counter() - t0
     n_valid = sum(1 for ex, pred, _ in result.results if pred is not None and valid(ex, pred))
     sources = [pred.get("source") for _, pred, _ in result.results if pred is not None]
@@ -217,6 +224,10 @@ def done_ids(path: Path, ids: Sequence[str]) -> set[str]:
     return done
 
 
+class LabelingStopped(DistillError):
+    """Labeling stopped after too many failed calls in a row; what was labeled is kept."""
+
+
 @dataclass
 class LabelingResult:
     path: Path
@@ -233,8 +244,14 @@ def label_queries(
     out_dir: Path,
     threads: int = 2,
     fingerprint: str = "",
+    max_consecutive_failures: int = 10,
 ) -> LabelingResult:
-    """Label every query once into `out_dir/labels.jsonl`, resuming from what is already there."""
+    """Label every query once into `out_dir/labels.jsonl`, resuming from what is already there.
+
+    Failed calls go to `errors.jsonl` and are retried next run. After `max_consecutive_failures` of them in a
+    row the run stops with one line (`LabelingStopped`, naming the endpoint when it is unreachable), keeping
+    every label written; a bug in our code (not a failed call) stops it at once, as itself.
+    """
     start_labeling(out_dir, fingerprint)
     path, err_path = out_dir / "labels.jsonl", out_dir / "errors.jsonl"
     fold_shards(out_dir)  # labels a killed Ray Data run left in its shards count as done here too
@@ -251,7 +268,7 @@ def label_queries(
             pred = teacher(text=q.text)
         return pred, time.perf_counter() - t
 
-    new = failed = 0
+    new = failed = streak = 0
     t0 = time.perf_counter()
     # tqdm's text bar, as dspy.Evaluate's: it updates in place in a terminal and in Jupyter, and an executed
     # notebook keeps its final line (distill.notebook). rich's live display needs ipywidgets in Jupyter.
@@ -270,10 +287,16 @@ def label_queries(
                     out.write(json.dumps(record(qid, q.text, pred, seconds), ensure_ascii=False) + "\n")
                     out.flush()
                     new += 1
+                    streak = 0
                 except Exception as e:  # noqa: BLE001 - recorded and retried next run, never dropped silently
+                    if not is_call_failure(e):
+                        raise  # a bug: as itself, not as a failed call to retry
                     err.write(json.dumps(error_record(qid, q.text, e), ensure_ascii=False) + "\n")
                     err.flush()
                     failed += 1
+                    streak += 1
+                    if streak >= max_consecutive_failures:
+                        raise stopped(lm, e, streak, len(done) + new, len(ids), path) from e
                 progress.update()
         except BaseException:
             for f in futures:
@@ -283,3 +306,11 @@ def label_queries(
     if failed:
         console.print(f"[yellow]{failed} queries failed (see {err_path}); rerun to retry them[/]")
     return LabelingResult(path, len(done) + new, new, failed, seconds)
+
+
+def stopped(lm: dspy.LM, e: BaseException, streak: int, labeled: int, total: int, path: Path) -> LabelingStopped:
+    """The one line a labeling run stops with: the cause, and that what was labeled is kept."""
+    cause = str(unreachable(lm.kwargs.get("api_base"), e)) if is_unreachable(e) else \
+        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return LabelingStopped(f"labeling stopped after {streak} failed calls in a row ({cause}); {labeled} of {total} "
+                           f"queries are labeled in {path} and kept: rerun to resume")

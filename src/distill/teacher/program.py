@@ -167,9 +167,13 @@ def build_vote(index: GoldIndex, labels: Sequence[str]) -> LabelVote:
 
 def build_teacher(
     cfg: Config, labels: Sequence[str], gold: Sequence[dspy.Example], exclude_identical: bool = False,
-    index: GoldIndex | None = None, vote: LabelVote | None = None,
+    index: GoldIndex | None = None, vote: LabelVote | None = None, vote_confidence: float | None = None,
 ) -> dspy.Module:
-    """The teacher program for the profile's strategy (`zero_shot` is the same class without retrieval)."""
+    """The teacher program for the profile's strategy (`zero_shot` is the same class without retrieval).
+
+    `vote_confidence` overrides the profile's; with `teacher.vote_confidence: auto` it must be given (the
+    teacher stage chooses it on gold: `TeacherStage.program()` builds the teacher it labeled with).
+    """
     t: TeacherConfig = cfg.teacher
     program = IntentClassificationModule(labels, cfg.program.reasoning, cfg.program.max_reasoning_chars)
     if t.strategy == "zero_shot":
@@ -179,8 +183,13 @@ def build_teacher(
         if cfg.program.reasoning:  # the vote answers without words, so most labels would carry no reasoning
             raise ConfigError("teacher.strategy vote_llm gives no reasoning to train a reasoning student on: "
                               "use knn or knn_candidates with program.reasoning: true")
+        threshold = t.vote_confidence if vote_confidence is None else vote_confidence
+        if threshold == "auto":
+            raise ConfigError("teacher.vote_confidence is auto: the teacher stage chooses it by leave-one-out on "
+                              "gold; pass build_teacher(..., vote_confidence=<the teacher manifest's "
+                              "routing.vote_confidence>) or use TeacherStage(cfg, data).program()")
         return HybridTeacher(program, index, vote or build_vote(index, labels), k=t.k, candidate_m=t.candidate_m,
-                             vote_confidence=t.vote_confidence, exclude_identical=exclude_identical)
+                             vote_confidence=float(threshold), exclude_identical=exclude_identical)
     return RetrievalTeacher(
         program, index, k=t.k, candidate_k=t.candidate_k, restrict=t.strategy == "knn_candidates",
         exclude_identical=exclude_identical,
