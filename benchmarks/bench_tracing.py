@@ -35,6 +35,7 @@ from distill.data.dataset import prepare_data
 from distill.evaluation.latency import write_result
 from distill.lm import make_lm
 from distill.stages.base import served
+from distill.stages.teacher import TeacherStage
 from distill.teacher.labeling import label_queries
 from distill.teacher.program import GoldIndex, build_teacher, build_vote
 
@@ -57,7 +58,9 @@ def main() -> None:
         t = t.model_copy(update={"api_base": "http://127.0.0.1:9/v1", "timeout_s": 5})
     index = None if cfg.teacher.strategy == "zero_shot" else GoldIndex(data.gold, cfg.teacher.embedder)
     vote = build_vote(index, data.labels) if cfg.teacher.strategy == "vote_llm" else None
-    teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote)
+    teacher = (build_teacher(cfg, data.labels, data.gold, index=index, vote=vote)
+               if cfg.teacher.vote_confidence != "auto"  # auto: the threshold the teacher stage chose
+               else TeacherStage(cfg, data).program())
     scratch = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     sample = cfg.tracking.trace_sample
     conditions = {"untraced": None, f"traced {sample:g}": sample, "traced 1": 1.0}

@@ -19,6 +19,7 @@ from distill.data.dataset import prepare_data
 from distill.evaluation.latency import write_result
 from distill.lm import make_lm
 from distill.serving.control import forward_env_names, serving
+from distill.stages.teacher import TeacherStage
 from distill.teacher.labeling import label_queries, read_records
 from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import build_teacher
@@ -35,7 +36,9 @@ def main() -> None:
     cfg = load_config(args.profile, overrides=overrides)
     data = prepare_data(cfg)
     queries = data.to_label[: args.queries] if args.queries else data.to_label
-    teacher = build_teacher(cfg, data.labels, data.gold)
+    teacher = (build_teacher(cfg, data.labels, data.gold)
+               if cfg.teacher.vote_confidence != "auto"  # auto: the threshold the teacher stage chose
+               else TeacherStage(cfg, data).program())
     t = cfg.models.teacher
     runs = {}
     with tempfile.TemporaryDirectory() as tmp, serving(cfg.path(t.serve_config), t.api_base, models=[t.model],

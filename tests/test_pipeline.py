@@ -73,8 +73,9 @@ def test_run_fills_the_report(artifacts) -> None:
     c = report["curation"]
     assert c["input"] == cfg.data.num_to_label
     assert c["kept"] == c["input"] - c["invalid_label"] - c["low_confidence"] - c["duplicate"] - c["test_overlap"]
-    # local's floor is vote_confidence: what it drops are labels the LLM gave (they carry the vote's confidence)
-    unsure = [r for r in records if r["confidence"] < cfg.curation.min_confidence]
+    # the floor curation applied (auto: from the teacher's routing): what it drops are labels the LLM gave
+    floor = c["min_confidence"] or 0.0
+    unsure = [r for r in records if r["confidence"] < floor]
     assert c["low_confidence"] == len(unsure) and all(r["source"] == "llm" for r in unsure)
     assert c["devset"] == cfg.data.devset_size and c["optimizer_val"] == cfg.data.optimizer_val_size
     sft = [json.loads(x) for x in (artifacts / "curation" / "sft.jsonl").read_text().splitlines()]

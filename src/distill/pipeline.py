@@ -35,7 +35,7 @@ from distill.stages.serving import ServingManifest, program_app_env
 from distill.stages.teacher import TeacherManifest
 
 __all__ = ["setup", "stage", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage",
-           "evaluation_stage", "serving_stage", "deploy_config", "client_headers", "finish_run", "print_summary",
+           "evaluation_stage", "serving_stage", "teacher_program", "deploy_config", "client_headers", "finish_run", "print_summary",
            "run", "finetune_call", "runs_table"]
 
 
@@ -101,6 +101,11 @@ def baselines_stage(cfg: Config, data: TaskData) -> BaselinesManifest:
 def teacher_stage(cfg: Config, data: TaskData) -> TeacherManifest:
     """Quality gate on unseen gold, accuracy on the test queries, then labeling."""
     return stage(cfg, "teacher", data)  # type: ignore[return-value]
+
+
+def teacher_program(cfg: Config, data: TaskData) -> dspy.Module:
+    """The teacher the teacher stage labeled with (its routing threshold as the stage chose it)."""
+    return StageGraph(cfg, data).stage("teacher").program()  # type: ignore[attr-defined]
 
 
 def curation_stage(cfg: Config, data: TaskData) -> CurationManifest:

@@ -122,6 +122,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if t:
         rows.append(("teacher accuracy: gold (leave-one-out) / test",
                      f"{_pct(t['accuracy_gold'])} / {_pct(t['accuracy_test'])} ({t['test_size']} test queries)"))
+        if rt := t.get("routing"):
+            rows.append((f"teacher routing, chosen {'on gold (leave-one-out)' if rt['chosen_by'] == 'auto' else 'by the profile'}"
+                         ": vote_confidence / gold accuracy / LLM share on gold",
+                         f"{rt['vote_confidence']:g} / {_pct(rt['accuracy_gold'])} / {_pct(rt['llm_share_gold'])}"))
         if t.get("vote"):
             rows.append(("teacher: its vote alone (test) / share of test queries the LLM answered",
                          f"{_pct(t['vote']['accuracy_test'])} / {_pct(t['llm_share_test'])}"))

@@ -85,7 +85,8 @@ class TeacherStage(Stage[TeacherManifest]):
     def labeling_fingerprint(self) -> str:
         """What the labels depend on: the teacher, its prompt and the queries (not how it is timed)."""
         cfg = self.cfg
-        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "engine", "ray_data", "min_accuracy_gold"}),
+        return fingerprint(cfg.teacher.model_dump(exclude={"threads", "engine", "ray_data", "min_accuracy_gold",
+                                                           "max_consecutive_failures"}),
                            endpoint_fingerprint(cfg, cfg.models.teacher),
                            prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data),
                            code_version("distill.teacher", "distill.program", "distill.lm"))
