@@ -114,12 +114,16 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
     cfg = load_config("local_ci")
     report = load_report(cfg)
     ev = report["eval"]
-    for split in ("devset", "testset"):
+    for split in ("devset", "optimizer_val", "testset"):
         assert set(ev[split]) == {"base", "finetuned"}
         for kind in ev[split].values():
             assert set(kind) == {"vanilla", "bfrs"} and all(0.0 <= v <= 1.0 for v in kind.values())
     best = ev["best"]
-    assert best["test_score"] == max(v for kind in ev["testset"].values() for v in kind.values())
+    # deployed: the best devset score, ties broken on the optimizer valset; the test score is only reported
+    dev, val = ev["devset"], ev["optimizer_val"]
+    assert (dev[best["kind"]][best["variant"]], val[best["kind"]][best["variant"]]) == max(
+        (dev[k][v], val[k][v]) for k in dev for v in dev[k])
+    assert best["devset_score"] == dev[best["kind"]][best["variant"]]
     assert best["test_score"] == ev["testset"][best["kind"]][best["variant"]]
     # every score is a measured number: it is the share of correct rows in that variant's predictions
     for split, n in (("devset", cfg.data.devset_size), ("testset", cfg.data.test_size)):
