@@ -29,7 +29,7 @@ def _column(result: dict[str, Any]) -> list[str]:
         ", ".join(f"{k}: {v}" for k, v in c["status_counts"].items()),
         "; ".join(f"{k} ({v})" for k, v in result.get("classify_failures", {}).items()) or "none",
         str(result["replica_restarts"]),
-        f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')} / {n('crash_schemas', '401')}",
+        f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')}",
         f"{n('slow_bodies', 'opened')} / {n('slow_bodies', '408')}",
         str(n("cancellations", "sent")),
         f"{n('burst', 'sent')} / {n('burst', '503')}",
@@ -39,7 +39,7 @@ def _column(result: dict[str, Any]) -> list[str]:
 
 ROWS = ["`/classify_intent` success during the attack", "`/classify_intent` p50 / p95 of the 200s",
         "`/classify_intent` statuses", "`/classify_intent` failures (detail)", "replica restarts (by replica PID)",
-        "crash schemas sent / 4xx / of which 401", "slow bodies opened (1 byte/s, both apps) / ended by a 408",
+        "crash schemas sent / answered 4xx (400, or 401 for the classifier's key)", "slow bodies opened (1 byte/s, both apps) / ended by a 408",
         "abandoned requests (cancellation storm)", "burst requests / shed with 503",
         "classifier's key on the LLM app: 401s / tries"]
 
