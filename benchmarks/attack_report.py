@@ -1,9 +1,9 @@
-"""Render `bench_classify.py --mode attack`'s JSON result into docs/serving.md (numbers never typed by hand).
+"""Render `bench_classify.py --mode attack`'s JSON results into docs/serving.md (numbers never typed by hand).
 
-    .venv/bin/python benchmarks/attack_report.py docs/bench_attack.json docs/serving.md
+    .venv/bin/python benchmarks/attack_report.py docs/serving.md docs/bench_attack.json docs/bench_attack_llm_key.json
 
-replaces the block between `<!-- attack:begin -->` and `<!-- attack:end -->` with `render(result)`;
-tests/test_serving_docs.py checks that the committed document matches the committed JSON.
+replaces the block between `<!-- attack:begin -->` and `<!-- attack:end -->` with `render(results)`, one
+column per result; tests/test_serving_docs.py checks that the committed document matches the committed JSON.
 """
 
 from __future__ import annotations
@@ -14,40 +14,55 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- attack:begin -->", "<!-- attack:end -->"
+WHO = {"classifier": "holds the classifier's key only", "llm": "holds the LLM app's key"}
 
 
-def render(result: dict[str, Any]) -> str:
-    """The attack benchmark's result as Markdown: what was thrown at the deployment and how it held."""
+def _column(result: dict[str, Any]) -> list[str]:
     c, a = result["classify"], result["attack"]
 
     def n(kind: str, outcome: str) -> int:
         return a[kind].get(outcome, 0)
 
-    rows = [
-        ("`/classify_intent` success during the attack", f"{c['success_rate']:.1%} ({c['ok']}/{c['requests']})"),
-        ("`/classify_intent` p50 / p95 of the 200s", f"{c['p50_s']} s / {c['p95_s']} s"),
-        ("`/classify_intent` statuses", ", ".join(f"{k}: {v}" for k, v in c["status_counts"].items())),
-        ("replica restarts (by replica PID)", str(result["replica_restarts"])),
-        ("crash schemas sent / answered 4xx", f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')}"),
-        ("slow bodies opened (1 byte/s) / ended by a 408", f"{n('slow_bodies', 'opened')} / {n('slow_bodies', '408')}"),
-        ("abandoned long generations", str(n("cancellations", "sent"))),
-        ("burst requests / shed with 503", f"{n('burst', 'sent')} / {n('burst', '503')}"),
-        ("classifier-only key on the LLM app: 401s", f"{n('wrong_key', '401')} / {n('wrong_key', 'sent')}"),
+    return [
+        f"{c['success_rate']:.1%} ({c['ok']}/{c['requests']})",
+        f"{c['p50_s']} s / {c['p95_s']} s",
+        ", ".join(f"{k}: {v}" for k, v in c["status_counts"].items()),
+        "; ".join(f"{k} ({v})" for k, v in result.get("classify_failures", {}).items()) or "none",
+        str(result["replica_restarts"]),
+        f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')}",
+        f"{n('slow_bodies', 'opened')} / {n('slow_bodies', '408')}",
+        str(n("cancellations", "sent")),
+        f"{n('burst', 'sent')} / {n('burst', '503')}",
+        f"{n('wrong_key', '401')} / {n('wrong_key', 'sent')}",
     ]
-    lines = [f"Measured {result['when']} on {result['machine']}, {result['duration_s']:g} s of attack "
-             f"(`{result['command']}`):", "", "| what | result |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+
+
+ROWS = ["`/classify_intent` success during the attack", "`/classify_intent` p50 / p95 of the 200s",
+        "`/classify_intent` statuses", "`/classify_intent` failures (detail)", "replica restarts (by replica PID)",
+        "crash schemas sent / answered 4xx (400, or 401 for the classifier's key)", "slow bodies opened (1 byte/s, both apps) / ended by a 408",
+        "abandoned requests (cancellation storm)", "burst requests / shed with 503",
+        "classifier's key on the LLM app: 401s / tries"]
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """The attack benchmark's results as Markdown: one column per run (attacker's key)."""
+    cols = [_column(r) for r in results]
+    lines = [f"- attacker who {WHO[r['attacker_key']]}: `{r['command']}`, {r['when']}, {r['machine']}, model "
+             f"`{r['model']}`" for r in results]
+    lines += ["", "| | " + " | ".join(f"attacker {WHO[r['attacker_key']]}" for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    lines += [f"| {row} | " + " | ".join(col[i] for col in cols) + " |" for i, row in enumerate(ROWS)]
     return "\n".join(lines)
 
 
-def update(doc: Path, result: dict[str, Any]) -> str:
-    """`doc`'s text with the attack block rendered from `result`."""
+def update(doc: Path, results: list[dict[str, Any]]) -> str:
+    """`doc`'s text with the attack block rendered from `results`."""
     text = doc.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start] + "\n" + render(result) + "\n" + text[end:]
+    return text[:start] + "\n" + render(results) + "\n" + text[end:]
 
 
 if __name__ == "__main__":
-    src, doc = Path(sys.argv[1]), Path(sys.argv[2])
-    doc.write_text(update(doc, json.loads(src.read_text())))
-    print(f"{doc}: attack numbers rendered from {src}")
+    doc, sources = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    doc.write_text(update(doc, [json.loads(p.read_text()) for p in sources]))
+    print(f"{doc}: attack numbers rendered from {', '.join(map(str, sources))}")

@@ -24,11 +24,16 @@ down or starved them, while one legitimate client classifies test queries two at
 * a burst of 100 generations at once every 15 s, straight at the LLM app;
 * the classifier's key tried on the LLM app.
 
-Attacks on the LLM app use its own key (the worst case: a holder of that key). It reports the legitimate
-client's success rate and p50/p95, what became of each attack, and replica restarts by replica PID:
+`--attacker-key llm` (default) sends the attacks on the LLM app with its own key: the worst case, a
+holder of that key, who shares the model's capacity with the program app. `--attacker-key classifier` is
+the least-privilege threat model (DISTILL_LLM_API_KEY set): the attacker holds the classifier's key only,
+so the LLM app refuses it at the headers, and the cancellation storm and bursts go to /classify_intent.
+It reports the legitimate client's success rate and p50/p95 (and the details of its failures), what
+became of each attack, and replica restarts by replica PID:
 
-    flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --out docs/bench_attack.json
-    .venv/bin/python benchmarks/attack_report.py docs/bench_attack.json docs/serving.md
+    flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --attacker-key classifier --out docs/bench_attack.json
+    flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --attacker-key llm --out docs/bench_attack_llm_key.json
+    .venv/bin/python benchmarks/attack_report.py docs/serving.md docs/bench_attack.json docs/bench_attack_llm_key.json
 """
 
 from __future__ import annotations
@@ -247,6 +252,8 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     llm_auth = {"Authorization": f"Bearer {llm_key}"} if llm_key else {}
     chat = f"{args.llm_url.rstrip('/')}/chat/completions"
+    if args.attacker_key == "classifier":
+        llm_auth = auth  # what a holder of the classifier's key can send to the LLM app
     stop = asyncio.Event()
     tally: dict[str, dict[str, int]] = {k: {"sent": 0} for k in ("crash_schemas", "slow_bodies", "cancellations",
                                                                    "burst", "wrong_key")}
@@ -270,6 +277,7 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
         await client.post(args.url, json={"query": queries[0]}, headers=auth)  # warm-up
 
         legit: list[tuple[str, float]] = []
+        failures: dict[str, int] = {}
 
         async def legitimate(offset: int) -> None:
             i = offset
@@ -278,6 +286,9 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     r = await client.post(args.url, json={"query": queries[i % len(queries)]}, headers=auth)
                     kind = str(r.status_code) if r.status_code != 200 or r.json()["label"] in labels else "bad label"
+                    if r.status_code != 200:
+                        why = f"{r.status_code} {r.json().get('detail', '')}"[:120]
+                        failures[why] = failures.get(why, 0) + 1
                 except httpx.HTTPError as e:
                     kind = type(e).__name__
                 legit.append((kind, time.perf_counter() - t))
@@ -311,8 +322,13 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
             i = 0
             while not stop.is_set():
                 tally["cancellations"]["sent"] += 1
+                timeout = 0.3 + 0.25 * (i % 5)
                 try:
-                    await client.post(chat, json=long_generation(), headers=llm_auth, timeout=0.3 + 0.25 * (i % 5))
+                    if args.attacker_key == "classifier":  # classifications abandoned by their client
+                        await client.post(args.url, json={"query": queries[(7 * i) % len(queries)]}, headers=auth,
+                                          timeout=timeout)
+                    else:
+                        await client.post(chat, json=long_generation(), headers=llm_auth, timeout=timeout)
                     count("cancellations", "answered")
                 except httpx.TimeoutException:
                     count("cancellations", "abandoned")
@@ -323,8 +339,11 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
         async def bursts() -> None:
             async def one() -> None:
                 try:
-                    r = await client.post(chat, headers=llm_auth, json={
-                        "model": params.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+                    if args.attacker_key == "classifier":
+                        r = await client.post(args.url, json={"query": "where is my card?"}, headers=auth)
+                    else:
+                        r = await client.post(chat, headers=llm_auth, json={
+                            "model": params.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
                     count("burst", str(r.status_code))
                 except httpx.HTTPError as e:
                     count("burst", type(e).__name__)
@@ -357,7 +376,8 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
     for kind, _ in legit:
         counts[kind] = counts.get(kind, 0) + 1
     return {
-        "mode": "attack", "model": params.model, "duration_s": args.duration, "wall_s": round(wall, 1),
+        "mode": "attack", "attacker_key": args.attacker_key, "model": params.model, "duration_s": args.duration,
+        "wall_s": round(wall, 1), "classify_failures": failures,
         "classify": {"requests": len(legit), "ok": len(ok), "success_rate": round(len(ok) / max(1, len(legit)), 4),
                      "status_counts": dict(sorted(counts.items())), "p50_s": _quantile(ok, 0.5),
                      "p95_s": _quantile(ok, 0.95)},
@@ -384,7 +404,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result file (default: <artifacts>/bench/classify-<time>.json)")
     ap.add_argument("--mode", choices=["load", "attack"], default="load")
     ap.add_argument("--duration", type=float, default=60.0, help="attack mode: seconds of attack")
-    ap.add_argument("--burst", type=int, default=100, help="attack mode: generations per burst")
+    ap.add_argument("--burst", type=int, default=100, help="attack mode: requests per burst")
+    ap.add_argument("--attacker-key", choices=["llm", "classifier"], default="llm",
+                    help="attack mode: the key the attacker holds (see above)")
     args = ap.parse_args()
     if args.mode == "attack":
         return main_attack(args)
@@ -447,7 +469,8 @@ def main_attack(args: argparse.Namespace) -> None:
             out["replica_restarts"] = None  # unknown for a remote deployment
     out["when"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     out["machine"] = f"{os.cpu_count()} CPU cores ({platform.machine()})"
-    out["command"] = f"bench_classify.py --mode attack --duration {args.duration:g} --burst {args.burst}"
+    out["command"] = (f"bench_classify.py --mode attack --attacker-key {args.attacker_key} "
+                      f"--duration {args.duration:g} --burst {args.burst}")
     path = Path(args.out) if args.out else load_config(args.profile).artifacts / "bench" / (
         "attack-" + out["when"].replace(":", "") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)

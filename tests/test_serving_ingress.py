@@ -216,7 +216,7 @@ def test_llm_down_is_a_fast_503_and_withdraws_waiting_calls(tmp_path, monkeypatc
         t = time.perf_counter()
         probe.down.set()  # ... when its replica goes down
         r = await pending
-        assert r.status_code == 503 and r.headers["retry-after"] == "2" and "restarting" in r.json()["detail"], r.text
+        assert r.status_code == 503 and r.headers["retry-after"] == "2" and "no running replica" in r.json()["detail"], r.text
         assert time.perf_counter() - t < 0.5 and worker.cancelled == 1
         # While it is down: a 503 at once, without calling the worker; healthz says so.
         calls = len(worker.calls)

@@ -357,7 +357,7 @@ class IntentClassifierApp:
         if (n := self.count_tokens(query)) > self.args.max_query_tokens:
             return _error(422, f"query: longer than {self.args.max_query_tokens} tokens ({n})")
         if self.probe.down.is_set():
-            return self._unavailable("the LLM application is restarting; retry later")
+            return self._unavailable("the LLM application is unavailable (no running replica); retry later")
         response = self.worker.classify.remote(query, deadline)
         # The worker keeps the deadline itself; this bound (plus a moment for its answer to come back)
         # also covers the time spent waiting for a free worker. If the LLM's replica goes down meanwhile,
@@ -369,7 +369,7 @@ class IntentClassifierApp:
             if not answer.done():
                 answer.cancel()
                 response.cancel()
-                return self._unavailable("the LLM application is restarting; retry later")
+                return self._unavailable("the LLM application is unavailable (no running replica); retry later")
             outcome: Outcome = answer.result()
         except BackPressureError:
             return self._unavailable("the classifier is at capacity; retry later")
