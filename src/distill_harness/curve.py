@@ -128,7 +128,9 @@ def profile_rows(cfg: Config) -> list[CurveRow]:
         raise DistillError(f"profile {cfg.name} has no finished run in {cfg.artifacts}: run it first "
                            f"(python -m distill run --profile {cfg.name})")
     n_test = m.sizes["testset"]
-    rows = [CurveRow(kind="student", name=series("teacher", cfg.curation.min_confidence), labels=ft.examples, steps=ft.steps,
+    # the floor curation applied (`auto`: what the teacher's routing chose; 0 is no floor)
+    floor = (c.min_confidence or None) if (c := cur.load()) is not None else None
+    rows = [CurveRow(kind="student", name=series("teacher", floor), labels=ft.examples, steps=ft.steps,
                      epochs=round(ft.epochs, 2), train_seconds=ft.train_seconds,
                      test_accuracy=m.testset["finetuned"]["vanilla"], test_size=n_test),
             CurveRow(kind="reference", name="teacher", test_accuracy=teacher.accuracy_test, test_size=n_test)]
