@@ -46,9 +46,7 @@ BANKING77_PROMPTS = {
     "local": ("5003bc60cd54", "4e8b6ec797af"),
     "local_full": ("5003bc60cd54", "4e8b6ec797af"),
     "local_ci": ("5003bc60cd54", "4e8b6ec797af"),
-    # no ChainOfThought since cluster's teacher is vote_llm (issue 33): the teacher's prompt is local's, the
-    # student's the full one (ChainOfThought's were 0c70794bda17, 72c70e60cce6)
-    "cluster": ("4a7c140b273b", "4e8b6ec797af"),
+    "cluster": ("0c70794bda17", "72c70e60cce6"),  # ChainOfThought: another signature
 }
 BANKING77_INSTRUCTIONS = ("As part of a bank's customer-support triage system, classify the intent of a customer's "
                           "message into exactly one of the 25 intent labels.")
