@@ -95,8 +95,9 @@ def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
     }
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
-    if os.environ.get("RAY_ADDRESS"):
-        kwargs["address"] = os.environ["RAY_ADDRESS"]
+    # Join a cluster only when asked (RAY_ADDRESS, e.g. "auto" after `ray start`). A bare ray.init() joins
+    # whatever /tmp/ray/ray_current_cluster last recorded, and hangs when that cluster is gone.
+    kwargs["address"] = os.environ.get("RAY_ADDRESS") or "local"
     ctx = ray.init(**kwargs)
     logs.link_ray_session(ctx.address_info.get("session_dir"))
     return ctx.dashboard_url or ""
