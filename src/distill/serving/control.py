@@ -112,8 +112,9 @@ def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
         kwargs["dashboard_host"] = "127.0.0.1"
     # "local" starts a new Ray even when a `ray start` cluster runs on this machine (ray.init() would join it,
     # and our teardown would then stop what someone else started).
-    joined = bool(os.environ.get("RAY_ADDRESS"))
-    kwargs["address"] = os.environ["RAY_ADDRESS"] if joined else "local"
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    joined = address != "local"
+    kwargs["address"] = address
     ctx = ray.init(**kwargs)
     _OWNED["ray"] = "joined" if joined else "started"
     logs.link_ray_session(ctx.address_info.get("session_dir"))
@@ -134,7 +135,8 @@ def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] 
     cfg = load_serve_config(path)
     http = cfg.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and _port_in_use(host, port):
+    joining = os.environ.get("RAY_ADDRESS", "local") != "local"  # a cluster's proxy may hold the port already
+    if not ray.is_initialized() and not joining and _port_in_use(host, port):
         # Otherwise we would silently talk to whatever else is listening there.
         raise DistillError(f"{path}: {host}:{port} is already in use by another process; stop it or change http_options.port")
     ensure_ray(forward_env)

@@ -118,7 +118,8 @@ class FinetuneStage(Stage[FinetuneManifest]):
 
     def configured_address(self) -> str | None:
         """The Ray job server the profile names (or RAY_ADDRESS); None: the stage starts a local Ray."""
-        return self.cfg.finetune.address or os.environ.get("RAY_ADDRESS")
+        address = self.cfg.finetune.address or os.environ.get("RAY_ADDRESS")
+        return None if address == "local" else address  # RAY_ADDRESS=local: start one, as ray.init does
 
     def job_storage(self) -> str | None:
         """Where the Ray job's inputs and outputs go (`finetune.job_storage`, or the adapters' bucket); None: the
