@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_bad_job_json_is_reported(job_server, tmp_path) -> None:
 def test_the_log_streams_while_the_job_runs(job_server) -> None:
     seen: list[tuple[float, str]] = []
     code = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(2)\n"
-    logs = submit_and_wait(job_server, f"{sys.executable} -c {json.dumps(code)}", timeout_s=120,
+    logs = submit_and_wait(job_server, f"{sys.executable} -c {shlex.quote(code)}", timeout_s=120,
                            on_log=lambda text: seen.append((time.monotonic(), text)))
     assert [line for _, text in seen for line in text.splitlines() if line.startswith("line")] == \
         ["line 0", "line 1", "line 2"]

@@ -44,7 +44,7 @@ def cluster(tmp_path_factory):
                 yield head, node, driver
 
 
-def _pinned(tmp: Path, driver: Path) -> tuple[str, str]:
+def _pinned(tmp: Path) -> tuple[str, str]:
     """A job config pinned to the job node, and a recipe whose Train workers are pinned there too."""
     job = yaml.safe_load((ROOT / "configs/job.yaml").read_text())
     job["entrypoint_resources"] = {JOB_NODE: 1}
@@ -57,7 +57,7 @@ def _pinned(tmp: Path, driver: Path) -> tuple[str, str]:
 
 def _call(head, tmp: Path, output_dir: Path, job_storage: str | None) -> FinetuneCall:
     cfg = load_config("local_ci")
-    job_config, recipe = _pinned(tmp, output_dir)
+    job_config, recipe = _pinned(tmp)
     return FinetuneCall(
         lm=make_lm(cfg.models.student, provider=RayJobProvider()), train_data=ROWS,
         train_kwargs={"recipe": recipe, "overrides": {"max_steps": 1}, "output_dir": str(output_dir),

@@ -223,7 +223,7 @@ def hidden_from_node(head: Head, node: Node, path: Path) -> tuple[bool, str]:
     if not path.exists():
         raise ClusterError(f"{path}: the driver must see it for the probe to mean anything")
     code = f"import os, sys; sys.exit(3 if os.path.exists({str(path)!r}) else 0)"
-    status, where, out = run_job(head, f"{sys.executable} -c {json.dumps(code)}", {JOB_NODE: 1})
+    status, where, out = run_job(head, f"{sys.executable} -c {shlex.quote(code)}", {JOB_NODE: 1})
     return status == "SUCCEEDED" and where == node.node_id, out
 
 
