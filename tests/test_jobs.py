@@ -133,9 +133,12 @@ def test_ctrl_c_during_a_finetune_stops_its_ray_job(job_server, tmp_path) -> Non
         assert job_id, "the finetune printed no job id"
 
         def training() -> bool:  # the job runs and its Ray Train worker is up: Ctrl-C lands mid-finetune
+            try:
+                status = client.get_job_status(job_id)
+            except RuntimeError:  # printed just before submission: not there yet
+                return False
             workers = list_actors(address=job_server, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-            return client.get_job_status(job_id) == JobStatus.RUNNING and any(
-                "RayTrainWorker" in (a.class_name or "") for a in workers)
+            return status == JobStatus.RUNNING and any("RayTrainWorker" in (a.class_name or "") for a in workers)
 
         deadline = time.monotonic() + 300
         while not training():

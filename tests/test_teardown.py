@@ -14,7 +14,7 @@ import ray
 from distill.config import load_config
 from distill.serving.control import ensure_ray, load_serve_config, owned, shutdown
 from distill.stages.base import served
-from distill_harness.cluster import UNRELATED_APP, deploy_unrelated_app, ray_head, still_serving
+from distill_harness.cluster import UNRELATED_APP, dashboard_get, deploy_unrelated_app, ray_head, still_serving
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,8 @@ def cluster(tmp_path_factory):
         yield head, url
 
 
-def _applications(dashboard: str) -> set[str]:
-    r = httpx.get(f"{dashboard}/api/serve/applications/", timeout=30)
-    r.raise_for_status()
-    return set(r.json().get("applications") or {})
+def _applications(head) -> set[str]:
+    return set(dashboard_get(head, "/api/serve/applications/").get("applications") or {})
 
 
 def test_a_teacher_block_that_joins_a_cluster_leaves_an_unrelated_app_serving(cluster, tmp_path, monkeypatch) -> None:
@@ -44,14 +42,14 @@ def test_a_teacher_block_that_joins_a_cluster_leaves_an_unrelated_app_serving(cl
     teacher = cfg.models.teacher
     with served(cfg, teacher):  # what every teacher block of the pipeline does
         assert owned() == {"ray": "joined", "apps": ["teacher-llm"]}
-        assert _applications(head.dashboard) == {UNRELATED_APP, "teacher-llm"}
+        assert _applications(head) == {UNRELATED_APP, "teacher-llm"}
         models = httpx.get(f"{teacher.api_base}/models", timeout=30).json()["data"]
         assert [m["id"] for m in models] == [teacher.model]
     assert owned() == {"ray": None, "apps": []}
     assert not ray.is_initialized()  # disconnected...
     assert still_serving(url)  # ...and the unrelated app, Serve and the cluster are still there
-    assert _applications(head.dashboard) == {UNRELATED_APP}  # ours is gone
-    assert httpx.get(f"{head.dashboard}/api/version", timeout=10).status_code == 200
+    assert _applications(head) == {UNRELATED_APP}  # ours is gone
+    assert dashboard_get(head, "/api/version")  # the cluster is up
 
 
 def test_shutdown_with_nothing_of_ours_deployed_leaves_the_cluster_alone(cluster, monkeypatch) -> None:
@@ -61,4 +59,4 @@ def test_shutdown_with_nothing_of_ours_deployed_leaves_the_cluster_alone(cluster
     ensure_ray()
     assert owned() == {"ray": "joined", "apps": []}
     shutdown()
-    assert not ray.is_initialized() and still_serving(url) and _applications(head.dashboard) == {UNRELATED_APP}
+    assert not ray.is_initialized() and still_serving(url) and _applications(head) == {UNRELATED_APP}

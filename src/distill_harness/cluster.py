@@ -84,6 +84,33 @@ def _log_tail(path: Path, n: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
 
 
+def dashboard_headers() -> dict[str, str]:
+    """The headers Ray's own clients send to the dashboard: its token when token authentication is on (Ray
+    turns it on by itself when ~/.ray/auth_token exists); a plain request then gets 401."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # a Ray without token authentication
+        return {}
+    return dict(get_auth_headers_if_auth_enabled({}))
+
+
+def dashboard_get(head: "Head", path: str) -> Any:
+    """GET <dashboard><path> as Ray's clients do; the JSON body."""
+    r = httpx.get(f"{head.dashboard}{path}", headers=dashboard_headers(), timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _job_server_up(dashboard: str) -> bool:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(dashboard)  # checks the server's version: up, and answering with our credentials
+    except Exception:  # noqa: BLE001 - ConnectionError until it is up
+        return False
+    return True
+
+
 @dataclass
 class Head:
     gcs: str  # what RAY_ADDRESS / `ray start --address` take
@@ -105,12 +132,7 @@ def ray_head(num_cpus: int, log: Path, timeout_s: float = 120) -> Iterator[Head]
     head = Head(gcs=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", log=log)
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{head.dashboard}/api/version", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not _job_server_up(head.dashboard):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise ClusterError(f"the Ray head did not start ({log}):\n{_log_tail(log)}")
             time.sleep(0.5)
