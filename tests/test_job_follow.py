@@ -165,5 +165,5 @@ def test_ctrl_c_in_result_stops_the_job_that_dspy_s_thread_follows(client) -> No
     with pytest.raises(KeyboardInterrupt):
         job.result()
     assert not job.thread.is_alive() and FakeClient.instances[0].stopped
-    with pytest.raises(JobStopped, match="stop requested"):
+    with pytest.raises(JobStopped, match=r"interrupted \(Ctrl-C\); stopped it \(STOPPED\)"):
         job.result()

@@ -28,6 +28,16 @@ class JobStopped(JobFailed):
     """We stopped the Ray job: it ran out of time, or its submitter was interrupted or asked it to stop."""
 
 
+class StopRequest(threading.Event):
+    """`submit_and_wait(stop=...)` from another thread: `request("why")` stops the job, and the why is reported."""
+
+    reason = "stop requested"
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
 def load_job_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -178,7 +188,8 @@ def submit_and_wait(
                  f"the submitter failed: {type(e).__name__}")
         raise
     if outcome != "done":
-        reason = f"did not finish in {timeout_s:.0f}s" if outcome == "timeout" else "stop requested"
+        reason = f"did not finish in {timeout_s:.0f}s" if outcome == "timeout" else getattr(stop, "reason",
+                                                                                              "stop requested")
         status = stop_job(client, job_id, reason)
         raise JobStopped(f"Ray job {job_id} {reason}; stopped it ({status}). Log tail:\n{log.tail()}")
     status = _terminal_status(client, job_id, wait_s=30)

@@ -27,7 +27,7 @@ from distill.errors import DistillError
 from distill.logs import JobLog
 from distill.student import storage
 from distill.student.finetune import TrainJob, load_recipe
-from distill.student.jobs import load_job_config, runtime_env, submit_and_wait
+from distill.student.jobs import StopRequest, load_job_config, runtime_env, submit_and_wait
 
 
 class RayTrainingJob(TrainingJob):
@@ -40,22 +40,22 @@ class RayTrainingJob(TrainingJob):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stop_requested = threading.Event()
+        self.stop_requested = StopRequest()
 
     def result(self, timeout: float | None = None) -> Any:
         try:
             out = super().result(timeout)
         except KeyboardInterrupt:
             print("interrupted: stopping the finetune's Ray job", file=sys.stderr, flush=True)
-            self.cancel()
+            self.cancel("interrupted (Ctrl-C)")
             raise
         if isinstance(out, BaseException):
             raise out
         return out
 
-    def cancel(self) -> bool:
+    def cancel(self, reason: str = "cancelled") -> bool:
         """Stop the Ray job: the submitting thread stops it (`stop_job`) and ends once Ray reports it stopped."""
-        self.stop_requested.set()
+        self.stop_requested.request(reason)
         if self.thread is not None and self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join()
         return bool(super().cancel())  # False once the thread has set its result (the exception)
