@@ -64,7 +64,9 @@ def _port_args() -> list[str]:
 
 
 def _env(drop: Sequence[str]) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    """The environment of a node we start: ours without `drop`; stopping it stops it at once (no 30 s drain
+    for Serve's proxies: the whole throwaway cluster goes)."""
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def _stop(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
