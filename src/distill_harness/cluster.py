@@ -86,6 +86,43 @@ def _log_tail(path: Path, n: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
 
 
+def _refresh_ray_config() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE again (what Ray itself does when it turns token auth on)."""
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def token_auth() -> Iterator[str]:
+    """Our cluster's authentication, as a real cluster's: Ray's token auth with the machine's token
+    (~/.ray/auth_token; `ray get-auth-token --generate` makes one when there is none, as `ray.init` does),
+    set through RAY_AUTH_MODE for every process that talks to the cluster: the nodes started here and this
+    process (the pipeline's `ray.init` and job clients). An explicit RAY_AUTH_MODE wins.
+
+    Needed because Ray turns token auth on by itself only for a cluster it finds, never for an explicit
+    address such as RAY_ADDRESS: a driver joining a token cluster needs RAY_AUTH_MODE=token, as a user of a
+    real cluster does. Without it every call is refused (401, or UNAUTHENTICATED from the GCS).
+    """
+    before = os.environ.get("RAY_AUTH_MODE")
+    mode = before or "token"
+    if mode == "token":  # the token goes to ~/.ray/auth_token; its value is never printed
+        subprocess.run([_ray_cli(), "get-auth-token", "--generate"], check=True, capture_output=True)
+    os.environ["RAY_AUTH_MODE"] = mode
+    _refresh_ray_config()
+    try:
+        yield mode
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
+        _refresh_ray_config()
+
+
 def dashboard_headers() -> dict[str, str]:
     """The headers Ray's own clients send to the dashboard: its token when token authentication is on (Ray
     turns it on by itself when ~/.ray/auth_token exists); a plain request then gets 401."""
@@ -122,7 +159,15 @@ class Head:
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int, log: Path, timeout_s: float = 120) -> Iterator[Head]:
-    """`ray start --head --block` with its dashboard (the job server) on free ports; stopped after the block."""
+    """`ray start --head --block` with its dashboard (the job server) on free ports, token auth on for it and
+    for this process (`token_auth`); stopped after the block."""
+    with token_auth():
+        with _ray_head(num_cpus, log, timeout_s) as head:
+            yield head
+
+
+@contextlib.contextmanager
+def _ray_head(num_cpus: int, log: Path, timeout_s: float) -> Iterator[Head]:
     gcs, dash = free_port(), free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [_ray_cli(), "start", "--head", "--block", "--disable-usage-stats", "--port", str(gcs),
