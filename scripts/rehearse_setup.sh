@@ -20,5 +20,8 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --no-deps --no-build-isolation -e .
 # The import chain the rehearsal needs, checked now rather than minutes into a run.
 "$VENV/bin/python" -c "import vllm, ray.serve.llm, moto, boto3, distill_harness.rehearse; print('vllm', vllm.__version__)"
+# The rehearsal's job node runs in a mount namespace of its own (unshare --mount, or an unprivileged user
+# namespace): checked now, with the reason when this machine allows neither.
+"$VENV/bin/python" -c "from distill_harness.cluster import unshare_command; print('job node isolation:', ' '.join(unshare_command()))"
 echo $(( $(date +%s) - started )) > "$VENV/setup-seconds"
 echo "rehearsal venv ready: $VENV in $(cat "$VENV/setup-seconds") s, $(du -sh "$VENV" | cut -f1)"

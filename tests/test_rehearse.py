@@ -87,6 +87,18 @@ def test_the_rehearsal_profile_is_the_cluster_profile_with_derived_configs(tmp_p
     for path in (cfg.models.teacher.serve_config, cfg.models.student.serve_config, cfg.serving.deploy_config):
         assert Path(path).is_relative_to(tmp_path / "art" / "rehearsal")
     assert load_recipe(cfg.finetune.recipe).model.hub_id == str(tmp_path / "hf")
+    # the finetune job and its Train worker pinned to the job node; its storage on the rehearsal's S3
+    from distill.student.jobs import load_job_config
+    from distill.student.storage import default_job_storage
+    from distill_harness.cluster import JOB_NODE
+
+    assert load_recipe(cfg.finetune.recipe).scaling.resources == {JOB_NODE: 1}
+    job = load_job_config(cfg.finetune.job_config)
+    assert job["entrypoint_resources"] == {JOB_NODE: 1}
+    assert {k: v for k, v in job.items() if k != "entrypoint_resources"} == {
+        k: v for k, v in load_job_config(ROOT / "configs/job.yaml").items() if k != "entrypoint_resources"}
+    assert default_job_storage(cfg.finetune.job_storage, cfg.finetune.adapter_storage).startswith("s3://")
+    assert cluster.finetune.job_storage.startswith("s3://")  # the cluster's too: its nodes cannot read our disk
 
 
 @pytest.mark.slow  # a moto server, and ~30 s: pyarrow retries moto's CompleteMultipartUpload answers

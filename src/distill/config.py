@@ -260,6 +260,11 @@ class FinetuneConfig(_Strict):
     timeout_s: float = Field(3600, gt=0)
     adapter_storage: str | None = Field(
         None, description="Cluster: copy the adapter to <this>/<adapter name> (s3://, gs://) for ray.serve.llm.")
+    # The finetune job's spec, SFT data, Ray Train checkpoints and result (distill.student.storage): somewhere
+    # the job's node reaches, which on a cluster is not this machine's disk.
+    job_storage: str | None = Field(
+        None, description="s3://, gs:// or a path every node mounts; null: <adapter_storage's bucket>/distill-jobs "
+                          "when adapter_storage is object storage, else the stage directory (local).")
 
 
 class BFRSConfig(_Strict):

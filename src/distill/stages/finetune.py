@@ -33,6 +33,7 @@ from distill.stages.curation import CurationStage
 from distill.student.finetune import load_recipe
 from distill.student.provider import RayJobProvider
 from distill.student.publish import adapter_name, publish_adapter
+from distill.student.storage import default_job_storage, is_uri
 
 
 class ValidationPoint(BaseModel):
@@ -81,6 +82,8 @@ class FinetuneManifest(Manifest):
     recipe: str
     published: str | None  # where ray.serve.llm loads the adapter from (cluster)
     loss_plot: str | None = None  # the loss curve (None: the trainer logged no loss)
+    job_dir: str | None = None  # the Ray job's spec, data, checkpoints and result (a URI on a cluster)
+    ray_job_id: str | None = None  # its submission id (`ray job logs <id>`)
 
 
 @dataclass
@@ -183,7 +186,14 @@ class FinetuneStage(Stage[FinetuneManifest]):
 
     def configured_address(self) -> str | None:
         """The Ray job server the profile names (or RAY_ADDRESS); None: the stage starts a local Ray."""
-        return self.cfg.finetune.address or os.environ.get("RAY_ADDRESS")
+        address = self.cfg.finetune.address or os.environ.get("RAY_ADDRESS")
+        return None if address == "local" else address  # RAY_ADDRESS=local: start one, as ray.init does
+
+    def job_storage(self) -> str | None:
+        """Where the Ray job's inputs and outputs go (`finetune.job_storage`, or the adapters' bucket); None: the
+        stage directory, which only a job running on this machine reaches (local profiles)."""
+        where = default_job_storage(self.cfg.finetune.job_storage, self.cfg.finetune.adapter_storage)
+        return where if where is None or is_uri(where) else str(self.cfg.path(where))
 
     def call(self, address: str | None) -> FinetuneCall:
         """The `LM.finetune` call on the curated SFT data (`address`: the Ray job server; None until started)."""
@@ -194,6 +204,7 @@ class FinetuneStage(Stage[FinetuneManifest]):
                 "recipe": str(cfg.path(ft.recipe)), "overrides": ft.training, "output_dir": str(self.dir),
                 "job_config": str(cfg.path(ft.job_config)), "address": address, "python": ft.python,
                 "finetuned_model": ft.finetuned_model, "timeout_s": ft.timeout_s,
+                "job_storage": self.job_storage(),
             },
         )
 
@@ -231,6 +242,6 @@ class FinetuneStage(Stage[FinetuneManifest]):
             epochs=result["epochs"], steps=result["steps"], loss_history=losses,
             loss_steps=[int(x) for x in result.get("loss_steps") or []], validation=validation,
             first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None, recipe=ft.recipe,
-            published=published,
+            published=published, job_dir=result.get("job_dir"), ray_job_id=result.get("ray_job_id"),
         )
         return m.model_copy(update={"loss_plot": str(self._plot_losses(m))}) if losses else m

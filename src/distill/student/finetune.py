@@ -6,6 +6,8 @@ the SFT records are converted to TRL's conversational prompt/completion form. Re
 `configs/training/lora/*.yaml`.
 
 `python -m distill finetune-job --job job.json --result out.json` is what the Ray job runs (configs/job.yaml).
+The job's spec, SFT data, checkpoints and result are paths or object-storage URIs (`distill.student.storage`):
+the job reads and writes nothing else of the submitting machine's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from distill.errors import ConfigError, DistillError
 from distill.models import ModelSource
+from distill.student import storage
 from distill.student.lora_gguf import export_lora_to_gguf
 
 
@@ -122,6 +126,9 @@ class ScalingSpec(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    # Other Ray resources each worker asks for, e.g. a custom node resource that places the workers on the
+    # nodes meant for training (the rehearsal pins them to its job node this way).
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 class Recipe(_Strict):
@@ -145,8 +152,9 @@ class TrainJob(_Strict):
     """Everything one finetune needs; serialised to JSON for the Ray job."""
 
     recipe: Recipe
-    train_file: str
-    output_dir: str = Field(..., description="Ray Train storage (local dir, or s3://... on a cluster).")
+    train_file: str = Field(..., description="The SFT JSONL: a path or a URI the job's node reaches.")
+    output_dir: str = Field(..., description="The job's directory and Ray Train's storage (a shared path, or "
+                                             "s3://... / gs://... on a cluster).")
     name: str = "lora"
 
 
@@ -246,21 +254,30 @@ def holdout_split(answers: list[str], holdout: float, seed: int) -> tuple[list[i
     return [i for i in range(n) if i not in held_set], sorted(held)
 
 
+def load_sft_dataset(train_file: str, scratch: str) -> Any:
+    """The SFT JSONL as a `datasets.Dataset`; a URI is copied into `scratch` first."""
+    import datasets
+
+    if storage.is_uri(train_file):
+        train_file = storage.copy(train_file, Path(scratch) / "train.jsonl")
+    return datasets.load_dataset("json", data_files=train_file, split="train")
+
+
 def build_trainer(job: TrainJob, output_dir: str, callbacks: list[Any] | None = None) -> tuple[Any, int, int]:
-    """TRL's SFTTrainer for `job` (HF checkpoints in `output_dir`); (trainer, SFT examples, held out).
+    """TRL's SFTTrainer for `job` (HF checkpoints, and a URI's SFT data, in `output_dir`); (trainer, SFT
+    examples, held out).
 
     With validation on (the recipe's `training` evaluates), `validation.holdout` of the SFT examples is the
     eval_dataset and `EarlyStoppingCallback` stops after `validation.patience` evaluations without
     improvement; SFTConfig's `load_best_model_at_end` restores the best checkpoint's adapter.
     """
-    import datasets
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
     recipe, lora, val = job.recipe, job.recipe.lora, job.recipe.validation
     model, tokenizer = load_base(recipe.model)
-    ds = datasets.load_dataset("json", data_files=job.train_file, split="train")
+    ds = load_sft_dataset(job.train_file, output_dir)
     ds = ds.map(to_prompt_completion, remove_columns=ds.column_names)
     n_examples, eval_ds = len(ds), None
     callbacks = list(callbacks or [])
@@ -331,6 +348,15 @@ def validation_summary(trainer: Any, spec: ValidationSpec, held_out: int) -> dic
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker's finetune; its scratch directory (HF's own checkpoints) is removed afterwards."""
+    scratch = tempfile.mkdtemp(prefix="distill-hf-")
+    try:
+        _train_loop(config, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_loop(config: dict[str, Any], scratch: str) -> None:
     import ray.train
     import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -341,7 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     # HF's own checkpoints are scratch: RayTrainReportCallback copies each into Ray Train's storage.
     trainer, n_examples, held_out = build_trainer(
-        job, tempfile.mkdtemp(prefix=f"distill-hf-{ctx.get_world_rank()}-"), [RayTrainReportCallback()])
+        job, str(Path(scratch) / f"hf-{ctx.get_world_rank()}"), [RayTrainReportCallback()])
     trainer = prepare_trainer(trainer)
     started = time.perf_counter()
     trainer.train()  # with validation: ends on the best checkpoint's weights (load_best_model_at_end)
@@ -372,14 +398,15 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not Path(job.train_file).is_file():
+    if not storage.exists(job.train_file):
         raise DistillError(f"training data not found: {job.train_file}")
     s = job.recipe.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+                                     resources_per_worker={**s.resources, "CPU": s.cpus_per_worker}),
+        # A URI: Ray Train writes its checkpoints to object storage through pyarrow, from every worker's node.
         run_config=RunConfig(storage_path=job.output_dir, name=job.name),
     )
     started = time.perf_counter()
@@ -388,13 +415,32 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         raise DistillError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
         metrics = json.loads((Path(ckpt) / "train_result.json").read_text())
-    adapter_dir = Path(result.checkpoint.path) / ADAPTER_SUBDIR
-    out: dict[str, Any] = {"adapter_dir": str(adapter_dir), "wall_seconds": round(time.perf_counter() - started, 1),
+    adapter_dir = storage.join(checkpoint_uri(result.checkpoint, job.output_dir), ADAPTER_SUBDIR)
+    out: dict[str, Any] = {"adapter_dir": adapter_dir, "wall_seconds": round(time.perf_counter() - started, 1),
                            **metrics}
     if job.recipe.model.gguf is not None:  # local: llama.cpp serves base GGUF + a GGUF LoRA adapter
-        out["adapter_gguf"] = str(export_lora_to_gguf(adapter_dir, Path(job.output_dir) / "adapter.gguf",
-                                                      job.recipe.model.gguf.resolve()))
+        out["adapter_gguf"] = export_gguf(adapter_dir, job)
     return out
+
+
+def checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
+    """Where a Ray Train checkpoint is, as `storage_path` names places: a URI on object storage
+    (`Checkpoint.path` drops the scheme there), else a local path."""
+    if storage.is_uri(storage_path):
+        return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return str(checkpoint.path)
+
+
+def export_gguf(adapter_dir: str, job: TrainJob) -> str:
+    """The adapter in llama.cpp's GGUF LoRA format, next to the job's other outputs."""
+    assert job.recipe.model.gguf is not None
+    dest = storage.join(job.output_dir, "adapter.gguf")
+    if not storage.is_uri(job.output_dir):
+        return str(export_lora_to_gguf(Path(adapter_dir), Path(dest), job.recipe.model.gguf.resolve()))
+    with tempfile.TemporaryDirectory(prefix="distill-gguf-") as tmp:  # converted here, then uploaded
+        local = storage.copy(adapter_dir, Path(tmp) / ADAPTER_SUBDIR)
+        gguf = export_lora_to_gguf(Path(local), Path(tmp) / "adapter.gguf", job.recipe.model.gguf.resolve())
+        return storage.copy(gguf, dest)
 
 
 def job_main(job_path: str, result_path: str) -> int:
@@ -404,8 +450,8 @@ def job_main(job_path: str, result_path: str) -> int:
     function is pickled by reference to this module, not by value from `__main__`.
     """
     try:
-        job = TrainJob.model_validate_json(Path(job_path).read_text())
-    except (OSError, ValidationError) as e:
+        job = TrainJob.model_validate_json(storage.read_text(job_path))
+    except (DistillError, ValidationError) as e:
         print(f"error: bad finetune job {job_path}: {e}", file=sys.stderr)
         return 2
     try:
@@ -413,7 +459,7 @@ def job_main(job_path: str, result_path: str) -> int:
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Path(result_path).write_text(json.dumps(result, indent=2))
+    storage.write_text(result_path, json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("loss_history", "loss_steps", "validation")}))
     if v := result.get("validation"):
         print(f"validation: {v['reason']}")
