@@ -8,6 +8,7 @@ server compiles into a grammar: the model can then only ever answer one of the l
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -97,6 +98,9 @@ class IntentClassificationModule(dspy.Module):
         out: dict[str, Any] = {"label": normalize_label(pred.label)}
         if "reasoning" in pred:
             out["reasoning"] = pred.reasoning
+        # Present when the LM asks for logprobs (`make_lm(..., logprobs=True)`) and the server decoded a
+        # closed set of answers; None otherwise (free text, or a server that returned none).
+        out["confidence"] = answer_confidence(pred.get("logprobs"))
         return dspy.Prediction(**out)
 
     def forward(self, text: str, demos: list[dspy.Example] | None = None) -> dspy.Prediction:
@@ -107,6 +111,53 @@ class IntentClassificationModule(dspy.Module):
     async def aforward(self, text: str, demos: list[dspy.Example] | None = None) -> dspy.Prediction:
         extra = {} if demos is None else {"demos": demos}
         return self._wrap(await self.classify.acall(text=text, **extra))
+
+
+def answer_confidence(logprobs: Any) -> float | None:
+    """The answer's probability from an OpenAI chat `logprobs` object: exp of the sum of its tokens'
+    log-probabilities. Our llama.cpp server gives them under the label set (the product of the answer trie's
+    branch probabilities, `distill.serving.choices`), so this is the label's probability among the labels.
+    vLLM gives the unconstrained model's: a lower number for the same answer, which calibration absorbs."""
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else getattr(logprobs, "content", None)
+    if not content:
+        return None
+    values = [t.get("logprob") if isinstance(t, Mapping) else getattr(t, "logprob", None) for t in content]
+    if any(v is None for v in values):
+        return None
+    return float(math.exp(min(0.0, sum(values))))
+
+
+CalibrationMethod = Literal["temperature", "isotonic", "none"]
+
+
+class Calibration(BaseModel):
+    """A map from the student's raw confidence to a calibrated one, fit on the devset
+    (`distill.evaluation.calibration.fit_calibration`). Applied at serve time without scikit-learn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: CalibrationMethod
+    temperature: float = Field(1.0, gt=0)  # temperature: sigmoid(logit(p) / T)
+    x: list[float] = []  # isotonic: the fitted step function's knots (interpolated linearly, as sklearn does)
+    y: list[float] = []
+    n: int = Field(0, ge=0, description="Devset examples it was fit on.")
+    ece_before: float | None = None  # on the devset it was fit on
+    ece_after: float | None = None
+
+    def apply_many(self, confidence: Sequence[float]) -> list[float]:
+        import numpy as np  # only here: the program module stays light for the serving apps
+
+        p = np.clip(np.asarray(confidence, dtype=np.float64), 1e-6, 1 - 1e-6)
+        if self.method == "temperature":
+            out = 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / self.temperature))
+        elif self.method == "isotonic":
+            out = np.interp(p, self.x, self.y) if self.x else p
+        else:
+            out = np.asarray(confidence, dtype=np.float64)
+        return [float(v) for v in out]
+
+    def apply(self, confidence: float) -> float:
+        return self.apply_many([confidence])[0]
 
 
 def exact_match(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:

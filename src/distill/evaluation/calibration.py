@@ -1,0 +1,135 @@
+"""Calibrating the student's confidence on the devset, and choosing the cascade's threshold there.
+
+The served student's confidence is the probability of its answer among the labels (the product of the
+answer trie's branch probabilities, `distill.serving.choices`). A tiny finetuned model is rarely
+calibrated: its 0.9 is not right 90% of the time. Two fits, both on (confidence, correct) pairs of the
+devset, never the test set:
+
+* `temperature`: one parameter on the confidence's log-odds, p' = sigmoid(logit(p) / T), fit by maximum
+  likelihood (scipy). Monotone and hard to overfit on a few hundred examples.
+* `isotonic`: scikit-learn's isotonic regression, a monotone step function; more flexible, overfits small
+  devsets.
+
+Both keep the order of the confidences, so a threshold on either picks the same answers; calibration is
+what makes the threshold (and the reported confidence) mean what it says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
+from sklearn.isotonic import IsotonicRegression
+
+from distill.program import Calibration, CalibrationMethod
+
+EPS = 1e-6
+
+
+def _arrays(confidence: Sequence[float], correct: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(confidence, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if p.ndim != 1 or p.shape != y.shape:
+        raise ValueError(f"confidence and correct must be 1-D and of one length ({p.shape} vs {y.shape})")
+    if len(p) == 0:
+        raise ValueError("no examples to calibrate on")
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
+        raise ValueError("confidences must be probabilities in [0, 1]")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("correct must hold booleans")
+    return p, y
+
+
+@dataclass(frozen=True)
+class Bin:
+    lower: float
+    upper: float
+    count: int
+    confidence: float  # mean confidence in the bin (nan when empty)
+    accuracy: float  # share correct in the bin (nan when empty)
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> list[Bin]:
+    """Equal-width confidence bins over [0, 1] (the last one closed), with their mean confidence and accuracy."""
+    p, y = _arrays(confidence, correct)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        out.append(Bin(float(edges[b]), float(edges[b + 1]), n,
+                       float(p[mask].mean()) if n else float("nan"), float(y[mask].mean()) if n else float("nan")))
+    return out
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over equal-width bins (0 = calibrated)."""
+    total = len(confidence)
+    return float(sum(b.count / total * abs(b.accuracy - b.confidence)
+                     for b in reliability_bins(confidence, correct, bins) if b.count))
+
+
+def fit_temperature(confidence: Sequence[float], correct: Sequence[bool]) -> float:
+    """T minimising the negative log-likelihood of `correct` under sigmoid(logit(p) / T)."""
+    p, y = _arrays(confidence, correct)
+    z = logit(np.clip(p, EPS, 1 - EPS))
+
+    def nll(log_t: float) -> float:
+        q = np.clip(expit(z / np.exp(log_t)), EPS, 1 - EPS)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    # log T in [-5, 5]: T from 0.007 to 148, far beyond any useful scaling, so the bound never decides.
+    return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
+
+
+def fit_calibration(confidence: Sequence[float], correct: Sequence[bool],
+                    method: CalibrationMethod = "temperature", bins: int = 10) -> Calibration:
+    """Fit `method` on (confidence, correct) of the devset; the result records the ECE before and after,
+    measured on the same devset (in-sample: report the test set's too, with `Calibration.apply`)."""
+    p, y = _arrays(confidence, correct)
+    if method == "temperature":
+        cal = Calibration(method="temperature", temperature=fit_temperature(p, y), n=len(p))
+    elif method == "isotonic":
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+        cal = Calibration(method="isotonic", x=iso.X_thresholds_.tolist(), y=iso.y_thresholds_.tolist(), n=len(p))
+    elif method == "none":
+        cal = Calibration(method="none", n=len(p))
+    else:
+        raise ValueError(f"unknown calibration method {method!r}: temperature, isotonic or none")
+    return cal.model_copy(update={"ece_before": expected_calibration_error(p, y, bins),
+                                  "ece_after": expected_calibration_error(cal.apply_many(p), y, bins)})
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float  # the student answers when its (calibrated) confidence is >= this
+    accuracy: float  # the cascade's accuracy on the devset at this threshold
+    fallback_share: float  # share of devset queries sent to the teacher
+    target: float  # the accuracy it had to reach
+    reached: bool  # False: no threshold reaches the target; the most accurate one (least fallback) is chosen
+
+
+def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool], teacher_correct: Sequence[bool],
+                     target: float | None = None) -> ThresholdChoice:
+    """The threshold with the smallest fallback share whose cascade accuracy on the devset reaches `target`
+    (default: the teacher's own devset accuracy). Candidates are the devset's confidences themselves (and
+    one above them all: always the teacher), so nothing is interpolated between examples."""
+    p, s = _arrays(confidence, student_correct)
+    _, t = _arrays(confidence, teacher_correct)
+    goal = float(t.mean()) if target is None else target
+    candidates = np.unique(np.append(p, np.nextafter(p.max(), np.inf)))  # ascending: fallback share grows
+    best: ThresholdChoice | None = None
+    for c in candidates:
+        student = p >= c
+        acc = float(np.where(student, s, t).mean())
+        choice = ThresholdChoice(float(c), acc, float(1 - student.mean()), goal, acc >= goal - 1e-12)
+        if choice.reached:
+            return choice
+        if best is None or acc > best.accuracy:
+            best = choice
+    assert best is not None
+    return best

@@ -1,0 +1,103 @@
+"""Calibration of the student's confidence and the cascade threshold (issue 31), on synthetic data whose
+true calibration is known: the fits must recover it, and an uncalibrated score must show as one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+from sklearn.isotonic import IsotonicRegression
+
+from distill.evaluation.calibration import (
+    choose_threshold,
+    expected_calibration_error,
+    fit_calibration,
+    fit_temperature,
+    reliability_bins,
+)
+from distill.program import Calibration, answer_confidence
+
+
+def generator(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers right with probability q; the model reports sigmoid(logit(q) * temperature): overconfident
+    for temperature > 1, calibrated at 1."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(0.05, 0.95, n)
+    correct = rng.random(n) < q
+    return expit(logit(q) * temperature), correct
+
+
+def test_ece_of_a_hand_computed_case() -> None:
+    # One bin at 0.9 with 6 of 10 right (|0.6 - 0.9| = 0.3), one at 0.25 with 1 of 4 right (0): weighted.
+    conf = [0.9] * 10 + [0.25] * 4
+    correct = [True] * 6 + [False] * 4 + [True] + [False] * 3
+    assert expected_calibration_error(conf, correct) == pytest.approx(10 / 14 * 0.3)
+    bins = reliability_bins(conf, correct)
+    assert sum(b.count for b in bins) == 14 and bins[8].count == 10 and bins[8].accuracy == pytest.approx(0.6)
+    # 1.0 falls in the last bin, 0.0 in the first.
+    assert [b.count for b in reliability_bins([0.0, 1.0], [False, True])] == [1] + [0] * 8 + [1]
+
+
+def test_temperature_recovers_a_known_overconfidence_and_fixes_it_out_of_sample() -> None:
+    dev_p, dev_y = generator(4000, 2.5, seed=0)
+    test_p, test_y = generator(4000, 2.5, seed=1)
+    assert fit_temperature(dev_p, dev_y) == pytest.approx(2.5, rel=0.1)
+    cal = fit_calibration(dev_p, dev_y, "temperature")
+    before, after = expected_calibration_error(test_p, test_y), expected_calibration_error(cal.apply_many(test_p), test_y)
+    assert before > 0.1 and after < 0.03, (before, after)
+    assert cal.ece_before > 0.1 and cal.ece_after < 0.03 and cal.n == 4000
+
+
+def test_a_calibrated_score_is_left_alone() -> None:
+    p, y = generator(4000, 1.0, seed=2)
+    assert fit_temperature(p, y) == pytest.approx(1.0, rel=0.1)
+    assert expected_calibration_error(p, y) < 0.03
+
+
+def test_isotonic_fixes_a_non_logistic_distortion_and_applies_as_sklearn_does() -> None:
+    rng = np.random.default_rng(3)
+    q = rng.uniform(0, 1, 6000)
+    y = rng.random(6000) < q
+    p = q ** 0.3  # overconfident everywhere, not a temperature
+    cal = fit_calibration(p[:3000], y[:3000], "isotonic")
+    assert expected_calibration_error(p[3000:], y[3000:]) > 0.15
+    assert expected_calibration_error(cal.apply_many(p[3000:]), y[3000:]) < 0.04
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(p[:3000], y[:3000])
+    # The stored knots reproduce sklearn's predictions after a JSON round trip (what the server reads).
+    again = Calibration.model_validate(json.loads(cal.model_dump_json()))
+    assert np.allclose(again.apply_many(p[3000:]), iso.predict(np.clip(p[3000:], 1e-6, 1 - 1e-6)), atol=1e-9)
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="one length"):
+        fit_calibration([0.5, 0.6], [True])
+    with pytest.raises(ValueError, match="probabilities"):
+        fit_calibration([1.5], [True])
+    with pytest.raises(ValueError, match="no examples"):
+        expected_calibration_error([], [])
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        fit_calibration([0.5], [True], "platt")  # type: ignore[arg-type]
+
+
+def test_threshold_reaches_the_teacher_with_the_least_fallback() -> None:
+    conf = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    student = [1, 1, 1, 0, 1, 0, 0, 0]
+    teacher = [1, 1, 0, 1, 1, 1, 1, 0]  # 6/8 = 0.75
+    c = choose_threshold(conf, student, teacher)
+    # Student on >= 0.6 (4 of 5 right) + teacher on the three below (2 of 3 right) = 6/8.
+    assert (c.threshold, c.accuracy, c.fallback_share, c.reached) == (0.6, 0.75, 3 / 8, True)
+    # A target nobody reaches: the most accurate threshold (student on >= 0.8: 3/3, teacher below: 4/5).
+    c = choose_threshold(conf, student, teacher, target=0.99)
+    assert (c.threshold, c.accuracy, c.fallback_share, c.reached) == (0.8, 7 / 8, 5 / 8, False)
+    # A student better than the teacher everywhere never falls back.
+    c = choose_threshold(conf, [1] * 8, teacher)
+    assert c.fallback_share == 0 and c.accuracy == 1
+
+
+def test_answer_confidence_from_openai_logprobs() -> None:
+    content = [{"token": "{", "logprob": 0.0}, {"token": "card", "logprob": np.log(0.5)},
+               {"token": "_arrival", "logprob": np.log(0.8)}]
+    assert answer_confidence({"content": content}) == pytest.approx(0.4)
+    assert answer_confidence(None) is None and answer_confidence({"content": []}) is None
