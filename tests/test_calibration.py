@@ -15,6 +15,7 @@ from distill.evaluation.calibration import (
     expected_calibration_error,
     fit_calibration,
     fit_temperature,
+    plot_reliability,
     reliability_bins,
 )
 from distill.program import Calibration, answer_confidence
@@ -101,3 +102,10 @@ def test_answer_confidence_from_openai_logprobs() -> None:
                {"token": "_arrival", "logprob": np.log(0.8)}]
     assert answer_confidence({"content": content}) == pytest.approx(0.4)
     assert answer_confidence(None) is None and answer_confidence({"content": []}) is None
+
+
+def test_reliability_diagram_is_written(tmp_path) -> None:
+    p, y = generator(500, 2.5, seed=4)
+    cal = fit_calibration(p, y)
+    out = plot_reliability({"raw": p, "calibrated": cal.apply_many(p)}, y, tmp_path / "r.png", "synthetic")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

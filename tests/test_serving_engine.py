@@ -136,3 +136,48 @@ def test_budget_below_the_answer_falls_back_to_the_grammar(engine) -> None:
     out = asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0, max_tokens=3))))
     assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
     assert out["choices"][0]["message"]["content"].startswith("{")  # under the schema's grammar, not free text
+
+
+def test_a_closed_set_answer_has_its_probability_and_the_answers_sum_to_one(engine) -> None:
+    """Issue 31: the chosen answer's probability is the product of its branch probabilities (the model's
+    distribution renormalised over the tokens the answers allow), and over all answers these sum to 1."""
+    from distill.serving.choices import ChoiceTrie, answers_for, decode
+
+    llama = engine.llamas["m"]
+    tokenize = lambda s: llama.tokenize(s.encode(), add_bos=False, special=False)  # noqa: E731
+    answers = answers_for(LABEL_SCHEMA)
+    trie = ChoiceTrie(answers, tokenize)
+    prompt = llama.tokenize(b"Classify: card_arrival, card_linking, exchange_rate. Query: when will my card arrive?")
+    decoded = engine.executors["m"].submit(decode, trie, prompt, llama._forward).result()
+
+    def reference(answer: str) -> float:  # token by token, one pass per token, straight from the logits
+        node, p, tokens = trie.root, 1.0, tokenize(answer)
+        for i, t in enumerate(tokens):
+            allowed = list(node.children)
+            if len(allowed) > 1:
+                z = llama._forward([*prompt, *tokens[:i]])[0][allowed].astype(np.float64)
+                e = np.exp(z - z.max())
+                p *= e[allowed.index(t)] / e.sum()
+            node = node.children[t]
+        return p
+
+    probs = engine.executors["m"].submit(lambda: {a: reference(a) for a in answers}).result()
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    assert decoded.probability == pytest.approx(probs[decoded.answer], rel=1e-3)
+    assert 0 < decoded.probability < 1 and len(decoded.logprobs) == len(decoded.tokens)
+
+
+def test_logprobs_come_back_in_openais_shape_for_a_closed_set_only(engine) -> None:
+    out = asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0, logprobs=True, top_logprobs=20))))
+    choice = out["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == choice["message"]["content"]
+    for c in content:
+        tops = [t["logprob"] for t in c["top_logprobs"]]
+        # Greedy: the chosen token is the most likely allowed one; the allowed ones are a distribution.
+        assert c["logprob"] == pytest.approx(max(tops)) and sum(np.exp(tops)) == pytest.approx(1.0, abs=1e-6)
+    assert 0 < np.exp(sum(c["logprob"] for c in content)) <= 1
+    # Without the flag none are sent; on the grammar path (budget below the answer) they are null.
+    assert asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0))))["choices"][0]["logprobs"] is None
+    grammar = asyncio.run(engine.chat(_req(_classify(QUERIES[0], temperature=0, max_tokens=3, logprobs=True))))
+    assert grammar["choices"][0]["logprobs"] is None

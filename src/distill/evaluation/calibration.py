@@ -16,14 +16,16 @@ what makes the threshold (and the reported confidence) mean what it says.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
+from distill.evaluation.plots import plt, save_figure
 from distill.program import Calibration, CalibrationMethod
 
 EPS = 1e-6
@@ -133,3 +135,30 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
             best = choice
     assert best is not None
     return best
+
+
+def plot_reliability(curves: Mapping[str, Sequence[float]], correct: Sequence[bool], path: str | Path, title: str,
+                     bins: int = 10) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin, one line per set of confidences
+    (e.g. raw and calibrated) with its ECE in the legend; the diagonal is perfect calibration. Bar heights
+    at the bottom show how many answers each bin holds (of the first curve)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for i, (name, conf) in enumerate(curves.items()):
+        rows = [b for b in reliability_bins(conf, correct, bins) if b.count]
+        ece = expected_calibration_error(conf, correct, bins)
+        ax.plot([b.confidence for b in rows], [b.accuracy for b in rows], marker="o",
+                label=f"{name} (ECE {ece:.3f})")
+        if i == 0:
+            share = np.array([b.count for b in reliability_bins(conf, correct, bins)]) / len(conf)
+            ax.bar(np.linspace(0, 1, bins + 1)[:-1], 0.25 * share, width=1 / bins, align="edge", alpha=0.2,
+                   color="tab:blue", label=f"share of answers per bin ({name}, scaled 1/4)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -95,6 +95,16 @@ class Decoded:
     answer: str | None  # None: stopped before an answer was decided
     tokens: list[int]  # the answer's tokens (or those decided before the stop)
     forward_passes: int
+    # Per token of `tokens`: its log-probability under the model restricted to the answers (a softmax over
+    # the allowed tokens at a branch, at temperature 1; 0.0 where the answer leaves one token), and that
+    # distribution over the allowed tokens. The answer's probability is exp(sum(logprobs)).
+    logprobs: list[float] = field(default_factory=list)
+    alternatives: list[dict[int, float]] = field(default_factory=list)
+
+    @property
+    def probability(self) -> float:
+        """The chosen answer's probability among the answers: the product of its branch probabilities."""
+        return float(np.exp(sum(self.logprobs)))
 
 
 # forward(tokens, ahead): the next-token logits after `tokens`, and, when `ahead` is not empty, after
@@ -114,11 +124,19 @@ def decode(trie: ChoiceTrie, prompt: Sequence[int], forward: Forward,
     (kept across calls by the caller, for one model) lets a pass run ahead along a branch's usual choice.
     """
     node, out, passes = trie.root, [], 0
+    logprobs: list[float] = []
+    alternatives: list[dict[int, float]] = []
+
+    def forced(token: int) -> None:
+        logprobs.append(0.0)
+        alternatives.append({token: 0.0})
+
     ready: np.ndarray | None = None  # this branch's logits, computed ahead by the previous pass
     while node.answer is None:
         if len(node.children) == 1:
             (token,) = node.children
             out.append(token)
+            forced(token)
             node = node.children[token]
             continue
         ahead: list[int] = []
@@ -128,24 +146,37 @@ def decode(trie: ChoiceTrie, prompt: Sequence[int], forward: Forward,
             logits, ready, after = ready, None, None
         else:
             if stopped():
-                return Decoded(None, out, passes)
+                return Decoded(None, out, passes, logprobs, alternatives)
             if times >= SPECULATE_AFTER and usual in node.children:
                 ahead = _to_next_branch(node, usual)
             computed = forward([*prompt, *out], ahead)
             passes += 1
             logits, after = computed[0], (computed[1] if ahead else None)
         token = _pick(logits, list(node.children), temperature, top_p, rng)
+        branch = _log_softmax(logits, list(node.children))
+        logprobs.append(branch[token])
+        alternatives.append(branch)
         if streaks is not None:
             streaks[key] = (token, times + 1 if token == usual else 1)
         if ahead and token == ahead[0]:  # went the usual way: the next branch's logits are ready
             for t in ahead:
                 node = node.children[t]
             out.extend(ahead)
+            for t in ahead[1:]:
+                forced(t)
             ready = after
         else:
             out.append(token)
             node = node.children[token]
-    return Decoded(node.answer, out, passes)
+    return Decoded(node.answer, out, passes, logprobs, alternatives)
+
+
+def _log_softmax(logits: np.ndarray, allowed: list[int]) -> dict[int, float]:
+    """The model's distribution (temperature 1) renormalised over the tokens the answers allow here."""
+    scores = np.asarray(logits, dtype=np.float64)[allowed]
+    scores = scores - scores.max()
+    scores -= np.log(np.exp(scores).sum())
+    return {t: float(v) for t, v in zip(allowed, scores)}
 
 
 def _to_next_branch(node: _Node, token: int) -> list[int]:

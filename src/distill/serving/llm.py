@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import resolve_path
 from distill.models import ModelSource
-from distill.serving.choices import ChoiceTrie, Streaks, answers_for, decode
+from distill.serving.choices import ChoiceTrie, Decoded, Streaks, answers_for, decode
 from distill.serving.common import (
     NO_DOCS,
     BodyLimits,
@@ -176,6 +176,11 @@ class ChatCompletionRequest(_Req):
     response_format: ResponseFormat | None = None
     stream: bool = False
     user: str | None = None
+    # Token log-probabilities are given for closed-set answers only (`distill.serving.choices`): there they
+    # are the model's distribution over the tokens the answers allow, so the answer's probability is the
+    # exp of their sum. On the grammar path llama.cpp would need logits for every position: `null` instead.
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("n")
     @classmethod
@@ -324,13 +329,14 @@ class ServedLlama(Llama):
             if (max_tokens is None or max_tokens <= 0 or trie.longest <= max_tokens) \
                     and len(prompt) + trie.longest <= self.n_ctx():
                 return self._complete_choice(trie, prompt, flag, **kwargs)
+        kwargs["logprobs"] = None  # the grammar path: see ChatCompletionRequest.logprobs
         if flag is not None:
             stopping_criteria = StoppingCriteriaList([lambda _ids, _logits: flag.is_set(), *(stopping_criteria or [])])
         return super().create_completion(prompt, *args, stopping_criteria=stopping_criteria, **kwargs)
 
     def _complete_choice(self, trie: ChoiceTrie, prompt: list[int], flag: threading.Event | None,
                          temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
-                         **_: Any) -> dict[str, Any]:
+                         logprobs: int | None = None, **_: Any) -> dict[str, Any]:
         # The chat template's stop strings end free text; an answer from the set ends by itself (requests
         # with stop strings or penalties of their own never come here: `choices_for`).
         if len(self._streaks) > 4096:  # paths through many answer sets: start over rather than grow
@@ -341,10 +347,20 @@ class ServedLlama(Llama):
         return {
             "id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
             "model": self.model_path,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"text": text, "index": 0, "finish_reason": "stop",
+                         "logprobs": None if logprobs is None else self._logprobs(out, logprobs)}],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out.tokens),
                       "total_tokens": len(prompt) + len(out.tokens)},
         }
+
+    def _logprobs(self, out: Decoded, top: int) -> dict[str, Any]:
+        """llama-cpp-python's completion logprobs (its chat handler turns them into OpenAI's), restricted
+        to the answers: the alternatives are the allowed tokens, most likely first, at most `top`."""
+        words = [self.detokenize([t]).decode(errors="replace") for t in out.tokens]
+        offsets = np.cumsum([0, *map(len, words)])[:-1].tolist()
+        tops = [{self.detokenize([t]).decode(errors="replace"): lp
+                 for t, lp in sorted(alt.items(), key=lambda kv: -kv[1])[:top]} for alt in out.alternatives]
+        return {"tokens": words, "text_offset": offsets, "token_logprobs": out.logprobs, "top_logprobs": tops}
 
     def _forward(self, tokens: list[int], ahead: Sequence[int] = ()) -> list[np.ndarray]:
         """The next-token logits after `tokens` (and after `tokens + ahead`, from the same pass), reusing
@@ -431,6 +447,9 @@ class LlamaCppEngine:
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 grammar=grammar,
+                # llama-cpp-python asks for none unless top_logprobs is given too
+                logprobs=req.logprobs,
+                top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             )
         except ValueError as e:  # e.g. "Requested tokens (...) exceed context window of ..."
             # OpenAI's code for it, which clients (DSPy included) turn into a context-window error.
