@@ -160,6 +160,39 @@ class Calibration(BaseModel):
         return self.apply_many([confidence])[0]
 
 
+class CascadeParams(BaseModel):
+    """`cascade.json`: when the served student hands a query to the teacher -- its calibrated confidence
+    below `threshold`. Written where the threshold is chosen (on the devset,
+    `distill.evaluation.calibration.choose_threshold`), read by the cascade (`distill.serving.cascade`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(..., ge=0, description="The student answers when its calibrated confidence is >= this.")
+    calibration: Calibration = Calibration(method="none")
+    chosen_on: str = "devset"
+    target: float | None = None  # the devset accuracy the threshold had to reach (the teacher's, by default)
+    devset_accuracy: float | None = None  # the cascade's, at this threshold
+    devset_fallback_share: float | None = None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "CascadeParams":
+        p = resolve_path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"cascade params not found: {p}")
+        try:
+            return cls.model_validate(json.loads(p.read_text()))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise ValueError(f"{p}: not valid cascade params: {e}") from None
+
+
 def exact_match(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
     """Correct iff the predicted label equals the gold label after normalisation."""
     got = getattr(pred, "label", None)

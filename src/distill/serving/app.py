@@ -124,6 +124,9 @@ class ClassifyResponse(BaseModel):
     label: str
     model: str
     latency_ms: float
+    # The label's probability among the labels, as the model gave it (issue 31); null when the server
+    # returned no logprobs (free-text decoding, or a server without them).
+    confidence: float | None = None
 
 
 class UpstreamError(Exception):
@@ -183,7 +186,8 @@ class Classifier:
         lm_cfg = LMConfig(model=self.params.model, api_base=self.api_base, api_key_env=key_env,
                           max_tokens=args.max_tokens, temperature=0.0, timeout_s=args.timeout_s)
         # No cache: a served answer must come from the model in service, not from an earlier run's disk cache.
-        self.lm = make_lm(lm_cfg, cache=False, num_retries=args.llm_retries)
+        # logprobs: the answer's probability comes back with it (`distill.program.answer_confidence`).
+        self.lm = make_lm(lm_cfg, cache=False, num_retries=args.llm_retries, logprobs=True)
 
     def predict(self, query: str) -> str:
         """One classification, blocking (scripts); raises UpstreamError, RejectedByLLM or BadAnswer."""
@@ -196,9 +200,13 @@ class Classifier:
     async def classify(self, query: str) -> str:
         """One classification on the event loop. Cancelling it closes the connection to the LLM application,
         which stops the generation; raises UpstreamError, RejectedByLLM or BadAnswer."""
+        return (await self.answer(query)).label
+
+    async def answer(self, query: str) -> Any:
+        """As `classify`, the whole prediction (label and confidence)."""
         try:
             with using(self.lm, self.params.program.prompt):  # a ContextVar: private to this task
-                return (await self.program.acall(text=query)).label
+                return await self.program.acall(text=query)
         except Exception as e:  # noqa: BLE001 - classified by _failure; CancelledError is not an Exception
             raise _failure(e) from None
 
@@ -210,6 +218,7 @@ class Outcome:
     status: int
     label: str | None = None
     detail: str | None = None
+    confidence: float | None = None
 
 
 @serve.deployment
@@ -224,7 +233,7 @@ class ClassifierWorker:
         if remaining <= 0:  # it waited for a thread until its time was up
             return timed_out
         try:
-            label = await asyncio.wait_for(self.classifier.classify(query), remaining)
+            pred = await asyncio.wait_for(self.classifier.answer(query), remaining)
         except asyncio.TimeoutError:
             return timed_out
         except RejectedByLLM as e:
@@ -233,9 +242,9 @@ class ClassifierWorker:
             return Outcome(502, detail=str(e))
         except UpstreamError as e:
             return Outcome(503, detail=str(e))
-        if label not in self.classifier.labels:  # cannot happen under the grammar; never pass free text on
+        if pred.label not in self.classifier.labels:  # cannot happen under the grammar; never pass free text on
             return Outcome(502, detail="the LLM answered outside the label set")
-        return Outcome(200, label=label)
+        return Outcome(200, label=pred.label, confidence=pred.get("confidence"))
 
 
 class LLMProbe:
@@ -348,7 +357,16 @@ class IntentClassifierApp:
         return JSONResponse(status_code=200 if llm in LLMProbe.HEALTHY else 503, content=body)
 
     async def classify(self, body: ClassifyRequest) -> Any:
-        started, deadline = time.perf_counter(), time.time() + self.args.timeout_s
+        """The student's answer as the client gets it: a ClassifyResponse or an error response."""
+        started = time.perf_counter()
+        outcome = await self.ask(body, time.time() + self.args.timeout_s)
+        if not isinstance(outcome, Outcome):
+            return outcome
+        return ClassifyResponse(label=outcome.label, model=self.params.model, confidence=outcome.confidence,
+                                latency_ms=round(1000 * (time.perf_counter() - started), 1))
+
+    async def ask(self, body: ClassifyRequest, deadline: float) -> "Outcome | JSONResponse":
+        """The worker's answer (status 200), or the error response for the client."""
         query = body.query.strip()
         if not query:
             return _error(422, "query: must not be empty or whitespace only")
@@ -389,8 +407,7 @@ class IntentClassifierApp:
             return self._unavailable(outcome.detail or "the LLM application is unavailable")
         if outcome.status != 200:
             return _error(outcome.status, outcome.detail or "")
-        return ClassifyResponse(label=outcome.label, model=self.params.model,
-                                latency_ms=round(1000 * (time.perf_counter() - started), 1))
+        return outcome
 
 
 class _ExactPrefix:
