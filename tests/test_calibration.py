@@ -109,3 +109,20 @@ def test_reliability_diagram_is_written(tmp_path) -> None:
     cal = fit_calibration(p, y)
     out = plot_reliability({"raw": p, "calibrated": cal.apply_many(p)}, y, tmp_path / "r.png", "synthetic")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_calibrate_student_fits_on_dev_scores_on_test_and_writes_what_the_cascade_reads(tmp_path) -> None:
+    from distill.evaluation.calibration import calibrate_student
+    from distill.program import CascadeParams
+
+    dev, test = generator(2000, 2.5, seed=5), generator(2000, 2.5, seed=6)
+    report, params = calibrate_student(dev, test, tmp_path, target=0.9)
+    assert report.ece_testset_before > 0.1 and report.ece_testset_after < 0.03
+    assert CascadeParams.load(tmp_path / "cascade.json") == params and (tmp_path / "reliability.png").is_file()
+    # The threshold met its devset target and sends only part of the queries to the teacher (right by default).
+    assert report.threshold_reached and report.devset_cascade_accuracy >= 0.9 and 0 < report.devset_fallback_share < 1
+    # Chosen on dev, it behaves alike on test drawn from the same generator.
+    assert abs(report.testset_fallback_share - report.devset_fallback_share) < 0.05
+    with pytest.raises(ValueError, match="not valid cascade params"):
+        (tmp_path / "bad.json").write_text('{"threshold": -1}')
+        CascadeParams.load(tmp_path / "bad.json")

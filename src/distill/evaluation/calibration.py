@@ -19,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
+from distill.errors import DistillError
 from distill.evaluation.plots import plt, save_figure
-from distill.program import Calibration, CalibrationMethod
+from distill.lm import Prompt, using
+from distill.program import Calibration, CalibrationMethod, CascadeParams
 
 EPS = 1e-6
 
@@ -162,3 +166,78 @@ def plot_reliability(curves: Mapping[str, Sequence[float]], correct: Sequence[bo
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+class CalibrationReport(BaseModel):
+    """`calibration.json`: the student's confidence before and after calibration on the devset (where it was
+    fit) and the test set (scored only), and the cascade threshold chosen on the devset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: CalibrationMethod
+    n_devset: int
+    n_testset: int
+    accuracy_devset: float
+    accuracy_testset: float
+    ece_devset_before: float
+    ece_devset_after: float
+    ece_testset_before: float
+    ece_testset_after: float
+    threshold: float
+    threshold_target: float
+    threshold_reached: bool
+    devset_cascade_accuracy: float
+    devset_fallback_share: float
+    testset_fallback_share: float  # at the devset's threshold
+    testset_student_accuracy_kept: float | None  # the student's test accuracy on the answers it keeps
+    plot: str
+
+
+def score_confidence(program: Any, lm: Any, prompt: Prompt, examples: Sequence[Any]) -> tuple[list[float], list[bool]]:
+    """The program's confidence and correctness on each example (the LM must ask for logprobs:
+    `make_lm(..., logprobs=True)`); an answer without a confidence is a clear error, not a guess."""
+    confidence, correct = [], []
+    with using(lm, prompt):
+        for ex in examples:
+            pred = program(text=ex.text)
+            if pred.get("confidence") is None:
+                raise DistillError(f"no confidence for {ex.text!r}: does the LM ask for logprobs, and does the "
+                                   "server decode the label set over its answers (choice decoding)?")
+            confidence.append(pred.confidence)
+            correct.append(pred.label == ex.label)
+    return confidence, correct
+
+
+def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[Sequence[float], Sequence[bool]],
+                      out_dir: Path, method: CalibrationMethod = "temperature",
+                      teacher_dev_correct: Sequence[bool] | None = None, target: float | None = None,
+                      title: str = "") -> tuple[CalibrationReport, CascadeParams]:
+    """Fit the calibration and choose the threshold on `dev` (confidence, correct); score both on `test`.
+
+    `teacher_dev_correct` defaults to all True: on a devset labeled by the teacher (the pipeline's synthetic
+    devset) the teacher is right by construction, so the default target asks the cascade to agree with the
+    teacher on every devset query. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
+    """
+    (dev_p, dev_y), (test_p, test_y) = _arrays(*dev), _arrays(*test)
+    cal = fit_calibration(dev_p, dev_y, method)
+    dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
+    teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
+    choice = choose_threshold(dev_c, dev_y, teacher, target)
+    kept = test_c >= choice.threshold
+    plot = plot_reliability({"test, raw": test_p, f"test, {method} (fit on dev)": test_c}, test_y,
+                            out_dir / "reliability.png",
+                            title or f"Student confidence on the test set ({len(test_p)} queries)")
+    report = CalibrationReport(
+        method=method, n_devset=len(dev_p), n_testset=len(test_p), accuracy_devset=float(dev_y.mean()),
+        accuracy_testset=float(test_y.mean()), ece_devset_before=float(cal.ece_before or 0),
+        ece_devset_after=float(cal.ece_after or 0), ece_testset_before=expected_calibration_error(test_p, test_y),
+        ece_testset_after=expected_calibration_error(test_c, test_y), threshold=choice.threshold,
+        threshold_target=choice.target, threshold_reached=choice.reached,
+        devset_cascade_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share,
+        testset_fallback_share=float(1 - kept.mean()),
+        testset_student_accuracy_kept=float(test_y[kept].mean()) if kept.any() else None, plot=str(plot))
+    params = CascadeParams(threshold=choice.threshold, calibration=cal, target=choice.target,
+                           devset_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share)
+    params.save(out_dir / "cascade.json")
+    (out_dir / "calibration.json").write_text(report.model_dump_json(indent=2))
+    return report, params
