@@ -109,3 +109,23 @@ def test_pick_greedy_and_sampled() -> None:
     assert draws <= {0, 1, 2} and {1, 2} <= draws
     # top_p keeps only the most likely allowed token when it holds enough of the mass
     assert {_pick(logits, [0, 1, 2], 1.0, 0.5, rng) for _ in range(50)} == {1}
+
+
+def test_the_answer_probability_is_the_product_of_its_branch_probabilities_run_ahead_or_not() -> None:
+    # Scripted puts logit 1 on its preferred character, 0 elsewhere: each two-way branch gives e/(e+1).
+    trie = ChoiceTrie(["x:ab", "x:ac", "y:ab", "y:ac"], _chars)
+    p_branch = np.e / (np.e + 1)
+    streaks: dict = {}
+    for i in range(SPECULATE_AFTER + 1):  # the last one runs ahead: the same numbers from fewer passes
+        out = decode(trie, [0], Scripted("x:ab", prompt_len=1), streaks=streaks)
+        assert out.probability == pytest.approx(p_branch ** 2)
+        assert len(out.logprobs) == len(out.alternatives) == len(out.tokens) == 4
+        assert out.logprobs[1:3] == [0.0, 0.0]  # `:a` is forced
+        assert set(out.alternatives[0]) == {ord("x"), ord("y")}
+        assert sum(np.exp(v) for v in out.alternatives[3].values()) == pytest.approx(1.0)
+    assert out.forward_passes == 1
+    # A sampled answer carries the probability of the answer actually taken, likely or not.
+    rng = np.random.default_rng(0)
+    outs = [decode(trie, [0], Scripted("x:ab", prompt_len=1), temperature=5.0, rng=rng) for _ in range(40)]
+    unlikely = [o for o in outs if o.answer == "y:ac"]
+    assert unlikely and all(o.probability == pytest.approx((1 - p_branch) ** 2) for o in unlikely)
