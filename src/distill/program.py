@@ -98,9 +98,11 @@ class IntentClassificationModule(dspy.Module):
         out: dict[str, Any] = {"label": normalize_label(pred.label)}
         if "reasoning" in pred:
             out["reasoning"] = pred.reasoning
-        # Present when the LM asks for logprobs (`make_lm(..., logprobs=True)`) and the server decoded a
-        # closed set of answers; None otherwise (free text, or a server that returned none).
-        out["confidence"] = answer_confidence(pred.get("logprobs"))
+        # Only when the LM asks for logprobs (`make_lm(..., logprobs=True)`) and the server decoded a closed
+        # set of answers; absent otherwise, so that callers with a `confidence` of their own (the teacher's
+        # vote, `distill.teacher.program`) keep theirs.
+        if (confidence := answer_confidence(pred.get("logprobs"))) is not None:
+            out["confidence"] = confidence
         return dspy.Prediction(**out)
 
     def forward(self, text: str, demos: list[dspy.Example] | None = None) -> dspy.Prediction:
