@@ -140,9 +140,12 @@ def active_label(pool: Sequence[dspy.Example], scorer: PoolScorer, settings: Act
                  for k in range(last + 1) if (rs := [x for x in records if x.round == k])]
     result: LabelingResult | None = None
     signal: Signal = settings.signal
+    new = failed = 0
+    seconds = 0.0
     for r in range(last, settings.rounds + 1):
         picked = [rec for rec in records if rec.round <= r]
         result = label([pool[rec.pool_index] for rec in picked])
+        new, failed, seconds = new + result.new, failed + result.failed, seconds + result.seconds
         if result.labeled < len(picked) or r == settings.rounds:
             break
         t0 = time.perf_counter()
@@ -156,18 +159,20 @@ def active_label(pool: Sequence[dspy.Example], scorer: PoolScorer, settings: Act
         centers = np.vstack([scorer.vote.gold_vecs, scorer.pool_vecs[sorted(taken)]])
         batch = select_batch(scorer.pool_vecs, scores, available, settings.batch_size, settings.diversity,
                              settings.candidates, centers=centers, seed=seed + r)
-        new = [SelectionRecord(pool_index=i, text=pool[i].text, round=r + 1, signal=signal, score=round(float(scores[i]), 4))
-               for i in batch]
-        records = records + new
+        chosen = [SelectionRecord(pool_index=i, text=pool[i].text, round=r + 1, signal=signal,
+                                  score=round(float(scores[i]), 4)) for i in batch]
+        records = records + chosen
         write_selection(path, records)
         summaries.append(RoundSummary(
-            round=r + 1, picked=len(new), mean_score=_mean([float(scores[i]) for i in batch]),
+            round=r + 1, picked=len(chosen), mean_score=_mean([float(scores[i]) for i in batch]),
             pool_mean_score=_mean([float(scores[i]) for i in available]),
             select_seconds=round(time.perf_counter() - t0, 3)))
-        print(f"active round {r + 1}: {len(new)} queries, mean {signal} {summaries[-1].mean_score} "
+        print(f"active round {r + 1}: {len(chosen)} queries, mean {signal} {summaries[-1].mean_score} "
               f"(pool {summaries[-1].pool_mean_score})")
     assert result is not None
-    return ActiveResult(labeling=result, rounds=summaries, picked=sum(s.picked for s in summaries))
+    # Every round's labeling call in this run: what labels_per_s is computed from.
+    total = LabelingResult(result.path, result.labeled, new, failed, seconds)
+    return ActiveResult(labeling=total, rounds=summaries, picked=sum(s.picked for s in summaries))
 
 
 def _mean(values: Sequence[float]) -> float | None:
