@@ -38,6 +38,7 @@ class PoolRecord(BaseModel):
 
 class PoolCounts(BaseModel):
     requests: int
+    torn: int = 0  # log lines a killed server left unfinished (skipped)
     duplicate: int
     test_overlap: int
     gold_overlap: int
@@ -76,7 +77,7 @@ def pool_from_log(cfg: Config, log: Path, out: Path | None = None) -> tuple[Path
     from distill.teacher.active import PoolScorer
     from distill.teacher.program import GoldIndex, build_vote, embed
 
-    records = read_request_log(log)
+    records, torn = read_request_log(log)
     if not records:
         raise DistillError(f"request log {log} holds no answered queries yet")
     data = prepare_data(cfg)
@@ -88,6 +89,7 @@ def pool_from_log(cfg: Config, log: Path, out: Path | None = None) -> tuple[Path
 
     pool, counts = build_pool(records, [ex.text for ex in data.full_test], [ex.text for ex in data.gold], proba,
                               cfg.data.active.signal)
+    counts = counts.model_copy(update={"torn": torn})
     out = out or cfg.artifacts / "pool" / "pool.jsonl"
     write_jsonl(out, [p.model_dump() for p in pool])
     return out, counts

@@ -4,9 +4,12 @@ Off unless the program app's args carry `request_log: {path: ...}`. Each answere
 (`RequestRecord`: time, query, label, model, latency, confidence when the answer has one) -- never a
 header, a client address or the API key.
 
-A line is written whole or not at all: each record is one `os.write` of the encoded line on a file opened
-`O_APPEND`, so a killed server loses no complete line, and the replicas of one app append to the same file
-without interleaving within a line (Linux appends a regular file's single write at the end atomically).
+Each record is one `os.write` of the encoded line on a file opened `O_APPEND`: the replicas of one app
+append to the same file without interleaving within a line, and a killed server loses no complete line.
+A SIGKILL can still cut a large write short (Linux stops copying at a page when a fatal signal is pending;
+tests/test_request_log.py does it): the torn piece is the file's end, and the next record written -- by any
+replica -- starts with a newline when the file does not end with one, so a torn piece never joins a
+complete line. Readers skip torn pieces (a proper prefix of a record is never valid JSON) and count them.
 
 Retention: when the file passes `max_bytes` it is renamed `<path>.1` (the older ones shift to `.2`, ...,
 beyond `keep` they are deleted), and rotated files older than `max_age_s` are deleted. A replica whose file
@@ -65,13 +68,16 @@ class RequestLog:
 
     def _open(self) -> int:
         # 0o600: the queries are the users' words; only the server's user reads them.
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
 
     def append(self, record: RequestRecord) -> None:
         line = (record.model_dump_json() + "\n").encode("utf-8")
         with self._lock:
             self._follow()
-            os.write(self._fd, line)  # one call: the whole line or nothing reaches the file
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a killed writer's torn piece: end it
+                line = b"\n" + line
+            os.write(self._fd, line)  # one call: never interleaved with another replica's line
             if os.fstat(self._fd).st_size > self.args.max_bytes:
                 self._rotate()
 
@@ -127,27 +133,31 @@ def rotated_files(path: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def read_request_log(path: Path) -> list[RequestRecord]:
-    """Every complete record of the log and its rotated files, oldest first.
+RECORD_START = '{"time":'  # how every record's JSON begins (`time` is its first field)
 
-    A last line without its newline is a write that never finished (only possible if the disk filled
-    mid-write): it is skipped. Any other line that is not a record is an error naming it.
-    """
+
+def read_request_log(path: Path) -> tuple[list[RequestRecord], int]:
+    """Every complete record of the log and its rotated files, oldest first, and how many torn pieces
+    (writes cut short by a kill) were skipped. Any other line that is not a record is an error naming it."""
     path = Path(path)
     files = [*reversed(rotated_files(path)), path]
     if not any(f.is_file() for f in files):
         raise DistillError(f"request log {path} does not exist (is request_log set in the serve config's args?)")
     out: list[RequestRecord] = []
+    torn = 0
     for f in files:
         if not f.is_file():
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
-        lines = text.split("\n")
-        for i, line in enumerate(lines[:-1], start=1):  # lines[-1]: after the last newline ("" or torn)
+        for i, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 out.append(RequestRecord.model_validate_json(line))
             except ValidationError as e:
+                cut = line.startswith(RECORD_START) or RECORD_START.startswith(line)
+                if cut and all(err["type"] == "json_invalid" for err in e.errors()):
+                    torn += 1  # a record's beginning whose end was never written
+                    continue
                 raise DistillError(f"{f}:{i} is not a request record ({e.errors()[0]['msg']})") from None
-    return out
+    return out, torn
