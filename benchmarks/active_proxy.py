@@ -5,7 +5,7 @@
 The proxy student is logistic regression on the MiniLM embeddings (the vote's C), trained on the gold
 labels plus the labels the selection bought. Two teachers label what is picked: the `oracle` (the queries'
 true banking77 labels: what selection can do with a perfect teacher) and the `vote` (the teacher's vote
-alone, vote_confidence 0: no LLM). Selection is the real `distill.teacher.active.active_label` with the
+alone, vote_confidence 0: no LLM). Selection is the real `distill.active.active_label` with the
 profile's settings; labeling is in-process (`label_queries` with the teacher as a dspy module). Scored on
 the profile's test subset; nothing is chosen on it. One seed: a sign, not an error bar.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import dspy
 import numpy as np
 
+from distill.active import PoolScorer, active_label
 from distill.config import load_config
 from distill.data.dataset import prepare_data
 from distill.lm import make_lm
-from distill.teacher.active import PoolScorer, active_label
 from distill.teacher.labeling import label_queries
 from distill.teacher.program import GoldIndex, build_vote, embed
 from distill.teacher.vote import fit_lr

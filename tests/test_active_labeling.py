@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distill.active import SELECTION_FILE, PoolScorer, active_label, read_selection, write_selection
 from distill.config import ActiveSelectionConfig, load_config
 from distill.data.dataset import prepare_data
 from distill.errors import DistillError
 from distill.lm import make_lm
-from distill.teacher.active import SELECTION_FILE, PoolScorer, active_label, read_selection, write_selection
 from distill.teacher.labeling import label_queries, read_records
 from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import GoldIndex, build_teacher, build_vote, embed

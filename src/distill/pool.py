@@ -74,7 +74,7 @@ def build_pool(records: Sequence[RequestRecord], test_texts: Sequence[str], gold
 
 def pool_from_log(cfg: Config, log: Path, out: Path | None = None) -> tuple[Path, PoolCounts]:
     """Build the pool from the profile's data (test + gold to leave out) and teacher vote; write it."""
-    from distill.teacher.active import PoolScorer
+    from distill.active import PoolScorer
     from distill.teacher.program import GoldIndex, build_vote, embed
 
     records, torn = read_request_log(log)

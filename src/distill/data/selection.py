@@ -1,7 +1,7 @@
 """Which unlabeled queries the teacher labels next: uncertainty scores and a diverse batch of the most uncertain.
 
 Pure functions of arrays (class probabilities, embeddings): no model, no files. The teacher stage feeds them
-the vote's probabilities over the pool (`distill.teacher.active`), and `python -m distill pool` the same
+the vote's probabilities over the pool (`distill.active`), and `python -m distill pool` the same
 for served traffic.
 
 A batch of only the most uncertain queries is full of near-duplicates (one confusing phrasing, many

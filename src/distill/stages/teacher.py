@@ -12,6 +12,7 @@ import dspy
 import numpy as np
 from pydantic import BaseModel
 
+from distill.active import ActiveResult, PoolScorer, RoundSummary, active_label
 from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.errors import DistillError
@@ -27,7 +28,6 @@ from distill.stages.base import (
     require,
 )
 from distill.stages.data import data_fingerprint
-from distill.teacher.active import ActiveResult, PoolScorer, RoundSummary, active_label
 from distill.teacher.labeling import LabelingResult, label_queries, quality_gate, score_teacher
 from distill.teacher.labeling_ray import label_queries_ray
 from distill.teacher.program import GoldIndex, HybridTeacher, build_teacher, build_vote, embed
@@ -101,7 +101,7 @@ class TeacherStage(Stage[TeacherManifest]):
         d = self.cfg.data
         if d.selection != "active":
             return ()
-        return (d.active.model_dump(), d.seed_size, self.cfg.seed, code_version("distill.data.selection"))
+        return (d.active.model_dump(), d.seed_size, self.cfg.seed, code_version("distill.data.selection", "distill.active"))
 
     def inputs(self) -> dict[str, str]:
         return {"data": data_fingerprint(self.data)}

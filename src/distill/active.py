@@ -1,5 +1,8 @@
 """Active labeling (`data.selection: active`): the teacher labels what teaches the student most.
 
+It drives the teacher's labeling (both engines) and sits above `distill.teacher`, outside it: the teacher
+code's fingerprint -- and so random selection's labels -- stay as they were.
+
     seed round: the first `seed_size` queries of the shuffled pool (exactly random selection's first ones)
     round r = 1..rounds: the vote, refitted on gold + the teacher's labels so far, scores the rest of the
         pool (`distill.data.selection.uncertainty`); `select_batch` picks `batch_size` diverse ones among
