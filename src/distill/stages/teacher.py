@@ -96,7 +96,7 @@ class TeacherStage(Stage[TeacherManifest]):
                            prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data),
                            code_version("distill.teacher", "distill.program", "distill.lm"), *self.selection_parts())
 
-    def selection_parts(self) -> tuple:
+    def selection_parts(self) -> tuple[object, ...]:
         """Active selection's settings (random selection adds nothing: its fingerprints are unchanged)."""
         d = self.cfg.data
         if d.selection != "active":
@@ -139,12 +139,11 @@ class TeacherStage(Stage[TeacherManifest]):
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
             vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
-            if cfg.data.selection == "active":
-                active: ActiveResult | None = self.label_active(teacher, lm, index, vote)
-                assert active is not None
+            active = self.label_active(teacher, lm, index, vote) if cfg.data.selection == "active" else None
+            if active is not None:
                 result, expected = active.labeling, active.picked
             else:
-                active, result, expected = None, self.label(teacher, lm, queries), len(queries)
+                result, expected = self.label(teacher, lm, queries), len(queries)
             if result.labeled < expected:  # no manifest: the next run retries the failed ones
                 raise DistillError(f"{expected - result.labeled} queries are not labeled yet (errors in "
                                    f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
