@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from distill.cli import main
 from distill.config import load_config
@@ -245,3 +246,18 @@ def test_ingress_logs_answers_only_and_never_the_key(tmp_path, monkeypatch) -> N
     assert [(r.query, r.label, r.model) for r in records] == [
         ("where is my card", LABELS[3], "m"), ("where is my card", LABELS[3], "m"), ("how do I top up", LABELS[3], "m")]
     assert all(r.latency_ms is not None and r.latency_ms >= 0 and r.time > 0 for r in records)
+
+
+def test_the_log_is_off_by_default_and_bad_settings_name_the_key(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from distill.serving.app import ProgramAppArgs
+
+    base = {"deploy_params": "p.json", "llm_api_base": "http://127.0.0.1:9/v1"}
+    assert ProgramAppArgs.model_validate(base).request_log is None
+    for app in yaml.safe_load((ROOT / "local_deploy_dspy.yaml").read_text())["applications"]:
+        assert "request_log" not in app["args"]  # the committed deployment logs nothing
+    with pytest.raises(ValidationError, match="request_log.max_bytes"):
+        ProgramAppArgs.model_validate({**base, "request_log": {"path": "x.jsonl", "max_bytes": 10}})
+    with pytest.raises(ValidationError, match="request_log.path"):
+        ProgramAppArgs.model_validate({**base, "request_log": {"max_bytes": 4096}})
