@@ -88,3 +88,12 @@ def test_no_secrets_in_configs() -> None:
     files = [*CLUSTER_CONFIGS, *LOCAL_CONFIGS, *DEPLOY_CONFIGS, *(str(x.relative_to(ROOT)) for x in (ROOT / "model_config").glob("*.yaml"))]
     for p in files:
         assert not list(_secret_like(yaml.safe_load((ROOT / p).read_text()))), p
+
+
+def test_vllm_on_cpu_computes_in_bf16_only_where_the_cpu_has_bf16_instructions() -> None:
+    from distill.serving.deploy import cpu_dtype
+
+    assert cpu_dtype("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16") == "bfloat16"
+    assert cpu_dtype("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile") == "bfloat16"
+    assert cpu_dtype("flags\t\t: fpu sse2 avx2 fma avx512f") == "float32"
+    assert cpu_dtype("") == "float32"

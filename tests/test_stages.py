@@ -273,3 +273,37 @@ def test_code_versions_ignore_comments_and_docstrings_but_not_code(tmp_path, mon
     assert versions[0] == versions[1] != versions[2]
     code_version.cache_clear()
     assert code_version("codever_pkg") != ""  # a package: all its modules
+
+
+def test_active_selection_labels_in_rounds_and_curation_draws_dev_from_the_random_seed(tmp_path, monkeypatch,
+                                                                                      with_banking77) -> None:
+    """data.selection active through the real teacher and curation stages (the vote answers: no LLM call
+    but the timing of the LLM path, on the scripted LM)."""
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
+    cfg = load_config("local_ci", overrides={
+        "data": {"num_to_label": 11, "test_size": 25, "devset_size": 3, "optimizer_val_size": 2,
+                 "selection": "active", "active": {"rounds": 2, "batch_size": 3}},
+        "teacher": {"gate_size": 12, "vote_confidence": 0.0},
+        "curation": {"min_confidence": None, "sft_source": "teacher"}, "evaluation": {"latency_queries": 2}})
+    data = DataStage(cfg).data
+    assert len(data.pool) == len(data.unlabeled) > len(data.to_label) == 11
+    DataStage(cfg, data).ensure()
+    assert len(read_jsonl(tmp_path / "art" / "data" / "unlabeled.jsonl")) == len(data.pool)
+    stage = ScriptedTeacher(cfg, data, {ex.text: ex.label for ex in data.test})
+    m = stage.ensure()
+    assert m.selection == "active" and m.labeled == m.to_label == 11
+    assert [(r.round, r.picked) for r in m.active_rounds or []] == [(0, 5), (1, 3), (2, 3)]
+    sel = read_jsonl(stage.dir / "selection.jsonl")
+    assert [r["round"] for r in sel] == [0] * 5 + [1] * 3 + [2] * 3
+    assert [r["pool_index"] for r in sel[:5]] == [0, 1, 2, 3, 4]  # the seed round: random's first draw
+    assert all(r["score"] is not None for r in sel[5:])
+    assert ScriptedTeacher(cfg, data, {}).is_current()  # resumable: a second run is a no-op
+    # Curation's devset (3) and optimizer valset (2) are the seed round's: a random sample to choose on.
+    CurationStage(cfg, data).ensure()
+    seed_texts = {r["text"] for r in sel[:5]}
+    chosen_on = [r["text"] for name in ("devset", "optimizer_val")
+                 for r in read_jsonl(tmp_path / "art" / "curation" / f"{name}.jsonl")]
+    assert len(chosen_on) == 5 and set(chosen_on) == seed_texts
+    # Random selection (the default) still labels the first num_to_label of the shuffled pool.
+    assert TeacherStage(cfg.model_copy(update={"data": cfg.data.model_copy(update={"selection": "random"})}),
+                        data).selection_parts() == ()

@@ -26,6 +26,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pool(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distill.config import load_config
+    from distill.pool import pool_from_log
+
+    cfg = load_config(args.profile)
+    out, counts = pool_from_log(cfg, Path(args.from_log), Path(args.out) if args.out else None)
+    print(json.dumps({"pool": str(out), **counts.model_dump()}))
+    return 0
+
+
 def _cmd_check_env(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.env import check_env, missing
@@ -134,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--save", action="store_true", help="also write the splits under <artifacts>/data")
     d.add_argument("--compact", action="store_true", help="one-line JSON")
     d.set_defaults(func=_cmd_data)
+
+    pl = sub.add_parser("pool", help="the served requests' log as the next labeling pool: deduplicated, without "
+                        "test and gold queries, most uncertain (for the teacher's vote) first", parents=[common])
+    pl.add_argument("--from-log", required=True, help="the request log (request_log.path in the serve config's args)")
+    pl.add_argument("--out", default=None, help="default: <artifacts>/pool/pool.jsonl")
+    pl.set_defaults(func=_cmd_pool)
 
     e = sub.add_parser("check-env", help="report what the profile needs from the environment", parents=[common])
     e.set_defaults(func=_cmd_check_env)

@@ -36,6 +36,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ActiveSelectionConfig(_Strict):
+    """`data.selection: active`: the teacher labels a random seed round, then `rounds` batches chosen by the
+    vote's uncertainty with a diversity term (docs/pipeline.md, "Active selection")."""
+
+    rounds: int = Field(3, ge=1, description="Active rounds after the random seed round.")
+    batch_size: int = Field(100, ge=1, description="Queries picked per active round.")
+    signal: Literal["margin", "entropy", "least_confidence"] = Field(
+        "margin", description="Uncertainty of the vote: margin = 1 - (p1 - p2).")
+    diversity: Literal["kcenter", "cluster"] = Field(
+        "kcenter", description="kcenter: greedy farthest-first among the most uncertain; cluster: k-means, "
+                               "the most uncertain of each cluster.")
+    candidates: int = Field(5, ge=1, description="Diversity picks among the batch_size x this most uncertain.")
+    refit: bool = Field(True, description="Refit the vote on gold + the teacher's labels so far each round.")
+
+
 class DataConfig(_Strict):
     """How much of the task a run uses (the task itself is `task:`)."""
 
@@ -51,6 +66,31 @@ class DataConfig(_Strict):
     optimizer_train_size: int | None = Field(None, ge=1, description="null = all that is left.")
     optimizer_val_size: int = Field(300, ge=1)
     test_size: int | None = Field(None, ge=1, description="Stratified subset of the test set; null = all.")
+    # random: the teacher labels the first num_to_label of the shuffled pool. active: a random seed round of
+    # num_to_label - rounds x batch_size, then rounds chosen by uncertainty (`active`).
+    selection: Literal["random", "active"] = "random"
+    active: ActiveSelectionConfig = Field(default_factory=ActiveSelectionConfig)
+
+    @model_validator(mode="after")
+    def _active_budget(self) -> "DataConfig":
+        if self.selection != "active":
+            return self
+        if self.num_to_label is None:
+            raise ValueError("data.selection active needs data.num_to_label (the labeling budget)")
+        # The seed round is random: curation takes the devset and optimizer valset from it first, so
+        # what is chosen on stays a random sample of the pool.
+        need = self.devset_size + self.optimizer_val_size
+        if self.seed_size < need:
+            raise ValueError(
+                f"data.selection active: the random seed round, num_to_label ({self.num_to_label}) - active.rounds "
+                f"({self.active.rounds}) x active.batch_size ({self.active.batch_size}) = {self.seed_size}, must hold "
+                f"devset_size + optimizer_val_size = {need}; raise num_to_label or lower rounds / batch_size")
+        return self
+
+    @property
+    def seed_size(self) -> int:
+        """Queries of the random seed round (active selection)."""
+        return (self.num_to_label or 0) - self.active.rounds * self.active.batch_size
 
 
 # --- the task ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from distill.config import Config, load_config
 from distill.errors import DistillError
 from distill.models import ModelSource
 from distill.serving.control import STARTUP_SECONDS
-from distill.serving.deploy import cpu_serve_config
+from distill.serving.deploy import cpu_dtype, cpu_serve_config
 from distill.student.finetune import BaseModelSpec, load_base, load_recipe
 from distill_harness.cluster import (
     JOB_NODE,
@@ -224,7 +224,7 @@ def lora_agreement(api_base: str, base_model: str, tuned_model: str, model_dir: 
 
     `agree`: the served LoRA gives the same answer as the PEFT model: the same label when both name one,
     else the same text (a few optimizer steps leave most answers free text). `agree_text`: the same text;
-    vLLM's CPU kernels and transformers round bf16 differently, so greedy continuations can part after a
+    vLLM's CPU kernels and transformers round differently, so greedy continuations can part after a
     few tokens. `changed`: the served LoRA's text differs from the served base's (without it, agreement would
     not show that an adapter was applied at all).
     """
@@ -233,7 +233,8 @@ def lora_agreement(api_base: str, base_model: str, tuned_model: str, model_dir: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+    dtype = getattr(torch, cpu_dtype())  # as vLLM serves it
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
                                       str(adapter_dir)).eval()
     rows = []
     for messages in prompts:
@@ -416,7 +417,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
                 print(f"        PEFT {r['peft_label']!s:<40} served {r['served_label']!s:<40} | {r['query'][:50]}")
             _check(agreement["changed"] > 0, f"the served adapter changes greedy answers on "
                                              f"{agreement['changed']:.0%} of {agreement['n']} prompts")
-            # Not 100%: vLLM's CPU kernels and transformers round bf16 differently, and greedy continuations of
+            # Not 100%: vLLM's CPU kernels and transformers round differently, and greedy continuations of
             # an adapter trained for a few steps part ways after a few tokens.
             _check(agreement["agree"] >= 0.5, f"served LoRA and the PEFT model from the finetune's adapter give the "
                                               f"same answer on {agreement['agree']:.0%} of {agreement['n']} prompts "

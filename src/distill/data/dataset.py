@@ -295,6 +295,13 @@ class TaskData:
     num_to_label: int | None = None
     source: str = ""
     label_counts: dict[str, int] = field(default_factory=dict)
+    selection: str = "random"  # data.selection: random | active
+
+    @property
+    def pool(self) -> list[dspy.Example]:
+        """What the teacher may be asked to label: `to_label` (random), the whole unlabeled pool (active:
+        the teacher stage picks `num_to_label` of it round by round)."""
+        return self.unlabeled if self.selection == "active" else self.to_label
 
     @property
     def full_test_size(self) -> int:
@@ -400,6 +407,7 @@ def prepare_data(cfg: Config) -> TaskData:
         num_to_label=cfg.data.num_to_label,
         source=source,
         label_counts={lab: counts[lab] for lab in labels},
+        selection=cfg.data.selection,
     )
 
 
@@ -430,5 +438,5 @@ def save_data(data: TaskData, directory: Path) -> dict[str, Path]:
     }
     for name in ("gold", "test"):
         write_jsonl(files[name], [dict(ex.items()) for ex in getattr(data, name)])
-    write_jsonl(files["unlabeled"], [dict(ex.items()) for ex in data.to_label])
+    write_jsonl(files["unlabeled"], [dict(ex.items()) for ex in data.pool])
     return files

@@ -57,6 +57,7 @@ from distill.serving.common import (
     require_key,
     valid_unicode,
 )
+from distill.serving.request_log import RequestLog, RequestLogArgs
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,6 +97,8 @@ class ProgramAppArgs(BaseModel):
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the key, if one is set).")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, gt=0)
+    request_log: RequestLogArgs | None = Field(
+        None, description="Append each answered query to this JSONL log (off when null): the next labeling pool.")
 
     @model_validator(mode="after")
     def _one_base(self) -> "ProgramAppArgs":
@@ -342,6 +345,7 @@ class IntentClassifierApp:
         self.probe = LLMProbe(self.args.llm_base(), bearer_headers(self.args.llm_key_env()), self.args.health_probe_s,
                               self.args.llm_app)
         self.probe.start()
+        self.request_log = RequestLog(self.args.request_log) if self.args.request_log else None
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
         return make_api(self)
@@ -362,8 +366,12 @@ class IntentClassifierApp:
         outcome = await self.ask(body, time.time() + self.args.timeout_s)
         if not isinstance(outcome, Outcome):
             return outcome
+        latency_ms = round(1000 * (time.perf_counter() - started), 1)
+        if self.request_log is not None:
+            self.request_log.answered(body.query.strip(), outcome.label or "", self.params.model, latency_ms,
+                                      outcome.confidence)
         return ClassifyResponse(label=outcome.label, model=self.params.model, confidence=outcome.confidence,
-                                latency_ms=round(1000 * (time.perf_counter() - started), 1))
+                                latency_ms=latency_ms)
 
     async def ask(self, body: ClassifyRequest, deadline: float) -> "Outcome | JSONResponse":
         """The worker's answer (status 200), or the error response for the client."""

@@ -80,9 +80,14 @@ def owned() -> dict[str, Any]:
     return {"ray": _OWNED["ray"], "apps": list(_OWNED["apps"])}
 
 
+# The serving apps' keys (docs/serving.md): forwarded when set, so that replicas on a joined cluster, whose
+# processes do not inherit this shell's environment, check the same keys.
+SERVING_KEY_ENVS = ("DISTILL_API_KEY", "DISTILL_LLM_API_KEY")
+
+
 def forward_env_names(cfg: "Config") -> list[str]:
-    """Variables a profile's replicas need: its required secrets and the endpoints' key variables."""
-    names = list(cfg.required_env)
+    """Variables a profile's replicas need: its required secrets, the endpoints' and the serving apps' keys."""
+    names = list(cfg.required_env) + [n for n in SERVING_KEY_ENVS if n not in cfg.required_env]
     for lm in (cfg.models.teacher, cfg.models.student):
         if lm.api_key_env and lm.api_key_env not in names:
             names.append(lm.api_key_env)

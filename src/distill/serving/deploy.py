@@ -124,6 +124,17 @@ def template_serve_config(source: str | Path, out: Path, *, base_model: str, fin
 GPU_ENGINE_KWARGS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
 
 
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The dtype vLLM's CPU build computes in here: bfloat16 where the CPU has bf16 instructions (AVX-512 BF16
+    or AMX), else float32. Without them vLLM's bf16 kernels convert on every operation, and the rehearsal's
+    teacher calls took minutes on an AVX2-only host."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    flags = set(cpuinfo.split())
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len: int = 2048,
                    kv_cache_gib: int = 2) -> dict[str, Any]:
     """A cluster LLMConfig as vLLM's CPU build runs it: the same model id, LoRA and engine settings, with
@@ -142,7 +153,7 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
     for key in GPU_ENGINE_KWARGS:
         engine.pop(key, None)
     engine["max_model_len"] = min(int(engine.get("max_model_len", max_model_len)), max_model_len)
-    engine["dtype"] = "bfloat16"  # the CPU kernels' type; the exported weights are bf16 too
+    engine["dtype"] = cpu_dtype()  # the exported weights are bf16; vLLM casts them at load
     deployment = c.setdefault("deployment_config", {})
     if "autoscaling_config" in deployment:
         deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "min_replicas": 1,

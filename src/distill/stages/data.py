@@ -24,9 +24,11 @@ class DataManifest(Manifest):
 
 def data_fingerprint(data: TaskData) -> str:
     """Changes whenever any split the later stages read changes (texts, labels, order)."""
+    # Active selection picks from the whole pool; random selection's fingerprint is what it always was.
+    pool = ([ex.text for ex in data.pool],) if data.selection == "active" else ()
     return fingerprint(
         data.labels, [(ex.text, ex.label) for ex in data.gold], [ex.text for ex in data.to_label],
-        [(ex.text, ex.label) for ex in data.test], [ex.text for ex in data.full_test],
+        [(ex.text, ex.label) for ex in data.test], [ex.text for ex in data.full_test], *pool,
     )
 
 

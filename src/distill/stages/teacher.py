@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import dspy
+import numpy as np
 from pydantic import BaseModel
 
+from distill.active import ActiveResult, PoolScorer, RoundSummary, active_label
 from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.errors import DistillError
@@ -66,6 +68,9 @@ class TeacherManifest(Manifest):
     # leave-one-out grid on gold it was chosen from, with curation's floor.
     vote_confidence: float | None = None
     routing: Routing | None = None
+    # data.selection: active -- each round's picks (selection.jsonl has every query's round and score).
+    selection: str = "random"
+    active_rounds: list[RoundSummary] | None = None
 
 
 class TeacherStage(Stage[TeacherManifest]):
@@ -89,7 +94,14 @@ class TeacherStage(Stage[TeacherManifest]):
                                                            "max_consecutive_failures"}),
                            endpoint_fingerprint(cfg, cfg.models.teacher),
                            prompt_fingerprint(cfg, self.data.labels, student=False), data_fingerprint(self.data),
-                           code_version("distill.teacher", "distill.program", "distill.lm"))
+                           code_version("distill.teacher", "distill.program", "distill.lm"), *self.selection_parts())
+
+    def selection_parts(self) -> tuple[object, ...]:
+        """Active selection's settings (random selection adds nothing: its fingerprints are unchanged)."""
+        d = self.cfg.data
+        if d.selection != "active":
+            return ()
+        return (d.active.model_dump(), d.seed_size, self.cfg.seed, code_version("distill.data.selection", "distill.active"))
 
     def inputs(self) -> dict[str, str]:
         return {"data": data_fingerprint(self.data)}
@@ -127,9 +139,13 @@ class TeacherStage(Stage[TeacherManifest]):
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
             vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
-            result = self.label(teacher, lm, queries)
-            if result.labeled < len(queries):  # no manifest: the next run retries the failed ones
-                raise DistillError(f"{len(queries) - result.labeled} queries are not labeled yet (errors in "
+            active = self.label_active(teacher, lm, index, vote) if cfg.data.selection == "active" else None
+            if active is not None:
+                result, expected = active.labeling, active.picked
+            else:
+                result, expected = self.label(teacher, lm, queries), len(queries)
+            if result.labeled < expected:  # no manifest: the next run retries the failed ones
+                raise DistillError(f"{expected - result.labeled} queries are not labeled yet (errors in "
                                    f"{self.dir / 'errors.jsonl'}); run the teacher stage again to retry them")
             # The same test queries the best student is timed on in the evaluation stage.
             timed = data.test[: cfg.evaluation.latency_queries]
@@ -147,11 +163,12 @@ class TeacherStage(Stage[TeacherManifest]):
             candidate_k=cfg.teacher.candidate_k, accuracy_gold=round(gate.accuracy, 4),
             valid_rate_gold=round(gate.valid_rate, 4), n_gold=gate.n, accuracy_test=round(test.accuracy, 4),
             valid_rate=round(test.valid_rate, 4), test_size=test.n, test_queries_per_s=round(test.per_s, 3),
-            labeled=result.labeled, to_label=len(queries),
+            labeled=result.labeled, to_label=expected,
             labels_per_s=round(result.new / result.seconds, 3) if result.new else None, calls=calls,
             labeling_engine=cfg.teacher.engine, labeling_concurrency=self.labeling_concurrency(),
             llm_share_gold=gate.llm_share, llm_share_test=test.llm_share, vote=vote_summary, calls_llm=calls_llm,
             vote_confidence=teacher.vote_confidence if isinstance(teacher, HybridTeacher) else None, routing=routing,
+            selection=cfg.data.selection, active_rounds=active.rounds if active else None,
         )
 
     def routing(self, lm: dspy.LM, index: GoldIndex | None, vote: LabelVote | None,
@@ -180,10 +197,7 @@ class TeacherStage(Stage[TeacherManifest]):
     def label(self, teacher: dspy.Module, lm: dspy.LM, queries: list[dspy.Example]) -> LabelingResult:
         """Label the queries with the profile's engine, into this stage's directory (resuming)."""
         t = self.cfg.teacher
-        labels_fp = self.labeling_fingerprint()
-        if isinstance(teacher, HybridTeacher) and t.vote_confidence == "auto":
-            # The threshold is chosen on each run: labels made with another one are not these labels.
-            labels_fp = fingerprint(labels_fp, teacher.vote_confidence)
+        labels_fp = self.labels_fingerprint(teacher)
         if t.engine == "ray_data":  # the actors build their own client to the same endpoint, with this cache
             cache_dir = dspy.cache.disk_cache_dir if dspy.cache.enable_disk_cache else None
             return label_queries_ray(teacher, self.cfg.models.teacher, queries, self.dir, t.ray_data,
@@ -191,6 +205,26 @@ class TeacherStage(Stage[TeacherManifest]):
                                      cache_dir=Path(cache_dir) if cache_dir else None)
         return label_queries(teacher, lm, queries, self.dir, threads=t.threads, fingerprint=labels_fp,
                              max_consecutive_failures=t.max_consecutive_failures)
+
+    def labels_fingerprint(self, teacher: dspy.Module) -> str:
+        labels_fp = self.labeling_fingerprint()
+        if isinstance(teacher, HybridTeacher) and self.cfg.teacher.vote_confidence == "auto":
+            # The threshold is chosen on each run: labels made with another one are not these labels.
+            labels_fp = fingerprint(labels_fp, teacher.vote_confidence)
+        return labels_fp
+
+    def label_active(self, teacher: dspy.Module, lm: dspy.LM, index: GoldIndex | None,
+                     vote: LabelVote | None) -> ActiveResult:
+        """data.selection active: a random seed round, then rounds picked by the vote's uncertainty over the
+        pool (refitted on the labels so far), each labeled with the profile's engine (resuming)."""
+        cfg, data = self.cfg, self.data
+        index = index or GoldIndex(data.gold, cfg.teacher.embedder)
+        vote = vote or build_vote(index, data.labels)  # the uncertainty signal, whatever the teacher's strategy
+        pool_vecs = embed(cfg.teacher.embedder, [ex.text for ex in data.pool]).astype(np.float32)
+        scorer = PoolScorer(vote, pool_vecs, refit=cfg.data.active.refit)
+        return active_label(data.pool, scorer, cfg.data.active, cfg.data.seed_size,
+                            lambda qs: self.label(teacher, lm, qs), self.dir, self.labels_fingerprint(teacher),
+                            seed=cfg.seed)
 
     def labeling_concurrency(self) -> int:
         t = self.cfg.teacher
