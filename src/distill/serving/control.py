@@ -140,7 +140,7 @@ def start_serve_config(path: str | os.PathLike[str], forward_env: Sequence[str] 
     cfg = load_serve_config(path)
     http = cfg.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    joining = os.environ.get("RAY_ADDRESS", "local") != "local"  # a cluster's proxy may hold the port already
+    joining = (os.environ.get("RAY_ADDRESS") or "local") != "local"  # a cluster's proxy may hold the port already
     if not ray.is_initialized() and not joining and _port_in_use(host, port):
         # Otherwise we would silently talk to whatever else is listening there.
         raise DistillError(f"{path}: {host}:{port} is already in use by another process; stop it or change http_options.port")
