@@ -485,6 +485,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve builder (`import_path: distill.serving.app:build_app`)."""
     parsed = parse_app_args(ProgramAppArgs, args, "distill.serving.app:build_app")
     raw = parsed.model_dump()
+    return bind_ingress(IntentClassifierApp, parsed, raw, raw)
+
+
+def bind_ingress(ingress: Any, parsed: ProgramAppArgs, raw: dict[str, Any],
+                 worker_args: dict[str, Any]) -> serve.Application:
+    """`ingress` (bound with `raw`) in front of its ClassifierWorker (bound with `worker_args`), both sized
+    and load-shed from `parsed`: the program app and the cascade deploy the same way."""
     shed = backpressure(parsed.retry_after_s)
     worker = ClassifierWorker.options(
         num_replicas=parsed.num_replicas,
@@ -492,8 +499,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_queued_requests=parsed.max_queued_requests,
         backpressure_config=shed,
         ray_actor_options={"num_cpus": parsed.num_cpus},
-    ).bind(raw)
-    return IntentClassifierApp.options(
+    ).bind(worker_args)
+    return ingress.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,
         max_queued_requests=parsed.max_ongoing_requests,

@@ -24,14 +24,14 @@ from ray.serve.handle import DeploymentHandle
 
 from distill.program import CascadeParams
 from distill.serving.app import (
-    ClassifierWorker,
     ClassifyRequest,
     ClassifyResponse,
     IntentClassifierApp,
     Outcome,
     ProgramAppArgs,
+    bind_ingress,
 )
-from distill.serving.common import backpressure, bearer_headers, parse_app_args
+from distill.serving.common import bearer_headers, parse_app_args
 
 logger = logging.getLogger("ray.serve")
 
@@ -124,20 +124,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve builder (`import_path: distill.serving.cascade:build_app`): the program app's arguments
     plus `cascade` (CascadeArgs)."""
     parsed = parse_app_args(CascadeAppArgs, args, "distill.serving.cascade:build_app")
-    raw = parsed.model_dump()
-    worker_args = parsed.model_dump(exclude={"cascade"})
-    shed = backpressure(parsed.retry_after_s)
-    worker = ClassifierWorker.options(
-        num_replicas=parsed.num_replicas,
-        max_ongoing_requests=parsed.threads,
-        max_queued_requests=parsed.max_queued_requests,
-        backpressure_config=shed,
-        ray_actor_options={"num_cpus": parsed.num_cpus},
-    ).bind(worker_args)
-    return CascadeApp.options(
-        num_replicas=parsed.num_replicas,
-        max_ongoing_requests=parsed.max_ongoing_requests,
-        max_queued_requests=parsed.max_ongoing_requests,
-        backpressure_config=shed,
-        ray_actor_options={"num_cpus": parsed.num_cpus},
-    ).bind(raw, worker)
+    return bind_ingress(CascadeApp, parsed, parsed.model_dump(), parsed.model_dump(exclude={"cascade"}))
