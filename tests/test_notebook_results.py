@@ -174,3 +174,17 @@ def test_a_resumed_run_says_what_its_skipped_stages_took() -> None:
     assert wall(fresh) == "16.0 min"  # every stage ran in this run: its wall time says it all
     resumed = {**fresh, "run": {"wall_seconds": 330.0}}  # the data stage was current and skipped
     assert wall(resumed) == "5.5 min (this run; every stage's own time, summed: 15.0 min)"
+
+
+def test_the_run_manifest_says_when_the_run_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Markdown table's footer (pasted into the docs) carries the commit, the cores and the finish time."""
+    import re
+    import time
+
+    from distill.report import finish_run, markdown
+
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path))
+    cfg = load_config("local_ci")
+    report = finish_run(cfg, time.time() - 5.0, setup_seconds=1.0)
+    assert report["run"]["wall_seconds"] >= 5.0
+    assert re.search(r"finished 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00;", markdown(report)), markdown(report)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -131,12 +132,13 @@ def tiny_task(**over) -> dict:
 
 
 def write_tiny_task(directory: Path, task: dict | None = None, extends: str = "local_ci",
-                    task_file: bool = False) -> Path:
+                    task_file: bool = False, **settings: Any) -> Path:
     """`topics.csv` (360 rows) and a profile `topics.yaml` that extends a shipped profile; the task inline,
-    or (task_file) in a file of its own beside it, named by a relative path."""
+    or (task_file) in a file of its own beside it, named by a relative path; `settings` are further keys of
+    the profile."""
     directory.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(tiny_rows()).to_csv(directory / "topics.csv", index=False)
-    profile: dict = {"extends": extends}
+    profile: dict = {"extends": extends, **settings}
     if task_file:
         (directory / "topics_task.yaml").write_text(yaml.safe_dump(task or tiny_task(), sort_keys=False))
         profile["task"] = "topics_task.yaml"
@@ -396,8 +398,8 @@ def test_missing_task_file_and_old_data_keys_that_disagree(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monkeypatch) -> None:
-    """`local_ci` sizes, the real served models, Ray job and Serve, on a task the test wrote: one file
-    (`topics.yaml`, extends local_ci) and one CSV. ~10 min on 2 cores, like tests/test_pipeline.py."""
+    """The real served models, Ray job and Serve, on a task the test wrote: one file
+    (`topics.yaml`, extends local_ci) and one CSV. Minutes on 2 cores."""
     from distill import pipeline
     from distill.report import load_report
 
@@ -405,7 +407,12 @@ def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monk
     monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(art))
     monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("BANKING77_DIR", raising=False)  # nothing of banking77 is needed, or read
-    profile = write_tiny_task(tmp_path / "data")
+    # Smaller than local_ci where the sizes only cost time: every stage still runs on served models, and
+    # test_pipeline.py covers local_ci's sizes (and tracking, test_tracking.py).
+    sizes = {"num_to_label": 40, "devset_size": 10, "optimizer_val_size": 6, "test_size": 24}
+    profile = write_tiny_task(tmp_path / "data", data=sizes, teacher={"gate_size": 24},
+                              finetune={"training": {"max_steps": 2}}, evaluation={"latency_queries": 3},
+                              serving={"sample_queries": 4}, tracking={"enabled": False})
     names = [t.lower() for t in TOPICS]
 
     cfg = pipeline.run(str(profile))
@@ -415,15 +422,15 @@ def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monk
         assert block in report, sorted(report)
     d = report["data"]
     assert d["labels"] == names and d["label_counts"] == dict.fromkeys(names, 45)
-    assert (d["train"], d["test"], d["test_used"], d["gold"], d["to_label"]) == (270, 90, 50, 100, 60)
+    assert (d["train"], d["test"], d["test_used"], d["gold"], d["to_label"]) == (270, 90, 24, 100, 40)
     assert d["source"] == f"csv:{tmp_path / 'data'}"
     t = report["teacher"]
-    assert t["accuracy_gold"] >= cfg.teacher.min_accuracy_gold and t["labeled"] == 60 and t["valid_rate"] == 1.0
+    assert t["accuracy_gold"] >= cfg.teacher.min_accuracy_gold and t["labeled"] == 40 and t["valid_rate"] == 1.0
     labels = [json.loads(x) for x in (art / "teacher" / "labels.jsonl").read_text().splitlines()]
     assert {r["label"] for r in labels} <= set(names)
     c = report["curation"]
-    assert (c["devset"], c["optimizer_val"]) == (20, 10) and set(c["label_counts"]) <= set(names)
-    assert report["finetune"]["steps"] == 4
+    assert (c["devset"], c["optimizer_val"]) == (10, 6) and set(c["label_counts"]) <= set(names)
+    assert report["finetune"]["steps"] == 2
     ev = report["eval"]
     assert set(ev["testset"]) == {"base", "finetuned"} and 0.0 <= ev["best"]["test_score"] <= 1.0
     params = json.loads((art / "deploy_params.json").read_text())

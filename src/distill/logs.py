@@ -100,6 +100,9 @@ def apply_levels() -> None:
     # `import ray` sets the "ray" logger to INFO, and while importing Ray says (at INFO) that without ipywidgets
     # its objects show as text in notebooks, which is all we show of them.
     logging.getLogger("ray.widgets.util").setLevel(level)
+    # Ray's job SDK sets its own logger to INFO on import: following a job's log (`tail_job_logs`) would
+    # end with a "WebSocket closed for job ..." line.
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(level)
     # Ray announces, as a warning, that a new local cluster uses token authentication (its default, kept
     # here). Setting RAY_AUTH_MODE=token ourselves would say the same without it, but Ray reads the variable
     # into its config once per process, so a late setting leaves the driver without the token.

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
         versions=installed_versions(),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
         setup_seconds=setup_seconds, git_commit=git_commit(cfg.root), cpu_count=os.cpu_count(),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the report's footer says when
     )
     write_manifest(cfg.artifacts / "run" / "manifest.json", run)
     return write_report(cfg)

@@ -343,7 +343,8 @@ class StageRecord:
             served = lm.copy()
             served.kwargs.pop("api_key", None)  # a key stays in the environment, never in the store
             with dspy.context(lm=served, adapter=adapter):  # log_model saves DSPy's settings with the program
-                mlflow.dspy.log_model(program, name="program", registered_model_name=name,
+                # DSPy's own save (`Module.save(save_program=True)`), as MLflow recommends over its pickle
+                mlflow.dspy.log_model(program, name="program", registered_model_name=name, use_dspy_model_save=True,
                                       # given, so MLflow does not infer them by importing in a subprocess
                                       pip_requirements=[f"{d}=={v}" for d, v in versions().items()
                                                         if d in ("dspy", "mlflow")])

@@ -174,6 +174,9 @@ def submit_and_wait(
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from distill import logs
+
+    logs.apply_levels()  # importing Ray's job SDK put its logger at INFO
     client = JobSubmissionClient(address)
     if stop is not None and stop.is_set():
         raise JobStopped("stop requested before the Ray job was submitted: nothing submitted")
