@@ -56,6 +56,7 @@ from distill.serving.common import (
     describe_validation_errors,
     key_variable,
     parse_app_args,
+    parse_client_keys,
     require_key,
     valid_unicode,
 )
@@ -556,6 +557,9 @@ def bind_ingress(ingress: Any, parsed: ProgramAppArgs, raw: dict[str, Any],
                  worker_args: dict[str, Any]) -> serve.Application:
     """`ingress` (bound with `raw`) in front of its ClassifierWorker (bound with `worker_args`), both sized
     and load-shed from `parsed`: the program app and the cascade deploy the same way."""
+    if parsed.api_keys_env and os.environ.get(parsed.api_keys_env, "").strip():
+        # A malformed value is refused here, at deploy time, where the replicas would only fail to start.
+        parse_client_keys(os.environ[parsed.api_keys_env], parsed.api_keys_env)
     shed = backpressure(parsed.retry_after_s)
     worker = ClassifierWorker.options(
         num_replicas=parsed.num_replicas,

@@ -101,32 +101,40 @@ SHARED_CLIENT = "default"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+MIN_CLIENT_KEY_CHARS = 16
+
+
 def parse_client_keys(value: str, variable: str = "DISTILL_API_KEYS") -> dict[str, str]:
     """Named client keys, `name=key,name2=key2` (whitespace around entries, names and keys is ignored), as
     {name: key}. A name is 1-64 of `A-Za-z0-9_.-` (first a letter or digit); a key is everything after the
-    first `=` (so base64 padding is fine) and has no whitespace or comma.
+    first `=` (so base64 padding is fine): at least 16 characters, no whitespace or comma.
 
-    Raises ValueError naming `variable` and the entry's position -- never a key -- for an entry that is not
-    `name=key`, a bad name, a duplicate name, two clients with one key (they could not be told apart), or
-    the name reserved for the shared key.
+    Raises ValueError naming `variable` and the entry's position -- never a name or a key, since a
+    mistyped entry's "name" may be part of a key -- for an entry that is not `name=key`, a bad name or key,
+    a name given twice, two clients with one key (they could not be told apart), or the name reserved for
+    the shared key's holders.
     """
     keys: dict[str, str] = {}
-    for i, entry in enumerate(value.split(","), 1):
+    where: dict[str, int] = {}
+    entries = value.split(",")
+    for i, entry in enumerate(entries, 1):
         name, eq, key = (part.strip() for part in entry.partition("="))
-        where = f"{variable}: entry {i} of {value.count(',') + 1}"
+        at = f"{variable}: entry {i} of {len(entries)}"
         if not eq or not key:
-            raise ValueError(f"{where} is not 'name=key' (expected {variable}=name=key,name2=key2)")
+            raise ValueError(f"{at} is not 'name=key' (the format: {variable}=name=key,name2=key2)")
         if not _CLIENT_NAME.fullmatch(name):
-            raise ValueError(f"{where}: the client name must be 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
-        if any(c.isspace() for c in key):
-            raise ValueError(f"{where}: the key of client {name!r} contains whitespace")
+            raise ValueError(f"{at}: a client name is 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
+        if len(key) < MIN_CLIENT_KEY_CHARS or any(c.isspace() for c in key):
+            raise ValueError(f"{at}: a key is at least {MIN_CLIENT_KEY_CHARS} characters without whitespace "
+                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
         if name == SHARED_CLIENT:
-            raise ValueError(f"{where}: {SHARED_CLIENT!r} is the name of the shared key's holders; choose another")
+            raise ValueError(f"{at}: {SHARED_CLIENT!r} names the shared key's holders; choose another name")
         if name in keys:
-            raise ValueError(f"{where}: client {name!r} is named twice")
+            raise ValueError(f"{at} names the same client as entry {where[name]}")
         if key in keys.values():
-            raise ValueError(f"{where}: client {name!r} has the same key as another client")
-        keys[name] = key
+            other = next(where[n] for n, k in keys.items() if k == key)
+            raise ValueError(f"{at} has the same key as entry {other}: the two clients could not be told apart")
+        keys[name], where[name] = key, i
     return keys
 
 
