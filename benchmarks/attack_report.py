@@ -16,7 +16,7 @@ from typing import Any
 BEGIN, END = "<!-- attack:begin -->", "<!-- attack:end -->"
 WHO = {"classifier": "holds a key to the classifier only", "llm": "holds the LLM app's key"}
 # How the attacker's classifier key relates to the legitimate client's (results before named keys: shared).
-KEYS = {"own": "each client with a key of its own", "shared": "both on the one shared key"}
+KEYS = {"own": "classifier keys: one of its own each", "shared": "classifier keys: one shared by both"}
 
 
 def _who(result: dict[str, Any]) -> str:
