@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- attack:begin -->", "<!-- attack:end -->"
-WHO = {"classifier": "holds the classifier's key only", "llm": "holds the LLM app's key"}
+WHO = {"classifier": "holds a key to the classifier only", "llm": "holds the LLM app's key"}
+# How the attacker's classifier key relates to the legitimate client's (results before named keys: shared).
+KEYS = {"own": "classifier keys: one of its own each", "shared": "classifier keys: one shared by both"}
+
+
+def _who(result: dict[str, Any]) -> str:
+    return f"{WHO[result['attacker_key']]} ({KEYS[result.get('classifier_keys', 'shared')]})"
 
 
 def _column(result: dict[str, Any]) -> list[str]:
@@ -31,8 +37,8 @@ def _column(result: dict[str, Any]) -> list[str]:
         str(result["replica_restarts"]),
         f"{n('crash_schemas', 'sent')} / {n('crash_schemas', '4xx')}",
         f"{n('slow_bodies', 'opened')} / {n('slow_bodies', '408')}",
-        str(n("cancellations", "sent")),
-        f"{n('burst', 'sent')} / {n('burst', '503')}",
+        f"{n('cancellations', 'sent')} / {n('cancellations', 'abandoned')}",
+        f"{n('burst', 'sent')} / {n('burst', '429') + n('burst', '503')}",
         f"{n('wrong_key', '401')} / {n('wrong_key', 'sent')}",
     ]
 
@@ -40,14 +46,14 @@ def _column(result: dict[str, Any]) -> list[str]:
 ROWS = ["`/classify_intent` success during the attack", "`/classify_intent` p50 / p95 of the 200s",
         "`/classify_intent` statuses", "`/classify_intent` failures (detail)", "replica restarts (by replica PID)",
         "crash schemas sent / answered 4xx (400, or 401 for the classifier's key)", "slow bodies opened (1 byte/s, both apps) / ended by a 408",
-        "abandoned requests (cancellation storm)", "burst requests / shed with 503",
-        "classifier's key on the LLM app: 401s / tries"]
+        "cancellation storm: requests sent / abandoned by the client", "burst requests / refused at once (429 over the client's share, 503 at capacity)",
+        "the attacker's classifier key on the LLM app: 401s / tries"]
 
 
 def render(results: list[dict[str, Any]]) -> str:
     """The attack benchmark's results as Markdown: one column per run (attacker's key)."""
     cols = [_column(r) for r in results]
-    lines = [f"- attacker who {WHO[r['attacker_key']]}: `{r['command']}`, {r['when']}, {r['machine']}, model "
+    lines = [f"- attacker who {_who(r)}: `{r['command']}`, {r['when']}, {r['machine']}, model "
              f"`{r['model']}`" for r in results]
     lines += ["", "| | " + " | ".join(f"attacker {WHO[r['attacker_key']]}" for r in results) + " |",
               "|---|" + "---|" * len(results)]

@@ -57,8 +57,11 @@ def test_local_configs(path: str) -> None:
 def test_deploy_configs_serve_the_program_and_name_their_llm(path: str) -> None:
     apps = {a["import_path"]: a for a in _apps(path)}
     program = ProgramAppArgs.model_validate(apps["distill.serving.app:build_app"]["args"])
-    # every shipped deploy config names the key variable itself, not through a default that could change
+    # every shipped deploy config names the key variables itself, not through a default that could change
     assert apps["distill.serving.app:build_app"]["args"]["api_key_env"] == "DISTILL_API_KEY"
+    assert apps["distill.serving.app:build_app"]["args"]["api_keys_env"] == "DISTILL_API_KEYS"
+    # a named client's share: enough to keep the worker busy, never the whole of its threads and queue
+    assert program.max_ongoing_per_client == program.threads < program.threads + program.max_queued_requests
     if path == "configs/deploy/program_service.yaml":  # alone: the LLM service's URL/key from the environment
         assert len(apps) == 1 and program.llm_api_base_env and program.llm_api_key_env
         assert apps["distill.serving.app:build_app"]["route_prefix"] == "/"

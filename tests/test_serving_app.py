@@ -37,6 +37,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # The LLM app's own key (least privilege): the program app sends it; the classifier's clients do not have it.
 LLM_KEY = "test-llm-" + secrets.token_hex(8)
 LLM_AUTH = {"Authorization": f"Bearer {LLM_KEY}"}
+# Two clients of the classifier with keys of their own (DISTILL_API_KEYS), beside the shared KEY.
+ALICE_KEY, BOB_KEY = "test-alice-" + secrets.token_hex(8), "test-bob-" + secrets.token_hex(8)
+ALICE, BOB = {"Authorization": f"Bearer {ALICE_KEY}"}, {"Authorization": f"Bearer {BOB_KEY}"}
 JSON_CT = {"Content-Type": "application/json"}
 # A JSON schema the grammar can only satisfy with a long answer: the generation runs to max_tokens.
 LONG_ANSWER = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
@@ -52,11 +55,12 @@ def deployment(pipeline_artifacts):
     mp.setenv("DISTILL_ARTIFACTS_DIR", str(pipeline_artifacts))
     mp.setenv("DISTILL_API_KEY", KEY)  # reaches the replicas through Ray's runtime_env, never a file
     mp.setenv("DISTILL_LLM_API_KEY", LLM_KEY)
+    mp.setenv("DISTILL_API_KEYS", f"alice={ALICE_KEY},bob={BOB_KEY}")
     try:
         path = deploy_config(load_config("local_ci"))
         raw = yaml.safe_load(path.read_text())
         assert raw["applications"][0]["args"]["deploy_params"] == str(pipeline_artifacts / "deploy_params.json")
-        start_serve_config(path, forward_env=["DISTILL_API_KEY", "DISTILL_LLM_API_KEY"])
+        start_serve_config(path, forward_env=["DISTILL_API_KEY", "DISTILL_API_KEYS", "DISTILL_LLM_API_KEY"])
         wait_until_healthy(f"{URL}/healthz", 180, AUTH)
         params = json.loads((pipeline_artifacts / "deploy_params.json").read_text())
         yield {**params, "config": raw}
@@ -65,8 +69,8 @@ def deployment(pipeline_artifacts):
         mp.undo()
 
 
-def classify(query, headers=AUTH, **kw) -> httpx.Response:
-    return httpx.post(URL, json={"query": query}, headers=headers, timeout=60, **kw)
+def classify(query, headers=AUTH, timeout: float = 60, **kw) -> httpx.Response:
+    return httpx.post(URL, json={"query": query}, headers=headers, timeout=timeout, **kw)
 
 
 def long_generation(model: str) -> dict:
@@ -307,6 +311,48 @@ def test_healthz_answers_within_a_second_under_load(deployment) -> None:
           f"load: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
     assert max(timings) < 1.0, timings
     assert set(statuses) <= {200, 503} and 200 in statuses
+
+
+def test_a_client_over_its_share_gets_a_429_while_another_client_is_served(deployment) -> None:
+    """Alice holds her share of classifications (the model is busy): her next one is a fast 429, Bob's is
+    answered; once hers end -- answered, or abandoned by a client that went away -- she classifies again."""
+    program = next(a for a in deployment["config"]["applications"] if a["name"] == "classify-intent")["args"]
+    share = program["max_ongoing_per_client"]
+    labels = set(deployment["labels"])
+
+    def hold_the_model(pool: cf.ThreadPoolExecutor) -> list[cf.Future]:
+        hogs = [pool.submit(httpx.post, f"{LLM}/chat/completions", json=long_generation(deployment["model"]),
+                            headers=LLM_AUTH, timeout=120) for _ in range(2)]
+        time.sleep(0.3)
+        return hogs
+
+    with cf.ThreadPoolExecutor(share + 4) as pool:
+        hogs = hold_the_model(pool)
+        held = [pool.submit(classify, f"my card number {i} has not arrived", ALICE) for i in range(share)]
+        time.sleep(1.0)  # her requests are in: each waits for the model
+        t = time.perf_counter()
+        r = classify("where is my card", ALICE)
+        refused_s = time.perf_counter() - t
+        assert r.status_code == 429 and r.headers["retry-after"] == str(program["retry_after_s"]), r.text
+        assert f"max_ongoing_per_client: {share}" in r.json()["detail"] and refused_s < 1.0, (r.text, refused_s)
+        assert not hogs[1].done() and not any(f.done() for f in held), "the model was not busy long enough"
+        bob = classify("where is my card", BOB)  # waits for the model like anyone, and is answered
+        assert bob.status_code == 200 and bob.json()["label"] in labels, bob.text
+        assert [f.result().status_code for f in held] == [200] * share
+        assert all(h.result().status_code == 200 for h in hogs)
+    r = classify("my card has not arrived yet", ALICE)
+    assert r.status_code == 200 and r.json()["label"] in labels, r.text
+
+    # Her client gives up on a full share while the model is busy: the places go with the requests.
+    with cf.ThreadPoolExecutor(share + 2) as pool:
+        hogs = hold_the_model(pool)
+        gone = [pool.submit(classify, f"my card number {i} has not arrived", ALICE, timeout=1.0) for i in range(share)]
+        assert all(isinstance(f.exception(), httpx.TimeoutException) for f in gone)
+        assert not hogs[1].done(), "the model was not busy long enough"
+        time.sleep(0.5)  # the proxy passes the disconnect on: the handlers are cancelled
+        again = [pool.submit(classify, f"my card number {i} has still not arrived", ALICE) for i in range(share)]
+        assert [f.result().status_code for f in again] == [200] * share, [f.result().text for f in again]
+        assert all(h.result().status_code == 200 for h in hogs)
 
 
 def replica_pids(app: str) -> dict[str, list[int]]:

@@ -7,6 +7,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import yaml
+
+from distill.serving.common import MIN_CLIENT_KEY_CHARS
 from distill.serving.grammar import LIMITS
 from distill.serving.llm import LLMAppArgs
 
@@ -28,6 +31,14 @@ def test_the_documented_grammar_limits_are_the_codes() -> None:
                    f"{LIMITS.max_depth} levels", f"{LIMITS.max_schema_bytes >> 10} KiB / {LIMITS.max_grammar_bytes >> 10} KiB"):
         assert phrase in text, phrase
     assert f"`body_timeout_s` ({LLMAppArgs.model_fields['body_timeout_s'].default:g} s)" in text
+
+
+def test_the_documented_client_share_is_the_shipped_configs() -> None:
+    apps = yaml.safe_load((ROOT / "local_deploy_dspy.yaml").read_text())["applications"]
+    args = next(a["args"] for a in apps if a["import_path"] == "distill.serving.app:build_app")
+    share = f"`max_ongoing_per_client` (program app arg; {args['max_ongoing_per_client']} in `local_deploy_dspy.yaml`"
+    assert share in DOC.read_text()
+    assert f"least {MIN_CLIENT_KEY_CHARS} characters" in DOC.read_text()
 
 
 def test_the_attack_numbers_are_rendered_from_the_committed_result() -> None:

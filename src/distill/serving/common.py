@@ -4,8 +4,10 @@ checks and the HTTP-level limits both apply."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import os
+import re
 from typing import Any, Callable, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
@@ -63,6 +65,18 @@ def key_variable(key_env: KeyEnv) -> str | None:
     return next((n for n in names if n and os.environ.get(n)), None)
 
 
+def _bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive (RFC 9110
+    section 11.1), the token is not."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _same_key(token: str, key: str) -> bool:
+    """Constant time whatever the two lengths: digests of equal size are compared, not the texts."""
+    return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), hashlib.sha256(key.encode()).digest())
+
+
 def authorized(authorization: str | None, key_env: KeyEnv) -> bool:
     """True when no key is configured (no variable is set) or the header is `Bearer <key>`.
 
@@ -72,8 +86,8 @@ def authorized(authorization: str | None, key_env: KeyEnv) -> bool:
     name = key_variable(key_env)
     if name is None:
         return True
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), os.environ[name].encode())
+    token = _bearer_token(authorization)
+    return token is not None and _same_key(token, os.environ[name])
 
 
 def bearer_headers(key_env: KeyEnv) -> dict[str, str]:
@@ -82,31 +96,107 @@ def bearer_headers(key_env: KeyEnv) -> dict[str, str]:
     return {"Authorization": f"Bearer {os.environ[name]}"} if name else {}
 
 
+# The name the holders of the one shared key (`key_env`) get: they cannot be told apart.
+SHARED_CLIENT = "default"
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+MIN_CLIENT_KEY_CHARS = 16
+
+
+def parse_client_keys(value: str, variable: str = "DISTILL_API_KEYS") -> dict[str, str]:
+    """Named client keys, `name=key,name2=key2` (whitespace around entries, names and keys is ignored), as
+    {name: key}. A name is 1-64 of `A-Za-z0-9_.-` (first a letter or digit); a key is everything after the
+    first `=` (so base64 padding is fine): at least 16 characters, no whitespace or comma.
+
+    Raises ValueError naming `variable` and the entry's position -- never a name or a key, since a
+    mistyped entry's "name" may be part of a key -- for an entry that is not `name=key`, a bad name or key,
+    a name given twice, two clients with one key (they could not be told apart), or the name reserved for
+    the shared key's holders.
+    """
+    keys: dict[str, str] = {}
+    where: dict[str, int] = {}
+    entries = value.split(",")
+    for i, entry in enumerate(entries, 1):
+        name, eq, key = (part.strip() for part in entry.partition("="))
+        at = f"{variable}: entry {i} of {len(entries)}"
+        if not eq or not key:
+            raise ValueError(f"{at} is not 'name=key' (the format: {variable}=name=key,name2=key2)")
+        if not _CLIENT_NAME.fullmatch(name):
+            raise ValueError(f"{at}: a client name is 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
+        if len(key) < MIN_CLIENT_KEY_CHARS or any(c.isspace() for c in key):
+            raise ValueError(f"{at}: a key is at least {MIN_CLIENT_KEY_CHARS} characters without whitespace "
+                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        if name == SHARED_CLIENT:
+            raise ValueError(f"{at}: {SHARED_CLIENT!r} names the shared key's holders; choose another name")
+        if name in keys:
+            raise ValueError(f"{at} names the same client as entry {where[name]}")
+        if key in keys.values():
+            other = next(where[n] for n, k in keys.items() if k == key)
+            raise ValueError(f"{at} has the same key as entry {other}: the two clients could not be told apart")
+        keys[name], where[name] = key, i
+    return keys
+
+
+class Client(SimpleUser):
+    """The caller as the key check knows it (Starlette's `request.user`): `username` is the client's name --
+    its name in the named keys, `SHARED_CLIENT` for the shared key, "anonymous" while no key is set --
+    and `named` is True only for a key of its own, the only caller a per-client limit can tell apart."""
+
+    def __init__(self, username: str, named: bool = False) -> None:
+        super().__init__(username)
+        self.named = named
+
+
 class BearerKey(AuthenticationBackend):
-    """Starlette authentication: every request needs `Authorization: Bearer <key>` while `key_env` is set."""
+    """Starlette authentication: every request needs `Authorization: Bearer <key>` while a key is set.
+
+    The keys: the shared one in `key_env` (read on each request, as `authorized`), and the named clients'
+    in `clients_env` (`parse_client_keys`; read once, here, so a malformed value stops the replica from
+    starting). A token is compared with every key in constant time, without stopping at a match, so the
+    answer's timing does not tell which key, or how much of one, was right.
+    """
 
     message = "missing or wrong API key (send 'Authorization: Bearer <key>')"
 
-    def __init__(self, key_env: KeyEnv) -> None:
+    def __init__(self, key_env: KeyEnv, clients_env: str | None = None) -> None:
         self.key_env = key_env
+        raw = os.environ.get(clients_env or "", "").strip()
+        self.clients = parse_client_keys(raw, clients_env or "") if raw else {}
+        shared = key_variable(key_env)
+        if shared and os.environ[shared] in self.clients.values():
+            raise ValueError(f"{clients_env}: a named client has the same key as {shared} (the shared key); "
+                             "give it a key of its own")
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
-        if not authorized(conn.headers.get("authorization"), self.key_env):
+        header = conn.headers.get("authorization")
+        shared = key_variable(self.key_env)
+        if not self.clients and shared is None:
+            return AuthCredentials(["authenticated"]), Client("anonymous")
+        token = _bearer_token(header)
+        if token is None:
             raise AuthenticationError(self.message)
-        return AuthCredentials(["authenticated"]), SimpleUser("client")
+        matches = [name for name, key in self.clients.items() if _same_key(token, key)]  # all compared
+        if shared is not None and _same_key(token, os.environ[shared]):
+            return AuthCredentials(["authenticated"]), Client(SHARED_CLIENT)
+        if matches:
+            return AuthCredentials(["authenticated"]), Client(matches[0], named=True)
+        raise AuthenticationError(self.message)
 
 
 def require_key(app: Starlette, key_env: KeyEnv,
-                on_error: Callable[[HTTPConnection, AuthenticationError], Response]) -> None:
+                on_error: Callable[[HTTPConnection, AuthenticationError], Response],
+                clients_env: str | None = None) -> None:
     """Put every route of `app` -- docs, unknown paths and bodies that would not parse included -- behind
-    the key: the check runs before routing and before the body is read. A 401 says which scheme to use
+    the key (or, with `clients_env`, the named clients' keys too; see `BearerKey`): the check runs before
+    routing and before the body is read, and `request.user` is the `Client`. A 401 says which scheme to use
     (`WWW-Authenticate: Bearer`, RFC 6750)."""
     def challenge(conn: HTTPConnection, exc: AuthenticationError) -> Response:
         response = on_error(conn, exc)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
-    app.add_middleware(AuthenticationMiddleware, backend=BearerKey(key_env), on_error=challenge)
+    app.add_middleware(AuthenticationMiddleware, backend=BearerKey(key_env, clients_env), on_error=challenge)
 
 
 class BodyTooLarge(HTTPException):

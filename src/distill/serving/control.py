@@ -81,8 +81,9 @@ def owned() -> dict[str, Any]:
 
 
 # The serving apps' keys (docs/serving.md): forwarded when set, so that replicas on a joined cluster, whose
-# processes do not inherit this shell's environment, check the same keys.
-SERVING_KEY_ENVS = ("DISTILL_API_KEY", "DISTILL_LLM_API_KEY")
+# processes do not inherit this shell's environment, check the same keys. DISTILL_API_KEYS holds the
+# program app's named clients' keys.
+SERVING_KEY_ENVS = ("DISTILL_API_KEY", "DISTILL_API_KEYS", "DISTILL_LLM_API_KEY")
 
 
 def forward_env_names(cfg: "Config") -> list[str]:

@@ -16,6 +16,7 @@ import yaml
 from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.program import DeployParams
+from distill.serving.common import parse_client_keys
 from distill.serving.control import forward_env_names, shutdown, start_serve_config, wait_until_healthy
 from distill.serving.deploy import PROGRAM_APP, template_serve_config
 from distill.stages.base import Manifest, Stage, code_version, fingerprint, require, serve_config_identity
@@ -35,14 +36,19 @@ class ServingManifest(Manifest):
 
 
 def program_app_env(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Variables the program app reads (forwarded to its replicas) and the client's auth header."""
+    """Variables the program app reads (forwarded to its replicas) and the client's auth header: the shared
+    key's, else, with only named clients' keys set, the first named client's."""
     names: list[str] = []
     headers: dict[str, str] = {}
     for app in yaml.safe_load(path.read_text())["applications"]:
         if app["import_path"] == PROGRAM_APP:
             args = app.get("args", {})
-            names += [args[k] for k in ("api_key_env", "llm_api_key_env", "llm_api_base_env") if args.get(k)]
+            names += [args[k] for k in ("api_key_env", "api_keys_env", "llm_api_key_env", "llm_api_base_env")
+                      if args.get(k)]
             key = os.environ.get(args.get("api_key_env") or "")
+            named = os.environ.get(args.get("api_keys_env") or "", "").strip()
+            if not key and named:
+                key = next(iter(parse_client_keys(named, args["api_keys_env"]).values()))
             if key:
                 headers = {"Authorization": f"Bearer {key}"}
     return names, headers
