@@ -4,6 +4,7 @@ writes to. The rehearsal itself (`make rehearse`) needs its own venv with vLLM's
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,11 @@ def test_each_cluster_llm_config_becomes_a_valid_cpu_one(path: Path, tmp_path) -
     assert cpu["engine_kwargs"]["max_model_len"] == 2048
     assert not {"tensor_parallel_size", "gpu_memory_utilization"} & set(cpu["engine_kwargs"])
     assert cpu["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # no compile step, and the kernels on every core (vLLM would keep one for its scheduler)
+    assert cpu["engine_kwargs"]["enforce_eager"] is True
+    cores = cpu["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"].split(",")
+    assert sorted(int(c) for c in cores) == sorted(os.sched_getaffinity(0))
+    assert cpu["runtime_env"]["env_vars"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     # everything else is the cluster's: a change there is rehearsed
     for key in ("enable_prefix_caching", "enable_lora", "max_lora_rank", "max_loras"):
         assert cpu["engine_kwargs"].get(key) == gpu["engine_kwargs"].get(key)

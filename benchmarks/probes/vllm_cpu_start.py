@@ -79,6 +79,7 @@ def run_variant(name: str, source: Path, calls: int, threads: int) -> dict:
             calls_s = time.monotonic() - t
         finally:
             shutdown()
+            ray.shutdown()  # started here, not by distill.serving.control: its shutdown leaves it running
     return {"variant": name, "engine_kwargs": engine, "env": {k: v for k, v in env.items() if k != "VLLM_CACHE_ROOT"},
             "cold_start_s": round(start_s, 1), "calls": calls, "threads": threads, "calls_s": round(calls_s, 1),
             "p50_s": round(lat[len(lat) // 2], 2), "cpus": os.cpu_count()}
@@ -92,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--out", default="artifacts/bench/vllm_cpu_start.json")
     args = ap.parse_args(argv)
-    results = [run_variant(v, Path(args.config), args.calls, args.threads) for v in args.variant or ["default"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    for r in results:
-        print(json.dumps(r))
+    results = []
+    for v in args.variant or ["default"]:
+        results.append(run_variant(v, Path(args.config), args.calls, args.threads))
+        print(json.dumps(results[-1]), flush=True)
+        out.write_text(json.dumps(results, indent=2))  # each variant as it ends: a later failure keeps it
     return 0
 
 

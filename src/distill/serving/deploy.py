@@ -10,6 +10,7 @@ The templated configs are written under the artifact directory; the tracked conf
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,8 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
     What changes, and why: `accelerator_type` (a GPU name) becomes `accelerator_config: {kind: cpu}`;
     tensor/pipeline parallelism and GPU memory share go (one CPU worker); `max_model_len` is capped so the
     KV cache fits `kv_cache_gib` (VLLM_CPU_KVCACHE_SPACE); autoscaling is pinned to one replica (each
-    would be another vLLM engine on the same cores). Validated with Ray's LLMConfig.
+    would be another vLLM engine on the same cores); eager mode, and vLLM's kernels on every core this
+    process may use. Validated with Ray's LLMConfig.
     """
     c = copy.deepcopy(llm_config)
     c.pop("accelerator_type", None)
@@ -154,12 +156,19 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
         engine.pop(key, None)
     engine["max_model_len"] = min(int(engine.get("max_model_len", max_model_len)), max_model_len)
     engine["dtype"] = cpu_dtype()  # the exported weights are bf16; vLLM casts them at load
+    # No torch.compile: on CPU it cost the cold start more than a minute and made no call faster
+    # (benchmarks/probes/vllm_cpu_start.py).
+    engine["enforce_eager"] = True
     deployment = c.setdefault("deployment_config", {})
     if "autoscaling_config" in deployment:
         deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "min_replicas": 1,
                                             "max_replicas": 1}
     env = c.setdefault("runtime_env", {}).setdefault("env_vars", {})
     env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    # vLLM keeps one core for its scheduler and binds its kernels to the rest: one core of two. Every core
+    # this process may use made its calls ~25% faster (benchmarks/probes/vllm_cpu_start.py).
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     llm_config_class().model_validate(c)
     return c
 
