@@ -517,7 +517,7 @@ def to_markdown(s: RehearsalSummary) -> str:
         ("adapter in S3 (moto)", f"{len(s.finetune['s3_objects'])} objects under {s.finetune['published']}"),
         ("test accuracy, base / finetuned (zero-shot)", f"{pct(test['base']['vanilla'])} / {pct(test['finetuned']['vanilla'])}"
          " (SmolLM2-135M, a few steps: the path, not the model, is rehearsed)"),
-        ("student p50 per call (LoRA on vLLM, one core)", f"{s.evaluation['p50_s']:.2f} s"),
+        ("student p50 per call (LoRA on vLLM, every core)", f"{s.evaluation['p50_s']:.2f} s"),
         ("served LoRA vs the PEFT model of the same adapter (greedy)",
          f"same answer on {pct(agree['agree'])} of {agree['n']} prompts (same text on {pct(agree.get('agree_text'))}); "
          f"text differs from the served base on {pct(agree['changed'])}"),
