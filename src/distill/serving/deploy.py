@@ -136,6 +136,12 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
+def usable_cpus() -> list[int]:
+    """The CPU ids this process may run on (its affinity where the OS has one, else every CPU)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; not macOS
+    return sorted(affinity(0)) if affinity else list(range(os.cpu_count() or 1))
+
+
 def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len: int = 2048,
                    kv_cache_gib: int = 2) -> dict[str, Any]:
     """A cluster LLMConfig as vLLM's CPU build runs it: the same model id, LoRA and engine settings, with
@@ -167,7 +173,7 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
     env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     # vLLM keeps one core for its scheduler and binds its kernels to the rest: one core of two. Every core
     # this process may use made its calls ~25% faster (benchmarks/probes/vllm_cpu_start.py).
-    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in usable_cpus())
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     llm_config_class().model_validate(c)
     return c
