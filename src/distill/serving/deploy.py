@@ -162,7 +162,7 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
         engine.pop(key, None)
     engine["max_model_len"] = min(int(engine.get("max_model_len", max_model_len)), max_model_len)
     engine["dtype"] = cpu_dtype()  # the exported weights are bf16; vLLM casts them at load
-    # No torch.compile: on CPU it cost the cold start more than a minute and made no call faster
+    # No torch.compile: on CPU it cost the cold start more than a minute, and calls were no faster with it
     # (benchmarks/probes/vllm_cpu_start.py).
     engine["enforce_eager"] = True
     deployment = c.setdefault("deployment_config", {})
@@ -173,7 +173,7 @@ def cpu_llm_config(llm_config: dict[str, Any], model_source: str, max_model_len:
     env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     # vLLM keeps one core for its scheduler and binds its kernels to the rest: one core of two. Every core
     # this process may use made its calls ~25% faster (benchmarks/probes/vllm_cpu_start.py).
-    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in usable_cpus())
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(cpu) for cpu in usable_cpus())
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     llm_config_class().model_validate(c)
     return c
