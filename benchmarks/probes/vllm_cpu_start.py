@@ -12,7 +12,6 @@ fresh directory (cold), times deploy -> /v1/models, then `--calls` chat calls of
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -49,7 +48,7 @@ def run_variant(name: str, source: Path, calls: int, threads: int) -> dict:
 
     engine, env = VARIANTS[name]
     cache = tempfile.mkdtemp(prefix="vllm-cache-")
-    env = {**copy.deepcopy(env), "VLLM_CACHE_ROOT": cache}
+    env = {**env, "VLLM_CACHE_ROOT": cache}  # a new dict: VARIANTS stays as it is
     with tempfile.TemporaryDirectory() as tmp:
         config = variant_config(source, Path(tmp) / "serve.yaml", engine, env)
         raw = yaml.safe_load(config.read_text())

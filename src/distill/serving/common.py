@@ -99,8 +99,6 @@ def bearer_headers(key_env: KeyEnv) -> dict[str, str]:
 # The name the holders of the one shared key (`key_env`) get: they cannot be told apart.
 SHARED_CLIENT = "default"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
 MIN_CLIENT_KEY_CHARS = 16
 
 
