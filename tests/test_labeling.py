@@ -19,7 +19,7 @@ import pytest
 
 from distill.config import RayDataLabelingConfig, load_config
 from distill.data.dataset import prepare_data
-from distill.errors import ConfigError, DataError, DistillError
+from distill.errors import DataError, DistillError
 from distill.lm import adapter, make_lm
 from distill.program import IntentClassificationModule
 from distill.serving.control import serving
@@ -33,7 +33,7 @@ from distill.teacher.labeling import (
     shard_files,
 )
 from distill.teacher.labeling_ray import label_queries_ray
-from distill.teacher.program import GoldIndex, build_teacher, build_vote
+from distill.teacher.program import GoldIndex, build_teacher, build_vote, embed
 from distill.teacher.vote import C_GRID, LabelVote
 
 # Tests that take `teacher_lm` start a real teacher endpoint on Ray Serve.
@@ -318,7 +318,36 @@ def test_sft_for_a_reasoning_program_carries_the_reasoning(data) -> None:
     assert parsed == {"reasoning": rec["reasoning"], "label": "card_arrival"}
 
 
-def test_vote_llm_refuses_a_reasoning_program(cfg, data) -> None:
-    reasoning = cfg.model_copy(update={"program": cfg.program.model_copy(update={"reasoning": True})})
-    with pytest.raises(ConfigError, match="no reasoning to train"):
-        build_teacher(reasoning, data.labels, data.gold)
+def test_vote_llm_with_a_reasoning_program_explains_the_votes_labels(cfg, data) -> None:
+    reasoning = cfg.model_copy(update={"program": cfg.program.model_copy(update={"reasoning": True,
+                                                                                 "max_reasoning_chars": 120})})
+    teacher = build_teacher(reasoning, data.labels, data.gold)
+    sig = teacher.explain.signature
+    assert list(sig.input_fields) == ["text", "label"] and list(sig.output_fields) == ["reasoning"]
+    assert sig.output_fields["reasoning"].annotation.max_chars == 120
+    assert sig.instructions.startswith(teacher.program.predictor.signature.instructions)
+    assert build_teacher(cfg, data.labels, data.gold).explain is None  # no reasoning program: no extra call
+
+
+@slow
+def test_vote_answers_of_a_reasoning_teacher_carry_the_llms_reasoning(cfg, data, teacher_lm, tmp_path) -> None:
+    """The vote picks the label; the LLM writes why, and the SFT turn carries both."""
+    reasoning = cfg.model_copy(update={
+        "program": cfg.program.model_copy(update={"reasoning": True, "max_reasoning_chars": 160}),
+        "teacher": cfg.teacher.model_copy(update={"vote_confidence": 0.0})})  # the vote answers every query
+    teacher = build_teacher(reasoning, data.labels, data.gold)
+    queries = data.to_label[:3]
+    result = label_queries(teacher, teacher_lm, queries, tmp_path, threads=2, fingerprint="r")
+    records = {r["text"]: r for r in read_records(result.path)}
+    assert result.new == len(queries) and len(records) == len(queries)
+    for q in queries:
+        rec = records[q.text]
+        vote_label = teacher.shortlist(q.text, embed(teacher.index.embedder, [q.text])[0])[0][0]
+        assert rec["source"] == "vote" and rec["label"] == vote_label
+        assert isinstance(rec["reasoning"], str) and 0 < len(rec["reasoning"]) <= 160
+    first = records[queries[0].text]
+    (ex,) = to_sft([first], teacher.program, adapter())
+    parsed = adapter().parse(teacher.program.predictor.signature, ex["messages"][-1]["content"])
+    assert parsed == {"reasoning": first["reasoning"], "label": first["label"]}
+
+

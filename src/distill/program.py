@@ -73,6 +73,24 @@ def bounded_text(max_chars: int) -> type[str]:
     return type("str", (_BoundedText,), {"max_chars": max_chars, "__module__": __name__})
 
 
+def rationale_signature(labels: Sequence[str], max_chars: int = 400,
+                        prompt: PromptConfig | None = None) -> type[dspy.Signature]:
+    """`IntentClassification` turned around: text and its label in, the reasoning that leads to that label out.
+
+    What a reasoning (ChainOfThought) student is trained on for a label it was given rather than asked for:
+    the teacher's vote picked the label, the LLM writes why (rationalization, as in STaR). The reasoning
+    field is ChainOfThought's own name, with the same bound, so the SFT turn looks like any other.
+    """
+    base = make_signature(labels, prompt)
+    given = ("Here the label is already given. Write the short reasoning that leads from the text to this "
+             "label, as if you were deciding it.")
+    return (base.delete("label")
+            .append("label", dspy.InputField(desc="the label this text has"), type_=str)
+            .append("reasoning", dspy.OutputField(desc="the reasoning that leads to the label"),
+                    type_=bounded_text(max_chars))
+            .with_instructions(f"{base.instructions}\n\n{given}"))
+
+
 class IntentClassificationModule(dspy.Module):
     """Classify a text into one of `labels`, directly or after a bounded reasoning step. The prompt's wording
     is the one `labels` carry (`distill.data.dataset.TaskLabels`), or `prompt`."""

@@ -23,7 +23,7 @@ import numpy as np
 from distill.config import Config, TeacherConfig
 from distill.errors import ConfigError, DistillError
 from distill.lm import CandidateJSONAdapter
-from distill.program import IntentClassificationModule
+from distill.program import IntentClassificationModule, rationale_signature
 from distill.teacher.vote import LabelVote, label_text
 
 
@@ -126,16 +126,20 @@ class HybridTeacher(dspy.Module):
     """A vote over the gold embeddings answers when it is confident; the LLM answers the rest.
 
     The vote (`LabelVote`) gives every label a probability. Above `vote_confidence` its top label is the
-    answer and no LLM is called. Below it, the program asks the LLM with the `k` nearest gold examples
+    answer and no LLM picks the label (a reasoning program asks the LLM only why: `explain`). Below it, the program asks the LLM with the `k` nearest gold examples
     as demonstrations (nearest last), and the server's grammar restricts the answer to the vote's top
     `candidate_m` labels. `vote_confidence=0` is the vote alone, `1` is the LLM over the vote's shortlist
     for every query. Each prediction says who answered (`source`) and the vote's `confidence`.
     """
 
     def __init__(self, program: IntentClassificationModule, index: GoldIndex, vote: LabelVote, k: int = 2,
-                 candidate_m: int = 4, vote_confidence: float = 0.4, exclude_identical: bool = False) -> None:
+                 candidate_m: int = 4, vote_confidence: float = 0.4, exclude_identical: bool = False,
+                 explain: dspy.Module | None = None) -> None:
         super().__init__()
         self.program, self.index, self.vote = program, index, vote
+        # Reasoning programs: the LLM writes the reasoning for the vote's label (`rationale_signature`), so
+        # every label a reasoning student trains on comes with words; None: the vote answers without a call.
+        self.explain = explain
         self.k, self.candidate_m, self.vote_confidence = k, candidate_m, vote_confidence
         # Leave-one-out on gold: the query's own example leaves both the vote and the demonstrations.
         self.exclude_identical = exclude_identical
@@ -152,7 +156,8 @@ class HybridTeacher(dspy.Module):
         vector = embed(self.index.embedder, [text])[0]
         candidates, confidence = self.shortlist(text, vector)
         if confidence > self.vote_confidence:
-            return dspy.Prediction(label=candidates[0], source="vote", confidence=round(confidence, 4))
+            why = {} if self.explain is None else {"reasoning": self.explain(text=text, label=candidates[0]).reasoning}
+            return dspy.Prediction(label=candidates[0], **why, source="vote", confidence=round(confidence, 4))
         near = self.index.nearest(text, self.k, self.exclude_identical, vector=vector)
         with dspy.context(adapter=CandidateJSONAdapter(candidates)):
             pred = self.program(text=text, demos=list(reversed(near)))
@@ -180,16 +185,16 @@ def build_teacher(
         return RetrievalTeacher(program, None, k=0, restrict=False)
     index = index or GoldIndex(gold, t.embedder)
     if t.strategy == "vote_llm":
-        if cfg.program.reasoning:  # the vote answers without words, so most labels would carry no reasoning
-            raise ConfigError("teacher.strategy vote_llm gives no reasoning to train a reasoning student on: "
-                              "use knn or knn_candidates with program.reasoning: true")
         threshold = t.vote_confidence if vote_confidence is None else vote_confidence
         if threshold == "auto":
             raise ConfigError("teacher.vote_confidence is auto: the teacher stage chooses it by leave-one-out on "
                               "gold; pass build_teacher(..., vote_confidence=<the teacher manifest's "
                               "routing.vote_confidence>) or use TeacherStage(cfg, data).program()")
+        # A reasoning student needs reasoning on every label, the vote's too: the LLM explains those.
+        explain = (dspy.Predict(rationale_signature(labels, cfg.program.max_reasoning_chars))
+                   if cfg.program.reasoning else None)
         return HybridTeacher(program, index, vote or build_vote(index, labels), k=t.k, candidate_m=t.candidate_m,
-                             vote_confidence=float(threshold), exclude_identical=exclude_identical)
+                             vote_confidence=float(threshold), exclude_identical=exclude_identical, explain=explain)
     return RetrievalTeacher(
         program, index, k=t.k, candidate_k=t.candidate_k, restrict=t.strategy == "knn_candidates",
         exclude_identical=exclude_identical,
