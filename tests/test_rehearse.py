@@ -20,7 +20,7 @@ from distill.serving.deploy import (
 )
 from distill.student.finetune import load_recipe
 from distill.student.publish import publish_adapter
-from distill_harness.rehearse import PROFILE, cpu_recipe, derive_configs, local_s3
+from distill_harness.rehearse import PROFILE, _routing_rows, cpu_recipe, derive_configs, local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "model_config").glob("*.yaml"))
@@ -110,6 +110,18 @@ def test_the_rehearsal_profile_is_the_cluster_profile_with_derived_configs(tmp_p
         k: v for k, v in load_job_config(ROOT / "configs/job.yaml").items() if k != "entrypoint_resources"}
     assert default_job_storage(cfg.finetune.job_storage, cfg.finetune.adapter_storage).startswith("s3://")
     assert cluster.finetune.job_storage.startswith("s3://")  # the cluster's too: its nodes cannot read our disk
+    # the cluster's teacher routing is the local rule, chosen on gold, and so is the rehearsal's
+    assert (base.teacher.strategy, base.teacher.vote_confidence) == (cluster.teacher.strategy, "auto") == \
+        ("vote_llm", "auto")
+    assert base.curation.min_confidence == cluster.curation.min_confidence == "auto"
+
+
+def test_the_rehearsal_table_says_what_routing_the_teacher_chose() -> None:
+    chosen = {"strategy": "vote_llm", "vote_confidence": 0.4399, "llm_share_gold": 0.05, "llm_share_test": 0.2333,
+              "accuracy_gold": 0.825, "accuracy_test": 0.6333}
+    (threshold, accuracy) = _routing_rows(chosen)
+    assert threshold[1] == "0.4399, 5%/23%" and accuracy[1] == "82.5% / 63.3%"
+    assert _routing_rows({"strategy": "knn"}) == [("teacher strategy", "knn")]
 
 
 @pytest.mark.slow  # a moto server, and ~30 s: pyarrow retries moto's CompleteMultipartUpload answers

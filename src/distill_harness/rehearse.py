@@ -512,6 +512,7 @@ def to_markdown(s: RehearsalSummary) -> str:
          if s.venv.get("setup_seconds") is not None else f"{s.venv['gib']:.1f} GiB"),
         ("`ray.serve.llm` deploy to ready (cold start)", starts),
         ("teacher labels/s on vLLM (JSON schema)", f"{s.teacher['labels_per_s']}, valid {pct(s.teacher['valid_rate'])}"),
+        *_routing_rows(s.teacher),
         ("finetune (GPU recipe, `use_gpu: false`)", f"{s.finetune['steps']} steps on {s.finetune['examples']} examples, "
          f"loss {s.finetune['first_loss']:.2f} -> {s.finetune['last_loss']:.2f}, {s.finetune['train_seconds']:.0f} s"),
         ("adapter in S3 (moto)", f"{len(s.finetune['s3_objects'])} objects under {s.finetune['published']}"),
@@ -528,6 +529,18 @@ def to_markdown(s: RehearsalSummary) -> str:
         ("rehearsal wall time (set-up excluded)", f"{s.wall_seconds / 60:.1f} min"),
     ]
     return "\n".join(["| | measured |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def _routing_rows(teacher: dict[str, Any]) -> list[tuple[str, str]]:
+    """The teacher's routing, as the cluster profile chose it on gold with the CPU stand-in."""
+    if teacher.get("vote_confidence") is None:
+        return [("teacher strategy", str(teacher.get("strategy", "-")))]
+    share = "/".join(f"{100 * teacher[k]:.0f}%" if teacher.get(k) is not None else "-"
+                     for k in ("llm_share_gold", "llm_share_test"))
+    return [("teacher routing (`vote_confidence: auto`, leave-one-out on the gate's gold): threshold, LLM share "
+             "gold / test", f"{teacher['vote_confidence']:g}, {share}"),
+            ("teacher accuracy: gold (leave-one-out) / test (SmolLM2 stand-in)",
+             f"{100 * teacher['accuracy_gold']:.1f}% / {100 * teacher['accuracy_test']:.1f}%")]
 
 
 def _cluster_rows(s: RehearsalSummary) -> list[tuple[str, str]]:
