@@ -173,9 +173,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("student confidence ECE on test: raw / calibrated (fit on the devset)",
                      f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"))
         if cost := cr.get("cost"):
+            llm = cr.get("cost_llm_path")
             rows.append(("cascade per query, estimated from per-call p50s (student always, teacher on fallback): "
                          "seconds, tokens", f"{cost['seconds_p50']:.3f} s, {cost['tokens_per_query']:.0f} "
-                         f"(student alone {cost['student']['p50_s']:.3f} s)"))
+                         + (f"(every fallback through the teacher's LLM: {llm['seconds_p50']:.3f} s, "
+                            f"{llm['tokens_per_query']:.0f}; " if llm else "(")
+                         + f"student alone {cost['student']['p50_s']:.3f} s)"))
     if srv:
         rows.append(("served /classify_intent: ok, valid labels, accuracy",
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))

@@ -67,16 +67,16 @@ def plot_per_label(rows: Sequence[LabelRow], path: str | Path, title: str) -> Pa
                                      ("cascade", "cascade_accuracy"))):
         ax.barh([v + (i - 1) * height for v in y], [100 * getattr(r, key) for r in rows], height, label=name)
     for v, r in zip(y, rows):
-        ax.text(101, v, f"fallback {r.fallback_rate:.0%} of {r.count}", va="center", fontsize=7)
+        ax.text(102, v, f"to the teacher: {r.fallback_rate:.0%} of {r.count}", va="center", fontsize=7)
     ax.set_yticks(y, [r.label for r in rows], fontsize=7)
     ax.invert_yaxis()  # the worst label on top
-    ax.set_xlim(0, 125)
+    ax.set_xlim(0, 145)
     ax.set_xticks([0, 25, 50, 75, 100])
     ax.set_xlabel("accuracy on the test set (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncols=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (1.2 + 0.32 * n), 1, 1))  # room for the legend below
     return save_figure(fig, path)
 
 

@@ -230,11 +230,11 @@ class CascadeStage(Stage[CascadeManifest]):
             "reliability": report.plot,
             "curve": str(plot_fallback_curve(
                 curve, (t.fallback_share, t.cascade_accuracy), out / "fallback_curve.png",
-                f"Cascade on the test set ({t.n} queries): every threshold; the marked one was chosen on the devset",
+                f"Cascade on the test set ({t.n} queries) at every threshold;\nthe marked one was chosen on the devset",
                 t.student_accuracy, t.teacher_accuracy, budget=c.max_fallback)),
             "per_label": str(plot_per_label(
                 per_label, out / "per_label.png",
-                f"Per label, test set: worst cascade accuracy first (threshold {cascade.threshold:.3f})")),
+                f"Per label, test set, worst cascade accuracy first (threshold {cascade.threshold:.3f})")),
         }
         student_cost = _cost(ev.calls)
         costs = {name: cost_estimate(student_cost, tc, t.fallback_share)
