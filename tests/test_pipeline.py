@@ -150,6 +150,54 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
         assert report["cost"]["student_best"]["prompt_tokens_per_query"] < full_tokens / 4
 
 
+def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -> None:
+    import numpy as np
+
+    from distill.evaluation.calibration import choose_threshold
+    from distill.program import CascadeParams
+    from distill.report import markdown
+
+    cfg = load_config("local_ci")
+    report = load_report(cfg)
+    m = report["cascade"]
+    assert m["enabled"] and m["inputs"]["eval"] == report["eval"]["fingerprint"]
+    r = m["result"]
+    assert r["model"] == report["eval"]["best"]["model"]
+    dev, test = r["devset"], r["testset"]
+    assert (dev["n"], test["n"]) == (cfg.data.devset_size, cfg.data.test_size)
+    assert dev["fallback_share"] <= cfg.cascade.max_fallback and dev["teacher_accuracy"] == 1.0
+    # the teacher's answers are the ones its stage scored: the same test accuracy
+    assert test["teacher_accuracy"] == report["teacher"]["accuracy_test"]
+    rows = {split: [json.loads(x) for x in Path(r["predictions"][split]).read_text().splitlines()]
+            for split in ("devset", "testset")}
+    teacher_rows = [json.loads(x) for x in (artifacts / "teacher" / "test_predictions.jsonl").read_text().splitlines()]
+    assert [(x["text"], x["teacher"]) for x in rows["testset"]] == [(x["text"], x["predicted"]) for x in teacher_rows]
+    assert all(x["teacher"] == x["label"] for x in rows["devset"])  # the devset's labels are the teacher's
+    assert sum(x["confidence"] is not None for x in rows["testset"]) >= test["n"] - test["no_confidence"] > 0
+    assert all(0 < x["confidence"] <= 1 for split in rows.values() for x in split if x["confidence"] is not None)
+    # every number is the share of its predictions: cascade = the student's answer above the threshold, else the teacher's
+    for split, scores in (("devset", dev), ("testset", test)):
+        xs = rows[split]
+        assert all(x["answered_by"] == ("student" if x["calibrated"] >= r["threshold"] - 1e-6 else "teacher") for x in xs)
+        assert round(sum(x["cascade"] == x["label"] for x in xs) / len(xs), 4) == scores["cascade_accuracy"]
+        assert round(sum(x["student"] == x["label"] for x in xs) / len(xs), 4) == scores["student_accuracy"]
+        assert round(sum(x["answered_by"] == "teacher" for x in xs) / len(xs), 4) == scores["fallback_share"]
+    # the threshold comes from the devset alone: the rule on the devset's rows gives it back
+    d = rows["devset"]
+    choice = choose_threshold([x["calibrated"] for x in d], [x["student"] == x["label"] for x in d], [True] * len(d),
+                              cfg.cascade.target_agreement, cfg.cascade.max_fallback)
+    assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
+    assert CascadeParams.load(r["cascade_params"]).threshold == pytest.approx(r["threshold"], abs=1e-5)
+    assert r["calibration"]["method"] == cfg.cascade.calibration and np.isfinite(test["ece_calibrated"])
+    assert sum(x["count"] for x in r["per_label"]) == test["n"]
+    for name in ("reliability", "curve", "per_label"):
+        assert Path(r["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cost = r["cost"]
+    assert cost["seconds_p50"] >= cost["student"]["p50_s"] > 0 and "estimate" in cost["basis"]
+    table = markdown(report)
+    assert "cascade on test (threshold chosen on the devset)" in table and "ECE on test" in table
+
+
 def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     labels = artifacts / "teacher" / "labels.jsonl"
     adapter = artifacts / "finetune" / "adapter.gguf"
@@ -164,6 +212,10 @@ def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     assert "finetune is current" in capsys.readouterr().out
     pipeline.evaluation_stage(cfg, data)
     assert "eval is current" in capsys.readouterr().out
+    cascade = artifacts / "cascade" / "cascade.json"
+    mtime = cascade.stat().st_mtime_ns
+    pipeline.cascade_stage(cfg, data)
+    assert "cascade is current" in capsys.readouterr().out and cascade.stat().st_mtime_ns == mtime
     after = (labels.stat().st_mtime_ns, labels.read_text(), adapter.stat().st_mtime_ns,
              [p.stat().st_mtime_ns for p in programs])
     assert after == before  # no relabeling, no retraining, no re-optimization

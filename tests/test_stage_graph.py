@@ -59,7 +59,7 @@ def cfg(tmp_path, monkeypatch, with_banking77):
 
 def test_the_order_follows_the_upstream_declarations() -> None:
     names = [s.name for s in graph.ordered()]
-    assert names == ["data", "baselines", "teacher", "curation", "finetune", "eval", "serving"]
+    assert names == ["data", "baselines", "teacher", "curation", "finetune", "eval", "cascade", "serving"]
     for i, s in enumerate(graph.ordered()):
         assert set(s.upstream) <= set(names[:i]), s.name
     assert list(graph.manifest_types()) == names

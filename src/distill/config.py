@@ -322,6 +322,29 @@ class EvaluationConfig(_Strict):
     bfrs: BFRSConfig = BFRSConfig()
 
 
+class CascadeConfig(_Strict):
+    """The cascade (issue 31, docs/cascade.md): the deployed student answers when its calibrated confidence is
+    at least a threshold, the teacher below it. The `cascade` stage fits the calibration and chooses the
+    threshold on the devset only; the test set is scored once, after.
+
+    The devset carries the teacher's labels, so "as accurate as the teacher on the devset" means "always ask
+    the teacher". The threshold is chosen within a budget instead: among the thresholds that send at most
+    `max_fallback` of the devset queries to the teacher, the one with the smallest fallback share whose
+    devset agreement with the teacher reaches `target_agreement`; when none within the budget reaches it,
+    the one with the highest agreement (ties: the smaller fallback share). Candidates are the devset's own
+    calibrated confidences."""
+
+    enabled: bool = Field(True, description="False: the cascade stage measures nothing and serving deploys the "
+                                            "student alone.")
+    calibration: Literal["temperature", "isotonic"] = Field(
+        "temperature", description="How the student's confidence is calibrated on the devset.")
+    max_fallback: float = Field(0.25, ge=0.0, le=1.0,
+                                description="At most this share of devset queries go to the teacher.")
+    target_agreement: float = Field(
+        1.0, ge=0.0, le=1.0, description="Stop at the smallest fallback share whose devset agreement with the "
+                                         "teacher reaches this.")
+
+
 class ServingConfig(_Strict):
     deploy_config: str = Field("local_deploy_dspy.yaml", description="Multi-app Serve config: program + LLM.")
     url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
@@ -364,6 +387,7 @@ class Config(_Strict):
     curation: CurationConfig = CurationConfig()
     finetune: FinetuneConfig
     evaluation: EvaluationConfig = EvaluationConfig()
+    cascade: CascadeConfig = CascadeConfig()
     serving: ServingConfig = ServingConfig()
     tracking: TrackingConfig = TrackingConfig()
     models: ModelsConfig

@@ -27,6 +27,7 @@ from distill.report import finish_run as _finish_run
 from distill.report import print_summary, report_path, write_report
 from distill.stages.base import Manifest, Stage, console, require
 from distill.stages.baselines import BaselinesManifest
+from distill.stages.cascade import CascadeManifest
 from distill.stages.curation import CurationManifest, CurationStage
 from distill.stages.evaluation import EvalManifest
 from distill.stages.finetune import FinetuneCall, FinetuneManifest, FinetuneStage
@@ -35,7 +36,7 @@ from distill.stages.serving import ServingManifest, program_app_env
 from distill.stages.teacher import TeacherManifest
 
 __all__ = ["setup", "stage", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage",
-           "evaluation_stage", "serving_stage", "teacher_program", "deploy_config", "client_headers", "finish_run", "print_summary",
+           "evaluation_stage", "cascade_stage", "serving_stage", "teacher_program", "deploy_config", "client_headers", "finish_run", "print_summary",
            "run", "finetune_call", "runs_table"]
 
 
@@ -122,6 +123,12 @@ def evaluation_stage(cfg: Config, data: TaskData) -> EvalManifest:
     """Base and finetuned student, zero-shot and BFRS: devset, valset, test set, the deployed variant (chosen
     on the devset), plots, deploy params."""
     return stage(cfg, "eval", data)  # type: ignore[return-value]
+
+
+def cascade_stage(cfg: Config, data: TaskData) -> CascadeManifest:
+    """The deployed student's confidence calibrated and its threshold chosen on the devset (the teacher answers
+    below it); the cascade, the student and the teacher alone scored on the test set, plots, per-label table."""
+    return stage(cfg, "cascade", data)  # type: ignore[return-value]
 
 
 def serving_stage(cfg: Config, data: TaskData, keep_running: bool = False) -> ServingManifest:

@@ -160,6 +160,25 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if teacher_lat and "student_best" in lat and teacher_lat["p50_s"]:
         rows.append(("deployed student p50 / teacher p50 (through its LLM)",
                      f"{lat['student_best']['p50_s'] / teacher_lat['p50_s']:.2f}x"))
+    if cr := (report.get("cascade") or {}).get("result"):
+        ct, cd = cr["testset"], cr["devset"]
+        rows.append(("cascade on test (threshold chosen on the devset): cascade / student alone / teacher alone",
+                     f"{_pct(ct['cascade_accuracy'])} / {_pct(ct['student_accuracy'])} / "
+                     f"{_pct(ct['teacher_accuracy'])} ({ct['n']} test queries)"))
+        rows.append(("cascade: share of queries the teacher answered, devset / test",
+                     f"{_pct(cd['fallback_share'])} / {_pct(ct['fallback_share'])}"))
+        rows.append((f"cascade threshold on the {cr['calibration']['method']}-calibrated confidence, how chosen "
+                     f"(devset, {cd['n']} teacher labels)",
+                     f"{cr['threshold']:.3f}: {cr['threshold_rule']}"))
+        rows.append(("student confidence ECE on test: raw / calibrated (fit on the devset)",
+                     f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"))
+        if cost := cr.get("cost"):
+            llm = cr.get("cost_llm_path")
+            rows.append(("cascade per query, estimated from per-call p50s (student always, teacher on fallback): "
+                         "seconds, tokens", f"{cost['seconds_p50']:.3f} s, {cost['tokens_per_query']:.0f} "
+                         + (f"(every fallback through the teacher's LLM: {llm['seconds_p50']:.3f} s, "
+                            f"{llm['tokens_per_query']:.0f}; " if llm else "(")
+                         + f"student alone {cost['student']['p50_s']:.3f} s)"))
     if srv:
         rows.append(("served /classify_intent: ok, valid labels, accuracy",
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))

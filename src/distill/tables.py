@@ -13,6 +13,7 @@ from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.evaluation.plots import VARIANT_NAMES
 from distill.stages.baselines import BaselinesManifest, BaselinesStage
+from distill.stages.cascade import CascadeResult
 from distill.stages.curation import CurationManifest
 from distill.stages.evaluation import BASELINE_NAMES, EvalManifest
 from distill.stages.finetune import FinetuneManifest
@@ -109,6 +110,29 @@ def evaluation_table(m: EvalManifest) -> Table:
                          f"{m.bfrs.get('max_labeled_demos')} labeled demos, {m.bfrs.get('num_candidate_programs')} "
                          f"random candidates; demos from {m.sizes.get('optimizer_train', '?')} queries, picked on "
                          f"{m.sizes.get('optimizer_val', '?')}")
+
+
+def cascade_table(r: CascadeResult) -> Table:
+    """The cascade at the threshold chosen on the devset, next to the student and the teacher alone."""
+    d, t = r.devset, r.testset
+    rows = [[f"devset ({d.n}, teacher labels: agreement)", _pct(d.student_accuracy), _pct(d.teacher_accuracy),
+             _pct(d.cascade_accuracy), _pct(d.fallback_share), f"{d.ece_raw:.3f} -> {d.ece_calibrated:.3f}"],
+            [f"test set ({t.n}, scored only)", _pct(t.student_accuracy), _pct(t.teacher_accuracy),
+             _pct(t.cascade_accuracy), _pct(t.fallback_share), f"{t.ece_raw:.3f} -> {t.ece_calibrated:.3f}"]]
+    cost = (f"; per query, estimated from per-call p50s: {r.cost.seconds_p50:.3f} s and "
+            f"{r.cost.tokens_per_query:.0f} tokens (student alone {r.cost.student.p50_s:.3f} s)" if r.cost else "")
+    return table(f"Cascade: {r.kind} {r.variant} student ({r.model}), the teacher below {r.threshold:.3f} "
+                 f"({r.calibration.method}-calibrated confidence)",
+                 ["", "student", "teacher", "cascade", "to the teacher", "ECE raw -> calibrated"], rows,
+                 caption=f"threshold: {r.threshold_rule}{cost}")
+
+
+def per_label_table(r: CascadeResult, n: int = 8) -> Table:
+    """The test set's worst labels for the cascade (`distill.evaluation.cascade_report.per_label_report`)."""
+    return table(f"Per label on the test set, the {min(n, len(r.per_label))} worst for the cascade (of "
+                 f"{len(r.per_label)})", ["label", "n", "student", "teacher", "cascade", "agreement", "to the teacher"],
+                 [[x.label, x.count, _pct(x.student_accuracy), _pct(x.teacher_accuracy), _pct(x.cascade_accuracy),
+                   _pct(x.agreement), _pct(x.fallback_rate)] for x in r.per_label[:n]])
 
 
 def teacher_walkthrough(teacher: dspy.Module, examples: Sequence[dspy.Example], embedder: str, n: int = 1) -> str:

@@ -116,26 +116,60 @@ class ThresholdChoice:
     accuracy: float  # the cascade's accuracy on the devset at this threshold
     fallback_share: float  # share of devset queries sent to the teacher
     target: float  # the accuracy it had to reach
-    reached: bool  # False: no threshold reaches the target; the most accurate one (least fallback) is chosen
+    reached: bool  # False: no threshold within the budget reaches the target; the most accurate one is chosen
+    max_fallback: float = 1.0  # the budget: at most this share of devset queries may go to the teacher
+
+    def rule(self) -> str:
+        """How it was chosen, in words (for the report)."""
+        budget = f"at most {self.max_fallback:.0%} of devset queries to the teacher"
+        if self.reached:
+            return (f"the smallest devset fallback share ({budget}) reaching {self.target:.1%} devset "
+                    f"accuracy (agreement with the teacher on its own labels)")
+        return (f"no threshold with {budget} reaches {self.target:.1%} devset accuracy: the most accurate "
+                f"one within the budget ({self.accuracy:.1%}), ties to the smaller fallback share")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    threshold: float
+    fallback_share: float
+    accuracy: float
+
+
+def fallback_curve(confidence: Sequence[float], student_correct: Sequence[bool],
+                   teacher_correct: Sequence[bool]) -> list[CurvePoint]:
+    """The cascade's accuracy at every threshold these confidences give, ascending (the fallback share
+    grows): the student answers at confidence >= threshold, the teacher below. The thresholds are the
+    confidences themselves and one above them all (always the teacher), so nothing is interpolated."""
+    p, s = _arrays(confidence, student_correct)
+    _, t = _arrays(confidence, teacher_correct)
+    out = []
+    for c in np.unique(np.append(p, np.nextafter(p.max(), np.inf))):
+        student = p >= c
+        out.append(CurvePoint(float(c), float(1 - student.mean()), float(np.where(student, s, t).mean())))
+    return out
 
 
 def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool], teacher_correct: Sequence[bool],
-                     target: float | None = None) -> ThresholdChoice:
+                     target: float | None = None, max_fallback: float = 1.0) -> ThresholdChoice:
     """The threshold with the smallest fallback share whose cascade accuracy on the devset reaches `target`
-    (default: the teacher's own devset accuracy). Candidates are the devset's confidences themselves (and
-    one above them all: always the teacher), so nothing is interpolated between examples."""
-    p, s = _arrays(confidence, student_correct)
+    (default: the teacher's own devset accuracy), among those sending at most `max_fallback` of the queries
+    to the teacher; if none does, the most accurate of those (ties: the smaller fallback share). Candidates
+    are the devset's confidences themselves (`fallback_curve`), so nothing is interpolated between examples;
+    the lowest sends nothing to the teacher, so there is always one within the budget."""
+    if not 0.0 <= max_fallback <= 1.0:
+        raise ValueError(f"max_fallback must be a share in [0, 1], not {max_fallback}")
     _, t = _arrays(confidence, teacher_correct)
     goal = float(t.mean()) if target is None else target
-    candidates = np.unique(np.append(p, np.nextafter(p.max(), np.inf)))  # ascending: fallback share grows
     best: ThresholdChoice | None = None
-    for c in candidates:
-        student = p >= c
-        acc = float(np.where(student, s, t).mean())
-        choice = ThresholdChoice(float(c), acc, float(1 - student.mean()), goal, acc >= goal - 1e-12)
+    for point in fallback_curve(confidence, student_correct, teacher_correct):
+        if point.fallback_share > max_fallback + 1e-12:
+            break  # ascending: every later threshold sends more
+        choice = ThresholdChoice(point.threshold, point.accuracy, point.fallback_share, goal,
+                                 point.accuracy >= goal - 1e-12, max_fallback)
         if choice.reached:
             return choice
-        if best is None or acc > best.accuracy:
+        if best is None or point.accuracy > best.accuracy:
             best = choice
     assert best is not None
     return best
@@ -186,6 +220,8 @@ class CalibrationReport(BaseModel):
     threshold: float
     threshold_target: float
     threshold_reached: bool
+    threshold_max_fallback: float = 1.0  # the budget: at most this devset share to the teacher
+    threshold_rule: str = ""  # how the threshold was chosen, in words
     devset_cascade_accuracy: float
     devset_fallback_share: float
     testset_fallback_share: float  # at the devset's threshold
@@ -211,18 +247,19 @@ def score_confidence(program: Any, lm: Any, prompt: Prompt, examples: Sequence[A
 def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[Sequence[float], Sequence[bool]],
                       out_dir: Path, method: CalibrationMethod = "temperature",
                       teacher_dev_correct: Sequence[bool] | None = None, target: float | None = None,
-                      title: str = "") -> tuple[CalibrationReport, CascadeParams]:
+                      title: str = "", max_fallback: float = 1.0) -> tuple[CalibrationReport, CascadeParams]:
     """Fit the calibration and choose the threshold on `dev` (confidence, correct); score both on `test`.
 
     `teacher_dev_correct` defaults to all True: on a devset labeled by the teacher (the pipeline's synthetic
     devset) the teacher is right by construction, so the default target asks the cascade to agree with the
-    teacher on every devset query. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
+    teacher on every devset query; `max_fallback` caps the devset share sent to the teacher (`choose_threshold`).
+    Writes cascade.json, calibration.json and reliability.png to `out_dir`.
     """
     (dev_p, dev_y), (test_p, test_y) = _arrays(*dev), _arrays(*test)
     cal = fit_calibration(dev_p, dev_y, method)
     dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
     teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
-    choice = choose_threshold(dev_c, dev_y, teacher, target)
+    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback)
     kept = test_c >= choice.threshold
     plot = plot_reliability({"test, raw": test_p, f"test, {method} (fit on dev)": test_c}, test_y,
                             out_dir / "reliability.png",
@@ -232,7 +269,8 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
         accuracy_testset=float(test_y.mean()), ece_devset_before=float(cal.ece_before or 0),
         ece_devset_after=float(cal.ece_after or 0), ece_testset_before=expected_calibration_error(test_p, test_y),
         ece_testset_after=expected_calibration_error(test_c, test_y), threshold=choice.threshold,
-        threshold_target=choice.target, threshold_reached=choice.reached,
+        threshold_target=choice.target, threshold_reached=choice.reached, threshold_max_fallback=max_fallback,
+        threshold_rule=choice.rule(),
         devset_cascade_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share,
         testset_fallback_share=float(1 - kept.mean()),
         testset_student_accuracy_kept=float(test_y[kept].mean()) if kept.any() else None, plot=str(plot))

@@ -5,6 +5,8 @@ back to the teacher -- worst first, so the labels the cascade gets wrong lead th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -50,3 +52,95 @@ def markdown_table(rows: Sequence[LabelRow]) -> str:
     body = [f"| {r.label} | {r.count} | {r.teacher_accuracy:.0%} | {r.student_accuracy:.0%} | "
             f"{r.cascade_accuracy:.0%} | {r.agreement:.0%} | {r.fallback_rate:.0%} |" for r in rows]
     return "\n".join([head, *body])
+
+
+def plot_per_label(rows: Sequence[LabelRow], path: str | Path, title: str) -> Path:
+    """Horizontal bars per gold label (worst first, at the top): the accuracy of student, teacher and
+    cascade, with each label's fallback rate and count at the right."""
+    from distill.evaluation.plots import plt, save_figure
+
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * n))
+    y = list(range(n))
+    height = 0.27
+    for i, (name, key) in enumerate((("student", "student_accuracy"), ("teacher", "teacher_accuracy"),
+                                     ("cascade", "cascade_accuracy"))):
+        ax.barh([v + (i - 1) * height for v in y], [100 * getattr(r, key) for r in rows], height, label=name)
+    for v, r in zip(y, rows):
+        ax.text(102, v, f"to the teacher: {r.fallback_rate:.0%} of {r.count}", va="center", fontsize=7)
+    ax.set_yticks(y, [r.label for r in rows], fontsize=7)
+    ax.invert_yaxis()  # the worst label on top
+    ax.set_xlim(0, 145)
+    ax.set_xticks([0, 25, 50, 75, 100])
+    ax.set_xlabel("accuracy on the test set (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncols=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (1.2 + 0.32 * n), 1, 1))  # room for the legend below
+    return save_figure(fig, path)
+
+
+def plot_fallback_curve(curve: Sequence[Any], chosen: tuple[float, float], path: str | Path, title: str,
+                        student: float, teacher: float, budget: float | None = None) -> Path:
+    """The cascade's test accuracy against the share of test queries sent to the teacher, over every
+    threshold (`distill.evaluation.calibration.fallback_curve` points), with the threshold chosen on the
+    devset marked at `chosen` (fallback share, accuracy on test); student and teacher alone as lines."""
+    from distill.evaluation.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot([100 * p.fallback_share for p in curve], [100 * p.accuracy for p in curve], marker=".",
+            markersize=4, label="cascade, every threshold")
+    ax.axhline(100 * teacher, color="black", linestyle="--", linewidth=1, label=f"teacher alone ({teacher:.1%})")
+    ax.axhline(100 * student, color="dimgray", linestyle=":", linewidth=1, label=f"student alone ({student:.1%})")
+    if budget is not None:
+        ax.axvline(100 * budget, color="tab:red", alpha=0.4, linewidth=1,
+                   label=f"devset budget (max_fallback {budget:.0%})")
+    ax.plot([100 * chosen[0]], [100 * chosen[1]], marker="*", markersize=14, color="tab:red", linestyle="none",
+            label=f"chosen on the devset: {chosen[0]:.0%} fallback, {chosen[1]:.1%}")
+    ax.set_xlim(-2, 102)
+    ax.set_xlabel("queries answered by the teacher (% of the test set)")
+    ax.set_ylabel("accuracy on the test set (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+class CallCost(BaseModel):
+    """Per-call timings (one call at a time, uncached) and tokens per query, as a stage measured them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    p50_s: float
+    p95_s: float
+    prompt_tokens_per_query: float
+    completion_tokens_per_query: float
+
+
+class CostEstimate(BaseModel):
+    """What a cascade query costs, estimated from per-call timings of the student and the teacher (measured
+    separately, on the same test queries): the student always answers first, the teacher after it on the
+    fallback share. An estimate, not a measured latency of the cascade: `seconds_p50` is the p50s weighted by
+    who answered (student p50 + fallback share x teacher p50), `seconds_p95_fallback` the p95 of a query that
+    falls back (student p95 + teacher p95)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fallback_share: float
+    student: CallCost
+    teacher: CallCost
+    seconds_p50: float
+    seconds_p95_fallback: float
+    tokens_per_query: float  # prompt + completion, student always + fallback share x teacher
+    basis: str = "estimate from per-call timings (student: evaluation stage, teacher: teacher stage)"
+
+
+def cost_estimate(student: CallCost, teacher: CallCost, fallback_share: float) -> CostEstimate:
+    """The cascade's per-query cost from its two parts' per-call numbers (`CostEstimate`)."""
+    tokens = student.prompt_tokens_per_query + student.completion_tokens_per_query
+    teacher_tokens = teacher.prompt_tokens_per_query + teacher.completion_tokens_per_query
+    return CostEstimate(fallback_share=fallback_share, student=student, teacher=teacher,
+                        seconds_p50=round(student.p50_s + fallback_share * teacher.p50_s, 4),
+                        seconds_p95_fallback=round(student.p95_s + teacher.p95_s, 4),
+                        tokens_per_query=round(tokens + fallback_share * teacher_tokens, 1))

@@ -80,7 +80,9 @@ def evaluate(
     seconds = time.perf_counter() - t0
     predictions = [
         {"text": ex.text, "label": ex.label, "predicted": getattr(pred, "label", None) if pred is not None else None,
-         "correct": bool(score)}
+         "correct": bool(score),
+         # the answer's probability among the labels, when the LM asked for logprobs (`make_lm(..., logprobs=True)`)
+         **({"confidence": c} if (c := getattr(pred, "confidence", None)) is not None else {})}
         for ex, pred, score in result.results
     ]
     n_valid = sum(1 for ex, pred, _ in result.results if pred is not None and valid(ex, pred))

@@ -198,9 +198,9 @@ class Stage(ABC, Generic[M]):
         """The served endpoint for this block (a stage's tests may bring their own)."""
         return served(self.cfg, lm_cfg, serve_config, models)
 
-    def lm(self, lm_cfg: LMConfig, model: str | None = None, cache: bool = True) -> dspy.LM:
-        """The DSPy LM for an endpoint of the profile."""
-        return make_lm(lm_cfg, model=model, cache=cache)
+    def lm(self, lm_cfg: LMConfig, model: str | None = None, cache: bool = True, **kwargs: Any) -> dspy.LM:
+        """The DSPy LM for an endpoint of the profile (`kwargs`: e.g. `logprobs=True`)."""
+        return make_lm(lm_cfg, model=model, cache=cache, **kwargs)
 
     def check(self, manifest: M) -> None:
         """Raise if a current stage's result must not be used now (e.g. the teacher's quality gate)."""

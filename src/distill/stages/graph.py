@@ -11,6 +11,7 @@ from distill.data.dataset import TaskData
 from distill.errors import DistillError
 from distill.stages.base import Manifest, Stage
 from distill.stages.baselines import BaselinesStage
+from distill.stages.cascade import CascadeStage
 from distill.stages.curation import CurationStage
 from distill.stages.data import DataStage
 from distill.stages.evaluation import EvaluationStage
@@ -25,6 +26,7 @@ STAGES: list[type[Stage[Any]]] = [
     CurationStage,
     FinetuneStage,
     EvaluationStage,
+    CascadeStage,
     ServingStage,
 ]
 

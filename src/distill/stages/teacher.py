@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from distill.active import ActiveResult, PoolScorer, RoundSummary, active_label
 from distill.config import Config
-from distill.data.dataset import TaskData
+from distill.data.dataset import TaskData, write_jsonl
 from distill.errors import DistillError
 from distill.evaluation.variants import measure_calls
 from distill.stages.base import (
@@ -109,8 +109,13 @@ class TeacherStage(Stage[TeacherManifest]):
     def fingerprint(self) -> str:
         return fingerprint(self.labeling_fingerprint(), self.cfg.evaluation.latency_queries)
 
+    @property
+    def test_predictions_path(self) -> Path:
+        """The teacher's answer to every test query (the cascade stage's fallback answers)."""
+        return self.dir / "test_predictions.jsonl"
+
     def outputs(self, manifest: TeacherManifest) -> list[Path]:
-        return [self.labels_path]
+        return [self.labels_path, self.test_predictions_path]
 
     def describe(self, m: TeacherManifest) -> str:
         return (f"{m.labeled} labels in {self.labels_path}; accuracy gold {m.accuracy_gold:.1%}, "
@@ -135,7 +140,9 @@ class TeacherStage(Stage[TeacherManifest]):
             gate = score_teacher(loo, lm, gate_set, data.labels, cfg.teacher.threads)
             quality_gate(gate.accuracy, gate.n, cfg.teacher.min_accuracy_gold)
             teacher = build_teacher(cfg, data.labels, data.gold, index=index, vote=vote, vote_confidence=threshold)
-            test = score_teacher(teacher, lm, data.test, data.labels, cfg.teacher.threads)
+            recorder = _Recorder(teacher)
+            test = score_teacher(recorder, lm, data.test, data.labels, cfg.teacher.threads)
+            recorder.write(self.test_predictions_path, data.test)
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
             vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
@@ -239,3 +246,33 @@ class TeacherStage(Stage[TeacherManifest]):
         return VoteSummary(c=teacher.vote.c, loo_accuracy_gold={f"{c:g}": round(a, 4) for c, a in
                                                                 teacher.vote.loo_accuracy.items()},
                            accuracy_test=round(accuracy, 4))
+
+
+class _Recorder(dspy.Module):
+    """The teacher, recording what it answers to each query (by text) while it is scored."""
+
+    def __init__(self, teacher: dspy.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.answers: dict[str, dspy.Prediction] = {}
+
+    def forward(self, text: str) -> dspy.Prediction:
+        pred = self.teacher(text=text)
+        self.answers[text] = pred  # one text, one answer: the vote is deterministic, the LLM's calls cached
+        return pred
+
+    def write(self, path: Path, examples: list[dspy.Example]) -> None:
+        """One line per example, in order: the query, its label, the teacher's answer (null: the call failed),
+        and (vote_llm) who answered and the vote's confidence."""
+        rows = []
+        for ex in examples:
+            pred = self.answers.get(ex.text)
+            rows.append({"text": ex.text, "label": ex.label,
+                         "predicted": pred.get("label") if pred is not None else None,
+                         "source": pred.get("source") if pred is not None else None,
+                         "confidence": _float(pred.get("confidence")) if pred is not None else None})
+        write_jsonl(path, rows)
+
+
+def _float(x: object) -> float | None:
+    return None if x is None else float(x)  # type: ignore[arg-type]

@@ -1,0 +1,257 @@
+"""The cascade stage (issue 31): the deployed student answers with a confidence; below a threshold the teacher
+answers. Calibration and threshold are fit on the devset only (`cascade:` in the profile says how); the test
+set is then scored once: the cascade against the student and the teacher alone, the fallback share, ECE,
+the accuracy-vs-fallback curve over every threshold, a cost estimate, and a per-label table.
+
+The student is served as the evaluation stage serves it (same endpoint, same DSPy caches), asked for
+logprobs; the teacher's test answers are the ones the teacher stage recorded while it was scored
+(`teacher/test_predictions.jsonl`). On the devset the teacher's answer is the devset label (it labeled it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from distill.config import Config
+from distill.data.dataset import TaskData, read_jsonl, write_jsonl
+from distill.errors import DistillError
+from distill.evaluation.calibration import calibrate_student, fallback_curve
+from distill.evaluation.cascade_report import (
+    CallCost,
+    CostEstimate,
+    LabelRow,
+    cost_estimate,
+    per_label_report,
+    plot_fallback_curve,
+    plot_per_label,
+)
+from distill.evaluation.variants import evaluate
+from distill.program import Calibration, DeployParams
+from distill.stages.base import (
+    CallStats,
+    Manifest,
+    Stage,
+    Tracked,
+    code_version,
+    endpoint_fingerprint,
+    fingerprint,
+    require,
+)
+from distill.stages.evaluation import EvaluationStage, _lm_cache
+from distill.stages.teacher import TeacherStage
+
+
+class SplitScores(BaseModel):
+    """One split at the threshold chosen on the devset. On the devset "accuracy" is agreement with the
+    teacher's labels (the teacher's own is 1 by construction); on the test set, with the gold labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int
+    student_accuracy: float
+    teacher_accuracy: float
+    cascade_accuracy: float
+    fallback_share: float  # answered by the teacher
+    ece_raw: float  # the student's confidence
+    ece_calibrated: float  # after the calibration fit on the devset
+    no_confidence: int = 0  # answers without a confidence (a failed call): sent to the teacher, as served
+
+
+class CascadeResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # the deployed student (evaluation's deploy params)
+    kind: str
+    variant: str
+    calibration: Calibration  # fit on the devset
+    threshold: float  # on the calibrated confidence: the student answers at >= this
+    threshold_rule: str  # how it was chosen, in words
+    threshold_reached: bool  # the target agreement was reached within the budget
+    max_fallback: float
+    target_agreement: float
+    devset: SplitScores
+    testset: SplitScores
+    cost: CostEstimate | None  # teacher as deployed (vote + LLM)
+    cost_llm_path: CostEstimate | None = None  # vote_llm: every fallback through the teacher's LLM (upper bound)
+    per_label: list[LabelRow]  # test set, worst cascade accuracy first
+    plots: dict[str, str]  # reliability, curve, per_label
+    cascade_params: str  # cascade.json: what the served cascade reads
+    predictions: dict[str, str]
+
+
+class CascadeManifest(Manifest):
+    enabled: bool
+    result: CascadeResult | None = None  # None when cascade.enabled is false
+
+
+def _cost(calls: CallStats | None) -> CallCost | None:
+    if calls is None:
+        return None
+    return CallCost(p50_s=calls.p50_s, p95_s=calls.p95_s, prompt_tokens_per_query=calls.prompt_tokens_per_query,
+                    completion_tokens_per_query=calls.completion_tokens_per_query)
+
+
+def _ece_pair(confidence: np.ndarray, calibrated: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    from distill.evaluation.calibration import expected_calibration_error
+
+    return (round(expected_calibration_error(confidence, correct), 4),
+            round(expected_calibration_error(calibrated, correct), 4))
+
+
+class CascadeStage(Stage[CascadeManifest]):
+    name = "cascade"
+    title = "cascade: the student's confidence, calibrated on the devset; the teacher below the threshold"
+    manifest_type = CascadeManifest
+    upstream = ("teacher", "curation", "finetune", "eval")
+
+    @classmethod
+    def build(cls, graph: Any) -> "CascadeStage":
+        return cls(graph.cfg, graph.data, graph.stage("eval"), graph.stage("teacher"))
+
+    def __init__(self, cfg: Config, data: TaskData, evaluation: EvaluationStage, teacher: TeacherStage) -> None:
+        super().__init__(cfg)
+        self.data, self.evaluation, self.teacher = data, evaluation, teacher
+
+    @property
+    def cascade_params_path(self) -> Path:
+        return self.dir / "cascade.json"
+
+    def inputs(self) -> dict[str, str]:
+        return {
+            "teacher": require(self.teacher.load(), "teacher").fingerprint,  # its test answers, its timings
+            "curation": require(self.evaluation.curation.load(), "curation").fingerprint,  # the devset
+            "finetune": require(self.evaluation.finetune.load(), "finetune").fingerprint,  # the served adapter
+            "eval": require(self.evaluation.load(), "evaluation").fingerprint,  # the deployed student
+        }
+
+    def fingerprint(self) -> str:
+        cfg = self.cfg
+        return fingerprint(self.inputs(), cfg.cascade.model_dump(), endpoint_fingerprint(cfg, cfg.models.student),
+                           cfg.evaluation.max_errors,
+                           code_version("distill.evaluation", "distill.program", "distill.lm", "distill.stages.cascade"))
+
+    def outputs(self, m: CascadeManifest) -> list[Path]:
+        if m.result is None:
+            return []
+        return [Path(m.result.cascade_params), *(Path(p) for p in m.result.plots.values()),
+                *(Path(p) for p in m.result.predictions.values())]
+
+    def tracked(self, m: CascadeManifest) -> Tracked:
+        if m.result is None:
+            return Tracked()
+        return Tracked(files=[*(Path(p) for p in m.result.plots.values()), Path(m.result.cascade_params)],
+                       dicts={"cascade_per_label.json": [r.model_dump() for r in m.result.per_label]})
+
+    def describe(self, m: CascadeManifest) -> str:
+        if (r := m.result) is None:
+            return "cascade.enabled is false"
+        t = r.testset
+        return (f"threshold {r.threshold:.3f} (chosen on the devset: {r.devset.fallback_share:.0%} to the teacher); "
+                f"test: cascade {t.cascade_accuracy:.1%}, student {t.student_accuracy:.1%}, teacher "
+                f"{t.teacher_accuracy:.1%}, {t.fallback_share:.0%} to the teacher")
+
+    def teacher_test_answers(self) -> list[str | None]:
+        """The teacher's answer to each test query, in the test set's order (recorded by the teacher stage)."""
+        rows = read_jsonl(self.teacher.test_predictions_path) if self.teacher.test_predictions_path.is_file() else []
+        if [r["text"] for r in rows] != [ex.text for ex in self.data.test]:
+            raise DistillError(f"{self.teacher.test_predictions_path} does not hold the teacher's answers to this "
+                               f"run's test queries: run the teacher stage again")
+        return [r["predicted"] for r in rows]
+
+    def run(self) -> CascadeManifest:
+        cfg, data, c = self.cfg, self.data, self.cfg.cascade
+        if not c.enabled:
+            print("cascade.enabled is false: no calibration, no threshold; serving deploys the student alone")
+            return CascadeManifest(fingerprint=self.fingerprint(), enabled=False)
+        ft = require(self.evaluation.finetune.load(), "finetune")
+        ev = require(self.evaluation.load(), "evaluation")
+        teacher_m = require(self.teacher.load(), "teacher")
+        params = DeployParams.load(self.evaluation.deploy_params_path)
+        dev, test = self.evaluation.curation.splits()["devset"], data.test
+        teacher_test = self.teacher_test_answers()
+        program = params.load_program()
+        st, threads, max_errors = cfg.models.student, cfg.evaluation.threads, cfg.evaluation.max_errors
+        # As the evaluation stage serves and caches the student: the same endpoint, the same caches.
+        with _lm_cache(cfg.artifacts / "dspy_cache_eval" / ft.fingerprint, cfg.artifacts / "dspy_cache"), \
+                self.endpoint(st, ft.serve_config, models=[params.model]):
+            lm = self.lm(st, model=params.model, logprobs=True)
+            scored = {name: evaluate(program, lm, examples, data.labels, threads, max_errors,
+                                     name=f"{name}, deployed student with its confidence",
+                                     prompt=params.program.prompt).predictions
+                      for name, examples in (("devset", dev), ("testset", test))}
+        missing = {name: sum(p.get("confidence") is None for p in preds) for name, preds in scored.items()}
+        if all(missing[name] == len(scored[name]) for name in scored):
+            raise DistillError("the student's answers carry no confidence: does its server decode the label set "
+                               "over its answers (choice decoding) and return logprobs? (docs/cascade.md)")
+        # No confidence (a failed call): the served cascade asks the teacher; here it counts as confidence 0.
+        conf = {name: np.array([p.get("confidence") or 0.0 for p in preds]) for name, preds in scored.items()}
+        student = {name: [p["predicted"] for p in preds] for name, preds in scored.items()}
+        gold = {"devset": [ex.label for ex in dev], "testset": [ex.label for ex in test]}
+        teacher = {"devset": gold["devset"], "testset": teacher_test}  # the devset's labels are the teacher's
+        s_ok = {k: np.array([a == g for a, g in zip(student[k], gold[k])]) for k in gold}
+        t_ok = {k: np.array([a == g for a, g in zip(teacher[k], gold[k])]) for k in gold}
+
+        # Fit and choose on the devset; the test set only passes through (calibrate_student scores it).
+        report, cascade = calibrate_student(
+            (conf["devset"], s_ok["devset"]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
+            target=c.target_agreement, max_fallback=c.max_fallback,
+            title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on the devset)")
+        cal = cascade.calibration
+        calibrated = {k: np.array(cal.apply_many(conf[k])) for k in conf}
+        kept = {k: calibrated[k] >= cascade.threshold for k in conf}
+
+        def split(k: str) -> SplitScores:
+            raw, after = _ece_pair(conf[k], calibrated[k], s_ok[k])
+            return SplitScores(n=len(gold[k]), student_accuracy=round(float(s_ok[k].mean()), 4),
+                               teacher_accuracy=round(float(t_ok[k].mean()), 4),
+                               cascade_accuracy=round(float(np.where(kept[k], s_ok[k], t_ok[k]).mean()), 4),
+                               fallback_share=round(float(1 - kept[k].mean()), 4), ece_raw=raw, ece_calibrated=after,
+                               no_confidence=missing[k])
+
+        scores = {k: split(k) for k in conf}
+        out = self.dir
+        predictions = {}
+        for k in conf:
+            predictions[k] = str(out / "predictions" / f"{k}.jsonl")
+            write_jsonl(Path(predictions[k]), [
+                {"text": ex.text, "label": g, "student": s, "confidence": scored[k][i].get("confidence"),
+                 "calibrated": round(float(calibrated[k][i]), 6), "teacher": t,
+                 "answered_by": "student" if kept[k][i] else "teacher", "cascade": s if kept[k][i] else t}
+                for i, (ex, g, s, t) in enumerate(zip(dev if k == "devset" else test, gold[k], student[k], teacher[k]))])
+        t = scores["testset"]
+        curve = fallback_curve(calibrated["testset"], s_ok["testset"], t_ok["testset"])
+        per_label = per_label_report(gold["testset"], [a or "" for a in teacher_test],
+                                     [a or "" for a in student["testset"]], [not k for k in kept["testset"]])
+        plots = {
+            "reliability": report.plot,
+            "curve": str(plot_fallback_curve(
+                curve, (t.fallback_share, t.cascade_accuracy), out / "fallback_curve.png",
+                f"Cascade on the test set ({t.n} queries) at every threshold;\nthe marked one was chosen on the devset",
+                t.student_accuracy, t.teacher_accuracy, budget=c.max_fallback)),
+            "per_label": str(plot_per_label(
+                per_label, out / "per_label.png",
+                f"Per label, test set, worst cascade accuracy first (threshold {cascade.threshold:.3f})")),
+        }
+        student_cost = _cost(ev.calls)
+        costs = {name: cost_estimate(student_cost, tc, t.fallback_share)
+                 for name, tc in (("teacher", _cost(teacher_m.calls)), ("llm", _cost(teacher_m.calls_llm)))
+                 if tc is not None and student_cost is not None}
+        result = CascadeResult(
+            model=params.model, kind=params.kind or ev.best.kind, variant=params.variant or ev.best.variant,
+            calibration=cal, threshold=round(cascade.threshold, 6), threshold_rule=report.threshold_rule,
+            threshold_reached=report.threshold_reached, max_fallback=c.max_fallback,
+            target_agreement=c.target_agreement, devset=scores["devset"], testset=t, cost=costs.get("teacher"),
+            cost_llm_path=costs.get("llm"), per_label=per_label, plots=plots,
+            cascade_params=str(self.cascade_params_path), predictions=predictions)
+        d = scores["devset"]
+        print(f"threshold {result.threshold:.3f} on the {c.calibration}-calibrated confidence, chosen on the devset: "
+              f"{d.fallback_share:.0%} of {d.n} devset queries to the teacher, agreement {d.cascade_accuracy:.1%} "
+              f"(student alone {d.student_accuracy:.1%}); {report.threshold_rule}")
+        print(f"test set ({t.n}): cascade {t.cascade_accuracy:.1%}, student alone {t.student_accuracy:.1%}, teacher "
+              f"alone {t.teacher_accuracy:.1%}; {t.fallback_share:.0%} to the teacher; ECE {t.ece_raw:.3f} raw, "
+              f"{t.ece_calibrated:.3f} calibrated")
+        return CascadeManifest(fingerprint=self.fingerprint(), enabled=True, result=result)
