@@ -47,7 +47,7 @@ def padding_share(lengths: np.ndarray, batch: int, seed: int = 0, draws: int = 2
 
 def time_steps(recipe_path: Path, training: dict, train_file: Path, steps: int, strategy: str) -> dict[str, float]:
     recipe = load_recipe(recipe_path, {**training, "max_steps": steps, "eval_strategy": "no",
-                                       "load_best_model_at_end": False, "save_strategy": "no",
+                                       "load_best_model_at_end": False,
                                        "train_sampling_strategy": strategy})
     with tempfile.TemporaryDirectory() as out:
         trainer, _, _ = build_trainer(TrainJob(recipe=recipe, train_file=str(train_file), output_dir=out), out)
