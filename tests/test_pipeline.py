@@ -222,6 +222,9 @@ def test_served_classify_intent_is_the_cascade_and_says_who_answered(artifacts) 
             assert r["label"] == teacher[r["text"]]["predicted"]
         else:
             assert r["confidence"] >= r["threshold"] and r["label"] == r["student_label"]
+    from distill.report import markdown
+
+    assert f"the student / the teacher | {counts['student']} / {counts['teacher']} |" in markdown(report)
     assert s["teacher_sources"] == {k: v for k, v in {
         src: sum(r.get("teacher_source") == src for r in ok if r["answered_by"] == "teacher")
         for src in ("llm", "vote")}.items() if v}
