@@ -50,6 +50,7 @@ and its fallback errors:
 
     DISTILL_ARTIFACTS_DIR=<run> flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py \
         --mode cascade --profile local_ci --requests 100 --concurrency 4 --abuse-share 0 --out docs/bench_cascade.json
+    .venv/bin/python benchmarks/cascade_bench_report.py docs/cascade.md docs/bench_cascade.json
 """
 
 from __future__ import annotations
@@ -587,6 +588,17 @@ async def cascade_load(args: argparse.Namespace, student_url: str, cascade_url: 
     return {"student_alone": student, "cascade": cascade}
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main_cascade(args: argparse.Namespace) -> None:
     from distill.program import CascadeParams
     from distill.report import load_report
@@ -615,7 +627,8 @@ def main_cascade(args: argparse.Namespace) -> None:
         "command": (f"bench_classify.py --mode cascade --profile {args.profile} --requests {args.requests} "
                     f"--concurrency {args.concurrency} --abuse-share {args.abuse_share:g}"),
         "ran_on": {"profile": cfg.name, "artifacts": str(cfg.artifacts), "config": str(path),
-                   "run_commit": (report.get("run") or {}).get("git_commit"),
+                   "pipeline_run_commit": (report.get("run") or {}).get("git_commit"),  # the last run on them
+                   "bench_commit": _git_commit(),
                    "sizes": {k: v for k, v in ((report.get("run") or {}).get("sizes") or {}).items()
                              if k in ("num_gold", "num_to_label", "devset_size", "test_size", "task")},
                    "student": params.model, "student_variant": f"{params.kind} {params.variant}",
