@@ -111,13 +111,12 @@ class ServingStage(Stage[ServingManifest]):
         self.cascade, self.teacher = cascade, teacher
 
     def cascade_manifest(self) -> CascadeManifest | None:
-        """The cascade stage's manifest when the cascade is to be deployed: `cascade.enabled`, a threshold
-        chosen, for the student being deployed (computed from the current evaluation)."""
+        """The cascade stage's manifest when the cascade is to be deployed: `cascade.enabled`, and a threshold
+        chosen by a current cascade stage (for the student being deployed, under the profile's cascade settings)."""
         if not self.cfg.cascade.enabled or self.cascade is None or self.teacher is None:
             return None
         m = self.cascade.load()
-        ev = require(self.evaluation.load(), "evaluation")
-        if m is None or m.result is None or m.inputs.get("eval") != ev.fingerprint:
+        if m is None or m.result is None or not self.cascade.is_current():
             return None
         return m
 
@@ -192,6 +191,8 @@ class ServingStage(Stage[ServingManifest]):
         cfg = self.cfg
         labels = set(DeployParams.load(self.evaluation.deploy_params_path).labels)
         cascade = self.cascade_manifest() is not None
+        if cfg.cascade.enabled and not cascade:
+            print("cascade.enabled, but no current cascade stage has chosen a threshold: the student alone is deployed")
         path = self.deploy_config()
         env_names, headers = program_app_env(path)
         if cascade:  # the teacher app's replicas read the task's data (the gold examples)
