@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -53,3 +57,77 @@ def restore_logs():
     before = logs.settings()
     yield
     logs.configure(before.dir, before.verbose)
+
+
+# --- the same deterministic work, done once per session ----------------------------------------------------
+#
+# The teacher tests build the real vote over the real gold embeddings again and again: every TeacherStage.run
+# embeds the same gold, test and gate queries (one MiniLM call per query) and refits the same leave-one-out
+# logistic regressions. Both are deterministic functions of their inputs, so the session keeps each answer by
+# the exact input (every text and setting of an embedding call; the bytes of x, y, C and the class weights of a
+# fit) and hands back a copy. Nothing is faked: every distinct input is still computed by the real model, and a
+# caller that embeds other texts or fits other rows gets its own real answer.
+
+
+class _Memo:
+    def __init__(self) -> None:
+        self.answers: dict[Any, Any] = {}
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self.answers:
+                self.hits += 1
+                return copy.deepcopy(self.answers[key])
+        value = compute()  # outside the lock: the product calls these from threads
+        with self.lock:
+            self.misses += 1
+            self.answers.setdefault(key, copy.deepcopy(value))
+        return value
+
+
+EMBEDDINGS, FITS = _Memo(), _Memo()
+
+
+def _memo_encode(model: Any, spec: str) -> Any:
+    if getattr(model, "_distill_test_memo", False):
+        return model
+    encode = model.encode
+
+    def memo_encode(sentences: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(sentences, str) or args:
+            return encode(sentences, *args, **kwargs)
+        key = (spec, tuple(sentences), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        return EMBEDDINGS.get(key, lambda: encode(sentences, **kwargs))
+
+    model.encode = memo_encode
+    model._distill_test_memo = True
+    return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deterministic_work_once():
+    """Embeddings (per loaded embedder and exact call) and logistic-regression fits kept for the session."""
+    import numpy as np
+
+    from distill import active
+    from distill.evaluation import baselines
+    from distill.teacher import program, vote
+
+    load_embedder, fit_lr = program.load_embedder, vote.fit_lr
+
+    def memo_load_embedder(spec: str) -> Any:
+        return _memo_encode(load_embedder(spec), spec)
+
+    def memo_fit_lr(x: np.ndarray, y: Any, c: float, balanced: bool = False) -> Any:
+        x = np.ascontiguousarray(x)
+        key = (hashlib.sha256(x.tobytes()).hexdigest(), x.shape, str(x.dtype), tuple(map(str, y)), float(c),
+               bool(balanced))
+        return FITS.get(key, lambda: fit_lr(x, y, c, balanced))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(program, "load_embedder", memo_load_embedder)
+        for module in (vote, active, baselines):
+            mp.setattr(module, "fit_lr", memo_fit_lr)
+        yield

@@ -25,3 +25,10 @@ def test_every_generated_block_in_readme_is_the_docs_block_of_the_same_command()
         assert cmd in docs, f"README's block for `{cmd}` has no copy in docs/"
         assert all(body == other for _, other in docs[cmd]), f"README's block for `{cmd}` differs from docs/"
         assert "Measured at commit" in body  # provenance travels with the numbers
+
+
+def test_readme_stays_short() -> None:
+    # A newcomer reads the README first: what it is, the commands, one results table, where to change what.
+    # Deep dives go to docs/ (`wc -w` counting: whitespace-separated words).
+    words = len((ROOT / "README.md").read_text().split())
+    assert words < 1500, f"README.md has {words} words: move detail into docs/"

@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # killed by `ray.kill`"; distill.logs turns off Ray's retry-error reporting, which printed it).
 # MLflow's and alembic's INFO lines too ("2026/12/05 ... INFO mlflow.store.db.utils: Creating initial MLflow
 # database tables...", "INFO  [alembic.runtime.migration] Running upgrade ..."), and MLflow's warning that a
-# program saved by pickle is unsafe to load (distill.tracking saves it with DSPy's own save).
+# program saved by pickle is unsafe to load (distill.tracking saves it with DSPy's own save), and DSPy's
+# warnings when MLflow loads that save back ("Loading untrusted .pkl files ...": distill.tracking quiets them).
 RAY_NOISE = re.compile(r"\([A-Za-z]\w*(:[\w.-]+)* pid=\d+\)|\bINFO\b.* -- |\b(GET|POST) /\S* \d{3}\b|"
-                       r"graceful_shutdown failed|\b(INFO|WARNING)\s+\[?(mlflow|alembic)\b")
+                       r"graceful_shutdown failed|\b(INFO|WARNING)\s+\[?(mlflow|alembic|dspy)\b")
 
 
 def output_lines(nb: nbformat.NotebookNode) -> list[str]:

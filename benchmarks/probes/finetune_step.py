@@ -5,9 +5,8 @@ vary from ~64 to ~130 tokens, and a batch is padded to its longest: this probe m
 of random batches, then times the same recipe's steps with TRL's `train_sampling_strategy` `random` (the
 default) and `group_by_length`, alternating A/B/A/B so that a drift in the host's speed hits both.
 
-The SFT data is the quick profile's shape: its 500 queries to label plus its 100 gold, each with its true
-label standing in for the teacher's (a step's cost does not depend on which label it is; no test query is
-read). Prints the numbers and writes them as JSON.
+The SFT data is the quick profile's shape: its 500 queries to label (labels cycled through the task's, in
+place of the teacher's) plus its 100 gold with theirs; no test query is read. Prints the numbers and writes them as JSON.
 
     python benchmarks/probes/finetune_step.py --steps 12 --out docs/finetune_step.json
 """
@@ -48,7 +47,7 @@ def padding_share(lengths: np.ndarray, batch: int, seed: int = 0, draws: int = 2
 
 def time_steps(recipe_path: Path, training: dict, train_file: Path, steps: int, strategy: str) -> dict[str, float]:
     recipe = load_recipe(recipe_path, {**training, "max_steps": steps, "eval_strategy": "no",
-                                       "load_best_model_at_end": False, "save_strategy": "no",
+                                       "load_best_model_at_end": False,
                                        "train_sampling_strategy": strategy})
     with tempfile.TemporaryDirectory() as out:
         trainer, _, _ = build_trainer(TrainJob(recipe=recipe, train_file=str(train_file), output_dir=out), out)
@@ -71,7 +70,10 @@ def main() -> None:
     cfg = load_config(args.profile)
     data = prepare_data(cfg)
     program = IntentClassificationModule(data.labels)
-    records = [{"text": ex.text, "label": ex.label} for ex in [*data.to_label, *data.gold]]
+    # The queries to label carry no label here (the teacher gives them one): cycle through the labels, so
+    # the answers' lengths are the task's; a step's cost does not depend on which label an example has.
+    records = [{"text": ex.text, "label": data.labels[i % len(data.labels)]} for i, ex in enumerate(data.to_label)]
+    records += [{"text": ex.text, "label": ex.label} for ex in data.gold]
     sft = to_sft(records, program, adapter(cfg.program.student_prompt))
     recipe_path = cfg.path(cfg.finetune.recipe)
     recipe = load_recipe(recipe_path)

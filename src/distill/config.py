@@ -499,6 +499,8 @@ def _read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    # Kept over OmegaConf / pydantic-settings: four lines, and validation stays pydantic's on plain dicts, whose
+    # errors name the profile file and key (`_format_error`), not a config library's node paths.
     out = dict(base)
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

@@ -113,7 +113,8 @@ def execute_notebook(
     params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     if len(params) != 1:
         raise DistillError(f"{src} needs exactly one cell tagged 'parameters' (found {len(params)})")
-    # papermill's convention: the injected values go in a cell right after the parameters cell
+    # papermill's convention: the injected values go in a cell right after the parameters cell. Not papermill
+    # itself: it runs on this same nbclient, and one injected cell is all we use of it (no new dependency).
     injected = nbformat.v4.new_code_cell(f"PROFILE = {profile!r}" + ("\nVERBOSE = True" if verbose else ""))
     injected.metadata["tags"] = [INJECTED]
     nb.cells.insert(params[0] + 1, injected)

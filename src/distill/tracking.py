@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -342,7 +343,9 @@ class StageRecord:
         def _log() -> None:
             served = lm.copy()
             served.kwargs.pop("api_key", None)  # a key stays in the environment, never in the store
-            with dspy.context(lm=served, adapter=adapter):  # log_model saves DSPy's settings with the program
+            # MLflow loads back the program DSPy just saved (our own file, a moment old) and DSPy warns, twice,
+            # that pickles from untrusted sources run code: not news here, and two lines in every notebook.
+            with dspy.context(lm=served, adapter=adapter), _quiet("dspy.primitives.base_module", "dspy.dsp.utils.settings"):
                 # DSPy's own save (`Module.save(save_program=True)`), as MLflow recommends over its pickle
                 mlflow.dspy.log_model(program, name="program", registered_model_name=name, use_dspy_model_save=True,
                                       # given, so MLflow does not infer them by importing in a subprocess
@@ -350,6 +353,20 @@ class StageRecord:
                                                         if d in ("dspy", "mlflow")])
 
         t.safe(f"registering the best program as {name}", _log)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """These loggers say nothing below ERROR for the block (unless verbose)."""
+    saved = {n: logging.getLogger(n).level for n in loggers}
+    if not logs.settings().verbose:
+        for n in loggers:
+            logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 @contextlib.contextmanager
