@@ -272,7 +272,9 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
         pipeline.serving_stage(cfg, data, keep_running=True)
         pipeline.finish_run(cfg, started)
         queries = [ex.text for ex in data.test[:4]]
-        served = [httpx.post(cfg.serving.url, json={"query": q}, timeout=60).json()["label"] for q in queries]
+        bodies = [httpx.post(cfg.serving.url, json={"query": q}, timeout=60).json() for q in queries]
+        # the served student's own answer: the cascade's `student_label` (its `label` may be the teacher's)
+        served = [b.get("student_label", b["label"]) for b in bodies]
         # mlflow.dspy.load_model in a fresh process: the program and the LM it was logged with
         out = subprocess.run([sys.executable, "-c", LOAD_AND_CLASSIFY, tracking.local_uri(cfg),
                               tracking.model_name(cfg), json.dumps(queries)],
