@@ -40,6 +40,17 @@ became of each attack, and replica restarts by replica PID:
     flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --attacker-key classifier --out docs/bench_attack.json
     flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py --mode attack --attacker-key llm --out docs/bench_attack_llm_key.json
     .venv/bin/python benchmarks/attack_report.py docs/serving.md docs/bench_attack.json docs/bench_attack_llm_key.json
+
+`--mode cascade` (issue 31) measures the cascade under load next to the student alone, on a pipeline run's
+artifacts (`DISTILL_ARTIFACTS_DIR`, `--profile`): it deploys the serving stage's cascade config (the cascade at
+/classify_intent, the teacher program app, one LLM app) plus the program app alone at /student on the same
+LLM app, and sends the same queries to each in turn (`--requests`, `--concurrency` in flight): throughput,
+p50/p95 of the 200s, status counts, and for the cascade who answered (`answered_by`, the teacher's `source`)
+and its fallback errors:
+
+    DISTILL_ARTIFACTS_DIR=<run> flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/bench_classify.py \
+        --mode cascade --profile local_ci --requests 100 --concurrency 4 --abuse-share 0 --out docs/bench_cascade.json
+    .venv/bin/python benchmarks/cascade_bench_report.py docs/cascade.md docs/bench_cascade.json
 """
 
 from __future__ import annotations
@@ -69,7 +80,7 @@ from distill.data.dataset import prepare_data
 from distill.lm import adapter
 from distill.program import DeployParams
 from distill.serving.common import parse_client_keys
-from distill.serving.control import SERVING_KEY_ENVS, replica_ids, serving
+from distill.serving.control import SERVING_KEY_ENVS, replica_ids, serving, wait_until_running
 
 ROOT = Path(__file__).resolve().parents[1]
 ABUSE = [
@@ -426,7 +437,7 @@ def main() -> None:
     ap.add_argument("--abuse-share", type=float, default=0.1)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=None, help="result file (default: <artifacts>/bench/classify-<time>.json)")
-    ap.add_argument("--mode", choices=["load", "attack"], default="load")
+    ap.add_argument("--mode", choices=["load", "attack", "cascade"], default="load")
     ap.add_argument("--duration", type=float, default=60.0, help="attack mode: seconds of attack")
     ap.add_argument("--burst", type=int, default=100, help="attack mode: requests per burst")
     ap.add_argument("--attacker-key", choices=["llm", "classifier"], default="llm",
@@ -436,6 +447,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "attack":
         return main_attack(args)
+    if args.mode == "cascade":
+        return main_cascade(args)
     args.concurrency = args.concurrency or args.requests
     started = args.url is None
     args.url = args.url or "http://127.0.0.1:8000/classify_intent"
@@ -509,6 +522,140 @@ def main_attack(args: argparse.Namespace) -> None:
     print(f"/classify_intent during the attack: {c['success_rate']:.1%} success ({c['status_counts']}), "
           f"p95 {c['p95_s']} s; replica restarts: {out['replica_restarts']}; attack: {out['attack']}")
     print(f"written: {path}")
+
+
+def cascade_bench_config(profile: str) -> tuple[Path, dict[str, Any]]:
+    """The serving stage's cascade config for the run in DISTILL_ARTIFACTS_DIR (or the profile's artifacts), with
+    the program app alone beside it at /student (the cascade's own student settings, on the same LLM app)."""
+    from distill.pipeline import deploy_config
+    from distill.serving.deploy import CASCADE_APP, PROGRAM_APP
+
+    cfg = load_config(profile)
+    path = deploy_config(cfg, cascade=True)
+    raw = yaml.safe_load(path.read_text())
+    cascade_app = next(a for a in raw["applications"] if a["import_path"] == CASCADE_APP)
+    raw["applications"].insert(1, {"name": "student", "route_prefix": "/student", "import_path": PROGRAM_APP,
+                                   "args": {k: v for k, v in cascade_app["args"].items() if k != "cascade"}})
+    out = cfg.artifacts / "bench" / "deploy_cascade_bench.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out, raw
+
+
+async def cascade_load(args: argparse.Namespace, student_url: str, cascade_url: str, labels: set[str]) -> dict[str, Any]:
+    """The same queries through the student alone, then through the cascade (`drive`, as the load mode)."""
+    queries = build_queries(args.profile, args.requests, args.abuse_share)
+    key, _ = client_keys(shared=False)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    seen: dict[str, dict[str, int]] = {"answered_by": {}, "teacher_source": {}, "fallback_error": {}}
+
+    def record(body: dict[str, Any]) -> None:
+        for k in seen:
+            value = body.get(k) if k != "teacher_source" or body.get("answered_by") == "teacher" else None
+            if value is not None:
+                seen[k][str(value)] = seen[k].get(str(value), 0) + 1
+
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=headers) as client:
+        def via(url: str, keep: Callable[[dict[str, Any]], None] | None = None) -> Callable[[str], Awaitable[tuple[int, str | None]]]:
+            async def send(q: str) -> tuple[int, str | None]:
+                r = await client.post(url, json={"query": q})
+                if r.status_code != 200:
+                    return r.status_code, None
+                body = r.json()
+                if keep is not None:
+                    keep(body)
+                return 200, body["label"]
+            return send
+
+        for url in (student_url, cascade_url):
+            deadline = time.monotonic() + 180
+            while (await client.get(f"{url}/healthz")).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{url}/healthz did not turn healthy in 180 s")
+                await asyncio.sleep(1)
+            await via(url)(queries[0])  # warm-up
+        student = await drive(via(student_url), queries, args.concurrency)
+        await asyncio.sleep(2 * 2.0)  # let shed load's Retry-After pass
+        cascade = await drive(via(cascade_url, record), queries, args.concurrency)
+    for r in (student, cascade):
+        answers = r.pop("answers")
+        r["valid_share"] = round(sum(a in labels for a in answers) / max(1, len(answers)), 4)
+    answered = sum(seen["answered_by"].values())
+    cascade.update({"answered_by": seen["answered_by"], "teacher_sources": seen["teacher_source"],
+                    "fallback_errors": seen["fallback_error"],
+                    "fallback_share": round(seen["answered_by"].get("teacher", 0) / max(1, answered), 4)})
+    return {"student_alone": student, "cascade": cascade}
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def main_cascade(args: argparse.Namespace) -> None:
+    from distill.program import CascadeParams
+    from distill.report import load_report
+    from distill.serving.deploy import CASCADE_APP
+
+    args.concurrency = args.concurrency or args.requests
+    cfg = load_config(args.profile)
+    path, raw = cascade_bench_config(args.profile)
+    apps = [a["name"] for a in raw["applications"]]
+    cascade_args = next(a for a in raw["applications"] if a["import_path"] == CASCADE_APP)["args"]
+    params = DeployParams.load(cascade_args["deploy_params"])
+    threshold = CascadeParams.load(cascade_args["cascade"]["cascade_params"]).threshold
+    env = [*SERVING_KEY_ENVS, *(v for v in (cfg.task.source.dir_env, "DISTILL_DATA_DIR") if v)]
+    with serving(path, args.llm_url, forward_env=env,
+                 api_key=os.environ.get("DISTILL_LLM_API_KEY") or os.environ.get("DISTILL_API_KEY")):
+        wait_until_running(apps, 300)
+        before = {a: replica_ids(a) for a in apps}
+        out = asyncio.run(cascade_load(args, "http://127.0.0.1:8000/student", "http://127.0.0.1:8000/classify_intent",
+                                       set(params.labels)))
+        after = {a: replica_ids(a) for a in apps}
+    report = load_report(cfg)
+    stage = (report.get("cascade") or {}).get("result") or {}
+    out = {
+        "mode": "cascade", "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "command": (f"bench_classify.py --mode cascade --profile {args.profile} --requests {args.requests} "
+                    f"--concurrency {args.concurrency} --abuse-share {args.abuse_share:g}"),
+        "ran_on": {"profile": cfg.name, "artifacts": str(cfg.artifacts), "config": str(path),
+                   "pipeline_run_commit": (report.get("run") or {}).get("git_commit"),  # the last run on them
+                   "bench_commit": _git_commit(),
+                   "sizes": {k: v for k, v in ((report.get("run") or {}).get("sizes") or {}).items()
+                             if k in ("num_gold", "num_to_label", "devset_size", "test_size", "task")},
+                   "student": params.model, "student_variant": f"{params.kind} {params.variant}",
+                   "teacher": cfg.models.teacher.model, "teacher_strategy": cfg.teacher.strategy,
+                   "threshold": threshold,
+                   "cascade_stage_fallback_share": {k: (stage.get(k) or {}).get("fallback_share")
+                                                    for k in ("devset", "testset")}},
+        "requests": args.requests, "concurrency": args.concurrency, "abuse_share": args.abuse_share, **out,
+        "replica_restarts": _restarts(before, after),
+    }
+    s, c = out["student_alone"], out["cascade"]
+    table = Table(title=f"{params.model} alone vs the cascade: {args.requests} requests, {args.concurrency} in flight")
+    for col in ("path", "statuses", "valid labels", "p50 s (200)", "p95 s (200)", "200/s", "answered by"):
+        table.add_column(col, justify="right")
+    table.add_row("student alone", str(s["status_counts"]), f"{s['valid_share']:.1%}", str(s["p50_s"]), str(s["p95_s"]),
+                  str(s["ok_per_s"]), "")
+    table.add_row("cascade", str(c["status_counts"]), f"{c['valid_share']:.1%}", str(c["p50_s"]), str(c["p95_s"]),
+                  str(c["ok_per_s"]), str(c["answered_by"]))
+    Console(width=160).print(table)
+    print(f"cascade: {c['fallback_share']:.0%} answered by the teacher (threshold {threshold:.3f}; the cascade stage's "
+          f"test set: {out['ran_on']['cascade_stage_fallback_share']['testset']}), teacher sources "
+          f"{c['teacher_sources']}, fallback errors {c['fallback_errors']}; replica restarts {out['replica_restarts']}")
+    dest = Path(args.out) if args.out else cfg.artifacts / "bench" / ("cascade-" + out["when"].replace(":", "") + ".json")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"written: {dest}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ set between the confidences the student really gives these queries, so that both
 from __future__ import annotations
 
 import json
+import secrets
 import statistics
 import time
 from pathlib import Path
@@ -139,3 +140,70 @@ def test_confidence_then_cascade_then_teacher_gone(tmp) -> None:
         assert time.monotonic() - t < 60
     finally:
         shutdown()
+
+
+# --- the pipeline's cascade: the serving stage's deploy config on a local_ci run -----------------------------------
+
+KEY, LLM_KEY = "test-" + secrets.token_hex(8), "test-llm-" + secrets.token_hex(8)
+
+
+def test_the_pipelines_teacher_program_app_answers_as_the_teacher_stage_did_and_the_cascade_uses_it(
+        pipeline_artifacts, banking77_dir) -> None:
+    """The config the serving stage deploys (the cascade, the teacher program app, one LLM app) from a local_ci
+    run: the teacher app answers over HTTP what the teacher stage answered the same test queries (rebuilt in
+    its replica from the run's profile, data and teacher manifest), takes only its own key, and /classify_intent
+    hands it the queries below the threshold."""
+    from distill.config import load_config
+    from distill.data.dataset import read_jsonl
+    from distill.pipeline import deploy_config
+    from distill.serving.control import wait_until_running
+    from distill.serving.deploy import CASCADE_APP, TEACHER_APP
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTILL_ARTIFACTS_DIR", str(pipeline_artifacts))
+    mp.setenv("BANKING77_DIR", str(banking77_dir))  # the teacher app's replicas read the task's gold examples
+    mp.setenv("DISTILL_API_KEY", KEY)
+    mp.setenv("DISTILL_LLM_API_KEY", LLM_KEY)  # the key the teacher app takes (its only client is the cascade)
+    try:
+        cfg = load_config("local_ci")
+        path = deploy_config(cfg)  # what the serving stage deploys
+        apps = {a["import_path"]: a for a in yaml.safe_load(path.read_text())["applications"]}
+        assert CASCADE_APP in apps and TEACHER_APP in apps, path
+        teacher_url = apps[CASCADE_APP]["args"]["cascade"]["teacher_url"]
+        url = f"http://127.0.0.1:8000{apps[CASCADE_APP]['route_prefix']}"
+        names = start_serve_config(path, forward_env=["DISTILL_API_KEY", "DISTILL_LLM_API_KEY", "BANKING77_DIR"])
+        wait_until_running(names, 300)
+        auth, llm_auth = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {LLM_KEY}"}
+        wait_until_healthy(f"{teacher_url}/healthz", 60, llm_auth)
+
+        # 1. The teacher app: the teacher stage's answers (its vote is deterministic; its LLM at temperature 0).
+        recorded = read_jsonl(pipeline_artifacts / "teacher" / "test_predictions.jsonl")
+        rows = recorded[:8] + [r for r in recorded[8:] if r["source"] == "llm"][:2]  # its LLM path too, if it had one
+        labels = set(json.loads((pipeline_artifacts / "deploy_params.json").read_text())["labels"])
+        served = {}
+        for row in rows:
+            r = httpx.post(teacher_url, json={"query": row["text"]}, headers=llm_auth, timeout=120)
+            assert r.status_code == 200, r.text
+            body = served[row["text"]] = r.json()
+            assert body["model"] == cfg.models.teacher.model and body["label"] in labels
+            assert (body["source"], body["confidence"]) == (row["source"], pytest.approx(row["confidence"], abs=1e-4))
+            assert body["label"] == row["predicted"], (row, body)
+        # its only client is the cascade: a classifier key is refused
+        assert httpx.post(teacher_url, json={"query": rows[0]["text"]}, headers=auth, timeout=30).status_code == 401
+
+        # 2. /classify_intent is the cascade: who answered, the student's calibrated confidence, the teacher's label below it.
+        threshold = json.loads((pipeline_artifacts / "cascade" / "cascade.json").read_text())["threshold"]
+        for row in rows:
+            r = httpx.post(url, json={"query": row["text"]}, headers=auth, timeout=120)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["confidence"] is not None and body["threshold"] == pytest.approx(threshold)
+            assert body["fallback_error"] is None, body
+            if body["confidence"] < threshold:
+                assert body["answered_by"] == "teacher" and body["teacher_source"] == row["source"]
+                assert body["label"] == served[row["text"]]["label"]
+            else:
+                assert body["answered_by"] == "student" and body["label"] == body["student_label"]
+    finally:
+        shutdown()
+        mp.undo()

@@ -125,3 +125,33 @@ def test_object_storage_passes_the_check() -> None:
 
     check_lora_storage("serve_1B.yaml", "s3://bucket/lora")
     check_lora_storage("configs/serve_local_student.yaml", None)  # llama.cpp reads a local GGUF adapter
+
+
+@pytest.mark.parametrize("profile", ["local", "cluster"])
+def test_cascade_deploy_config_points_the_cascade_and_the_teacher_app_at_this_runs_artifacts(profile, tmp_path) -> None:
+    from distill.serving.cascade import CascadeAppArgs
+    from distill.serving.deploy import CASCADE_APP, TEACHER_APP
+    from distill.teacher_app import TeacherAppArgs
+
+    cfg = load_config(profile)
+    out = template_serve_config(
+        cfg.serving.cascade_deploy_config, tmp_path / "deploy.yaml", base_model=cfg.models.student.model,
+        finetuned_model=cfg.finetune.finetuned_model, adapter="/run/adapter.gguf",
+        lora_storage=cfg.finetune.adapter_storage, deploy_params=tmp_path / "deploy_params.json",
+        cascade_params=tmp_path / "cascade.json",
+        teacher={"profile": str(tmp_path / "profile.yaml"), "artifacts_dir": str(tmp_path)})
+    apps = _apps(out)
+    cascade = CascadeAppArgs.model_validate(apps[CASCADE_APP]["args"])
+    teacher = TeacherAppArgs.model_validate(apps[TEACHER_APP]["args"])
+    assert (cascade.deploy_params, cascade.cascade.cascade_params) == (str(tmp_path / "deploy_params.json"),
+                                                                       str(tmp_path / "cascade.json"))
+    assert (teacher.profile, teacher.artifacts_dir) == (str(tmp_path / "profile.yaml"), str(tmp_path))
+    if profile == "local":  # the finetune beside the base student, and the teacher's LLM
+        models = LLMAppArgs.model_validate(apps["distill.serving.llm:build_app"]["args"]).models
+        assert {m.name: m.lora_path for m in models} == {cfg.models.student.model: None,
+                                                          cfg.finetune.finetuned_model: "/run/adapter.gguf",
+                                                          cfg.models.teacher.model: None}
+    else:  # the published adapter on the student's LLMConfig; the 70B's beside it
+        configs = [llm_config_class().model_validate(c) for c in apps["ray.serve.llm:build_openai_app"]["args"]["llm_configs"]]
+        assert [c.model_loading_config.model_id for c in configs] == [cfg.models.student.model, cfg.models.teacher.model]
+        assert configs[0].lora_config.dynamic_lora_loading_path == cfg.finetune.adapter_storage

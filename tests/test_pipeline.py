@@ -199,6 +199,38 @@ def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -
     assert "cascade on test (threshold chosen on the devset)" in table and "ECE on test" in table
 
 
+def test_served_classify_intent_is_the_cascade_and_says_who_answered(artifacts) -> None:
+    """The serving stage deployed the cascade (the cascade stage chose a threshold): every served answer
+    carries `answered_by` and the student's calibrated `confidence`, the teacher answered exactly those below
+    the threshold, and the manifest's counts are the answers' own."""
+    from distill.data.dataset import read_jsonl
+
+    report = load_report(load_config("local_ci"))
+    s, c = report["serving"], report["cascade"]
+    assert s["cascade"] and s["inputs"]["cascade"] == c["fingerprint"] and s["inputs"]["teacher"] == report["teacher"]["fingerprint"]
+    assert s["threshold"] == pytest.approx(c["result"]["threshold"], abs=1e-5)
+    rows = read_jsonl(Path(s["answers"]))
+    ok = [r for r in rows if r["status"] == 200]
+    assert len(rows) == s["queries"] and len(ok) == s["ok"] == s["queries"]
+    assert all(r["answered_by"] in ("student", "teacher") and 0 < r["confidence"] <= 1 for r in ok), ok
+    counts = {who: sum(r["answered_by"] == who for r in ok) for who in ("student", "teacher")}
+    assert s["answered_by"] == {k: v for k, v in counts.items() if v} and s["with_confidence"] == len(ok)
+    teacher = {r["text"]: r for r in read_jsonl(artifacts / "teacher" / "test_predictions.jsonl")}
+    for r in ok:
+        assert r["fallback_error"] is None, r
+        if r["answered_by"] == "teacher":  # below the threshold: the teacher stage's teacher answered
+            assert r["confidence"] < r["threshold"] and r["teacher_source"] == teacher[r["text"]]["source"]
+            assert r["label"] == teacher[r["text"]]["predicted"]
+        else:
+            assert r["confidence"] >= r["threshold"] and r["label"] == r["student_label"]
+    from distill.report import markdown
+
+    assert f"the student / the teacher | {counts['student']} / {counts['teacher']} |" in markdown(report)
+    assert s["teacher_sources"] == {k: v for k, v in {
+        src: sum(r.get("teacher_source") == src for r in ok if r["answered_by"] == "teacher")
+        for src in ("llm", "vote")}.items() if v}
+
+
 def test_rerun_skips_current_stages(artifacts, capsys) -> None:
     labels = artifacts / "teacher" / "labels.jsonl"
     adapter = artifacts / "finetune" / "adapter.gguf"

@@ -17,6 +17,9 @@ CLUSTER_CONFIGS = ["serve_70B.yaml", "serve_1B.yaml"]
 LOCAL_CONFIGS = ["configs/serve_local_teacher.yaml", "configs/serve_local_student.yaml"]
 DEPLOY_CONFIGS = ["local_deploy_dspy.yaml", "configs/deploy/cluster_deploy_dspy.yaml",
                   "configs/deploy/program_service.yaml"]
+# The cascade (issue 31) and the program-app-alone config each one stands beside.
+CASCADE_CONFIGS = {"configs/deploy/local_deploy_cascade.yaml": "local_deploy_dspy.yaml",
+                   "configs/deploy/cluster_deploy_cascade.yaml": "configs/deploy/cluster_deploy_dspy.yaml"}
 
 
 def _apps(path: str) -> list[dict]:
@@ -87,8 +90,50 @@ def _secret_like(node, path=""):
             yield from _secret_like(v, f"{path}[{i}]")
 
 
+@pytest.mark.parametrize("path", CASCADE_CONFIGS)
+def test_cascade_configs_serve_the_student_first_and_the_teacher_program_app_on_their_profiles_llm(path: str) -> None:
+    from distill.config import load_config
+    from distill.serving.cascade import CascadeAppArgs
+    from distill.serving.deploy import CASCADE_APP, TEACHER_APP
+    from distill.teacher_app import TeacherAppArgs
+
+    apps = {a["import_path"]: a for a in _apps(path)}
+    alone = {a["import_path"]: a for a in _apps(CASCADE_CONFIGS[path])}
+    cascade_app, teacher_app = apps[CASCADE_APP], apps[TEACHER_APP]
+    cascade, teacher = CascadeAppArgs.model_validate(cascade_app["args"]), TeacherAppArgs.model_validate(teacher_app["args"])
+    # /classify_intent is the cascade, with the program app's own clients, keys and share
+    program = alone["distill.serving.app:build_app"]
+    assert cascade_app["route_prefix"] == program["route_prefix"] == "/classify_intent"
+    for key in ("deploy_params", "api_key_env", "api_keys_env", "llm_api_base", "max_query_tokens", "threads",
+                "max_queued_requests", "max_ongoing_per_client"):
+        assert cascade_app["args"].get(key) == program["args"].get(key), key
+    # the teacher app: its route is the cascade's teacher_url, and its only client, the cascade, sends the key it
+    # takes (the LLM app's, else the shared one); no named clients of its own
+    assert cascade.cascade.teacher_url == f"http://127.0.0.1:8000{teacher_app['route_prefix']}"
+    assert (teacher.api_key_env, teacher.api_key_fallback_env, teacher.api_keys_env) == (
+        "DISTILL_LLM_API_KEY", "DISTILL_API_KEY", None)
+    assert (cascade.cascade.teacher_key_env, cascade.cascade.teacher_key_fallback_env) == teacher.key_env()
+    assert teacher.llm_api_base == cascade.llm_api_base and cascade.cascade.teacher_timeout_s < cascade.timeout_s
+    profile = load_config(teacher.profile)
+    assert teacher.artifacts_dir == profile.artifacts_dir and profile.serving.cascade_deploy_config == path
+    assert cascade.cascade.cascade_params == f"{profile.artifacts_dir}/cascade/cascade.json"
+    # one LLM app serves the student and the teacher's LLM
+    if path.startswith("configs/deploy/local"):
+        llm = apps["distill.serving.llm:build_app"]["args"]
+        student_llm = alone["distill.serving.llm:build_app"]["args"]
+        assert {k: v for k, v in llm.items() if k != "models"} == {k: v for k, v in student_llm.items() if k != "models"}
+        teacher_llm = _apps(profile.models.teacher.serve_config)[0]["args"]["models"]
+        assert llm["models"] == student_llm["models"] + [m for m in teacher_llm if m["name"] == profile.models.teacher.model]
+        LLMAppArgs.model_validate(llm)
+    else:
+        refs = apps["ray.serve.llm:build_openai_app"]["args"]["llm_configs"]
+        ids = [llm_config_class().model_validate(yaml.safe_load((ROOT / r).read_text())).model_loading_config.model_id
+               for r in refs]
+        assert ids == [profile.models.student.model, profile.models.teacher.model]
+
+
 def test_no_secrets_in_configs() -> None:
-    files = [*CLUSTER_CONFIGS, *LOCAL_CONFIGS, *DEPLOY_CONFIGS, *(str(x.relative_to(ROOT)) for x in (ROOT / "model_config").glob("*.yaml"))]
+    files = [*CLUSTER_CONFIGS, *LOCAL_CONFIGS, *DEPLOY_CONFIGS, *CASCADE_CONFIGS, *(str(x.relative_to(ROOT)) for x in (ROOT / "model_config").glob("*.yaml"))]
     for p in files:
         assert not list(_secret_like(yaml.safe_load((ROOT / p).read_text()))), p
 

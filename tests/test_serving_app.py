@@ -57,7 +57,7 @@ def deployment(pipeline_artifacts):
     mp.setenv("DISTILL_LLM_API_KEY", LLM_KEY)
     mp.setenv("DISTILL_API_KEYS", f"alice={ALICE_KEY},bob={BOB_KEY}")
     try:
-        path = deploy_config(load_config("local_ci"))
+        path = deploy_config(load_config("local_ci"), cascade=False)  # the program app alone (the cascade: test_cascade)
         raw = yaml.safe_load(path.read_text())
         assert raw["applications"][0]["args"]["deploy_params"] == str(pipeline_artifacts / "deploy_params.json")
         start_serve_config(path, forward_env=["DISTILL_API_KEY", "DISTILL_API_KEYS", "DISTILL_LLM_API_KEY"])

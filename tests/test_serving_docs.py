@@ -47,3 +47,16 @@ def test_the_attack_numbers_are_rendered_from_the_committed_result() -> None:
     assert DOC.read_text() == report.update(DOC, results)
     assert [r["attacker_key"] for r in results] == ["classifier", "llm"]
     assert all(r["mode"] == "attack" and r["classify"]["requests"] > 0 for r in results)
+
+
+def test_the_cascade_benchmark_is_rendered_from_the_committed_result() -> None:
+    spec = importlib.util.spec_from_file_location("cascade_bench_report", ROOT / "benchmarks" / "cascade_bench_report.py")
+    assert spec and spec.loader
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    result = json.loads((ROOT / "docs" / "bench_cascade.json").read_text())
+    doc = (ROOT / "docs" / "cascade.md").read_text()
+    assert f"{report.BEGIN}\n{report.render(result)}\n{report.END}" in doc
+    # it says what it ran on
+    assert result["mode"] == "cascade" and result["ran_on"]["profile"] and result["ran_on"]["artifacts"]
+    assert sum(result["cascade"]["answered_by"].values()) == result["cascade"]["status_counts"]["200"]

@@ -176,7 +176,7 @@ def test_a_tracking_failure_mid_run_warns_once_and_the_run_goes_on(cfg, tmp_path
 
 # --- the pipeline's own record (slow: the local_ci run of conftest, then a second run) -------------------
 
-STAGES = {"data", "baselines", "teacher", "curation", "finetune", "eval", "serving"}
+STAGES = {"data", "baselines", "teacher", "curation", "finetune", "eval", "cascade", "serving"}
 LOAD_AND_CLASSIFY = """
 import json, sys
 import mlflow, mlflow.dspy
@@ -224,7 +224,7 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
         assert run.info.status == "FINISHED", name
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
         assert parent.info.status == "FINISHED" and parent.data.params["data.num_to_label"] == "60"
-        # every pipeline run records all seven stages, run or skipped
+        # every pipeline run records all eight stages, run or skipped
         children = _children(client, exp_id, parent.info.run_id)
         assert set(children) == STAGES and all(c.info.status == "FINISHED" for c in children.values())
         # the stage's numbers, as report.json holds them
@@ -266,13 +266,15 @@ def test_the_pipeline_is_recorded_and_a_rerun_adds_a_run_of_skipped_stages(pipel
     started = pipeline.setup(cfg)
     data = pipeline.data_stage(cfg)
     for stage in (pipeline.baselines_stage, pipeline.teacher_stage, pipeline.curation_stage,
-                  pipeline.finetune_stage, pipeline.evaluation_stage):
+                  pipeline.finetune_stage, pipeline.evaluation_stage, pipeline.cascade_stage):
         stage(cfg, data)
     try:
         pipeline.serving_stage(cfg, data, keep_running=True)
         pipeline.finish_run(cfg, started)
         queries = [ex.text for ex in data.test[:4]]
-        served = [httpx.post(cfg.serving.url, json={"query": q}, timeout=60).json()["label"] for q in queries]
+        bodies = [httpx.post(cfg.serving.url, json={"query": q}, timeout=60).json() for q in queries]
+        # the served student's own answer: the cascade's `student_label` (its `label` may be the teacher's)
+        served = [b.get("student_label", b["label"]) for b in bodies]
         # mlflow.dspy.load_model in a fresh process: the program and the LM it was logged with
         out = subprocess.run([sys.executable, "-c", LOAD_AND_CLASSIFY, tracking.local_uri(cfg),
                               tracking.model_name(cfg), json.dumps(queries)],

@@ -347,6 +347,9 @@ class CascadeConfig(_Strict):
 
 class ServingConfig(_Strict):
     deploy_config: str = Field("local_deploy_dspy.yaml", description="Multi-app Serve config: program + LLM.")
+    cascade_deploy_config: str = Field(
+        "configs/deploy/local_deploy_cascade.yaml", description="What is deployed instead when cascade.enabled and "
+        "the cascade stage chose a threshold: the cascade at /classify_intent, the teacher program app, the LLM(s).")
     url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
     sample_queries: int = Field(10, ge=1, description="Test queries the serving stage sends over HTTP.")
     timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz (and an LLM endpoint's /models).")

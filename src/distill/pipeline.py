@@ -139,9 +139,10 @@ def serving_stage(cfg: Config, data: TaskData, keep_running: bool = False) -> Se
     return stage(cfg, "serving", data, keep_running=keep_running)  # type: ignore[return-value]
 
 
-def deploy_config(cfg: Config, data: TaskData | None = None) -> Path:
-    """The profile's multi-app Serve config with this run's artifact paths filled in."""
-    return StageGraph(cfg, data).stage("serving").deploy_config()  # type: ignore[attr-defined]
+def deploy_config(cfg: Config, data: TaskData | None = None, cascade: bool | None = None) -> Path:
+    """The profile's multi-app Serve config with this run's artifact paths filled in: what the serving stage
+    deploys (`cascade` None), the cascade (True), or the program app alone (False)."""
+    return StageGraph(cfg, data).stage("serving").deploy_config(cascade)  # type: ignore[attr-defined]
 
 
 def client_headers(cfg: Config) -> dict[str, str]:

@@ -182,6 +182,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if srv:
         rows.append(("served /classify_intent: ok, valid labels, accuracy",
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))
+        if srv.get("cascade"):
+            by = srv.get("answered_by") or {}
+            rows.append(("served /classify_intent is the cascade: answered by the student / the teacher",
+                         f"{by.get('student', 0)} / {by.get('teacher', 0)}"
+                         + (f" ({sum((srv.get('fallback_errors') or {}).values())} teacher failures: the student's "
+                            f"answer, marked)" if srv.get("fallback_errors") else "")))
     if r.get("wall_seconds"):
         wall = f"{r['wall_seconds'] / 60:.1f} min"
         # A run that skipped current stages took less than the pipeline costs: say what those stages took

@@ -65,10 +65,12 @@ from distill.serving.request_log import RequestLog, RequestLogArgs
 logger = logging.getLogger("ray.serve")
 
 
-class ProgramAppArgs(BaseModel):
+class ClassifierAppArgs(BaseModel):
+    """What every classifier application (the program app, the cascade, the teacher program app) shares:
+    where its LLM is, keys, limits, deadlines and sizes. Which program it serves is the subclass's."""
+
     model_config = ConfigDict(extra="forbid")
 
-    deploy_params: str = Field(..., description="deploy_params.json written by the evaluation stage.")
     llm_api_base: str | None = Field(None, description="The LLM application's OpenAI base URL.")
     llm_api_base_env: str | None = Field(None, description="...or the variable holding it (separate services).")
     llm_api_key_env: str | None = Field(
@@ -82,6 +84,9 @@ class ProgramAppArgs(BaseModel):
     api_key_env: str | None = Field(
         "DISTILL_API_KEY", description="If this variable is set, clients may use its key: one shared key, whose "
         "holders the app cannot tell apart (client name 'default', no per-client limit).")
+    api_key_fallback_env: str | None = Field(
+        None, description="...else this variable's key (an app whose only client is another app: the teacher program "
+        "app takes the LLM app's key, else the deployment's shared one).")
     api_keys_env: str | None = Field(
         "DISTILL_API_KEYS", description="If this variable is set (`name=key,name2=key2`), each named client has a "
         "key of its own, and the app knows who is calling (`request.user`): what `max_ongoing_per_client` counts by.")
@@ -114,7 +119,7 @@ class ProgramAppArgs(BaseModel):
         None, description="Append each answered query to this JSONL log (off when null): the next labeling pool.")
 
     @model_validator(mode="after")
-    def _one_base(self) -> "ProgramAppArgs":
+    def _one_base(self) -> "ClassifierAppArgs":
         if (self.llm_api_base is None) == (self.llm_api_base_env is None):
             raise ValueError("give exactly one of 'llm_api_base' or 'llm_api_base_env'")
         return self
@@ -127,6 +132,14 @@ class ProgramAppArgs(BaseModel):
         if not api_base:
             raise ValueError(f"{self.llm_api_base_env} is not set: the LLM service's URL comes from it")
         return api_base.rstrip("/")
+
+    def key_env(self) -> tuple[str | None, str | None]:
+        """The variables of the key clients must send (the first that is set holds it)."""
+        return self.api_key_env, self.api_key_fallback_env
+
+
+class ProgramAppArgs(ClassifierAppArgs):
+    deploy_params: str = Field(..., description="deploy_params.json written by the evaluation stage.")
 
 
 class ClassifyRequest(BaseModel):
@@ -188,28 +201,43 @@ def token_counter(source: ModelSource | None) -> Callable[[str], int]:
 
 
 class Classifier:
-    """The saved program + its LM; usable without Ray (the worker deployment wraps one)."""
+    """The saved program + its LM; usable without Ray (the worker deployment wraps one).
 
-    def __init__(self, args: ProgramAppArgs) -> None:
+    Another program (the teacher's, `distill.teacher_app`) is served by overriding `load_program` and
+    `make_lm` (and `answer`, for a program that has no async path)."""
+
+    def __init__(self, args: ClassifierAppArgs) -> None:
         self.args = args
-        self.params = DeployParams.load(args.deploy_params)
-        self.labels = frozenset(self.params.labels)
-        self.program = self.params.load_program()
         self.api_base = args.llm_base()
         key_env = key_variable(args.llm_key_env())
         if args.llm_api_key_env and key_env is None:
             logger.warning("%s is not set: calling the LLM application without a key", args.llm_api_key_env)
+        self.params, self.program = self.load_program()
+        self.labels = frozenset(self.params.labels)
+        self.lm = self.make_lm(key_env)
+
+    def load_program(self) -> tuple[DeployParams, Any]:
+        """What is served (model id, labels, prompt) and the program."""
+        params = DeployParams.load(self.args.deploy_params)  # type: ignore[attr-defined]
+        return params, params.load_program()
+
+    def make_lm(self, key_env: str | None) -> Any:
+        args = self.args
         lm_cfg = LMConfig(model=self.params.model, api_base=self.api_base, api_key_env=key_env,
                           max_tokens=args.max_tokens, temperature=0.0, timeout_s=args.timeout_s)
         # No cache: a served answer must come from the model in service, not from an earlier run's disk cache.
         # logprobs: the answer's probability comes back with it (`distill.program.answer_confidence`).
-        self.lm = make_lm(lm_cfg, cache=False, num_retries=args.llm_retries, logprobs=True)
+        return make_lm(lm_cfg, cache=False, num_retries=args.llm_retries, logprobs=True)
 
     def predict(self, query: str) -> str:
         """One classification, blocking (scripts); raises UpstreamError, RejectedByLLM or BadAnswer."""
+        return self.call(query).label
+
+    def call(self, query: str) -> Any:
+        """As `predict`, the whole prediction."""
         try:
             with using(self.lm, self.params.program.prompt):
-                return self.program(text=query).label
+                return self.program(text=query)
         except Exception as e:  # noqa: BLE001 - classified by _failure
             raise _failure(e) from None
 
@@ -235,12 +263,16 @@ class Outcome:
     label: str | None = None
     detail: str | None = None
     confidence: float | None = None
+    source: str | None = None  # who in the program answered, when it says (the teacher: vote | llm)
 
 
 @serve.deployment
 class ClassifierWorker:
+    classifier_type: type[Classifier] = Classifier
+    args_type: type[ClassifierAppArgs] = ProgramAppArgs
+
     def __init__(self, args: dict[str, Any]) -> None:
-        self.classifier = Classifier(ProgramAppArgs.model_validate(args))
+        self.classifier = self.classifier_type(self.args_type.model_validate(args))
 
     async def classify(self, query: str, deadline: float) -> Outcome:
         """Classify `query` unless `deadline` (epoch seconds) passes first; then the LLM call is cancelled."""
@@ -260,7 +292,7 @@ class ClassifierWorker:
             return Outcome(503, detail=str(e))
         if pred.label not in self.classifier.labels:  # cannot happen under the grammar; never pass free text on
             return Outcome(502, detail="the LLM answered outside the label set")
-        return Outcome(200, label=pred.label, confidence=pred.get("confidence"))
+        return Outcome(200, label=pred.label, confidence=pred.get("confidence"), source=pred.get("source"))
 
 
 class LLMProbe:
@@ -390,9 +422,11 @@ class ClientLimit:
 @serve.deployment
 @serve.ingress()
 class IntentClassifierApp:
+    args_type: type[ClassifierAppArgs] = ProgramAppArgs
+
     async def __init__(self, args: dict[str, Any], worker: DeploymentHandle) -> None:
-        self.args = ProgramAppArgs.model_validate(args)
-        self.params = DeployParams.load(self.args.deploy_params)
+        self.args = self.args_type.model_validate(args)
+        self.params = self.served_params()
         self.labels = frozenset(self.params.labels)
         self.count_tokens = token_counter(self.args.tokenizer)
         self.worker = worker
@@ -404,6 +438,14 @@ class IntentClassifierApp:
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this once the replica is constructed
         return make_api(self)
+
+    def served_params(self) -> DeployParams:
+        """The served model's id and labels (the worker loads the program itself)."""
+        return DeployParams.load(self.args.deploy_params)  # type: ignore[attr-defined]
+
+    def response(self, outcome: Outcome, latency_ms: float) -> ClassifyResponse:
+        return ClassifyResponse(label=outcome.label, model=self.params.model, confidence=outcome.confidence,
+                                latency_ms=latency_ms)
 
     def _unavailable(self, message: str) -> JSONResponse:
         retry = self.args.retry_after_s
@@ -435,8 +477,7 @@ class IntentClassifierApp:
         if self.request_log is not None:
             self.request_log.answered(body.query.strip(), outcome.label or "", self.params.model, latency_ms,
                                       outcome.confidence)
-        return ClassifyResponse(label=outcome.label, model=self.params.model, confidence=outcome.confidence,
-                                latency_ms=latency_ms)
+        return self.response(outcome, latency_ms)
 
     async def ask(self, body: ClassifyRequest, deadline: float) -> "Outcome | JSONResponse":
         """The worker's answer (status 200), or the error response for the client."""
@@ -511,7 +552,7 @@ def make_api(app: IntentClassifierApp) -> FastAPI:
     api.add_middleware(_ExactPrefix)
     api.add_middleware(BodyLimits, max_bytes=args.max_body_bytes, timeout_s=args.body_timeout_s, error=_error)
     # Added last, so it runs first: no body is read for a caller without the key.
-    require_key(api, args.api_key_env, lambda _conn, exc: _error(401, str(exc)), clients_env=args.api_keys_env)
+    require_key(api, args.key_env(), lambda _conn, exc: _error(401, str(exc)), clients_env=args.api_keys_env)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -553,15 +594,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return bind_ingress(IntentClassifierApp, parsed, raw, raw)
 
 
-def bind_ingress(ingress: Any, parsed: ProgramAppArgs, raw: dict[str, Any],
-                 worker_args: dict[str, Any]) -> serve.Application:
-    """`ingress` (bound with `raw`) in front of its ClassifierWorker (bound with `worker_args`), both sized
-    and load-shed from `parsed`: the program app and the cascade deploy the same way."""
+def bind_ingress(ingress: Any, parsed: ClassifierAppArgs, raw: dict[str, Any],
+                 worker_args: dict[str, Any], worker: Any = ClassifierWorker) -> serve.Application:
+    """`ingress` (bound with `raw`) in front of its `worker` deployment (bound with `worker_args`), both sized
+    and load-shed from `parsed`: the program app, the cascade and the teacher program app deploy the same way."""
     if parsed.api_keys_env and os.environ.get(parsed.api_keys_env, "").strip():
         # A malformed value is refused here, at deploy time, where the replicas would only fail to start.
         parse_client_keys(os.environ[parsed.api_keys_env], parsed.api_keys_env)
     shed = backpressure(parsed.retry_after_s)
-    worker = ClassifierWorker.options(
+    bound_worker = worker.options(
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.threads,
         max_queued_requests=parsed.max_queued_requests,
@@ -574,4 +615,4 @@ def bind_ingress(ingress: Any, parsed: ProgramAppArgs, raw: dict[str, Any],
         max_queued_requests=parsed.max_ongoing_requests,
         backpressure_config=shed,
         ray_actor_options={"num_cpus": parsed.num_cpus},
-    ).bind(raw, worker)
+    ).bind(raw, bound_worker)

@@ -42,6 +42,9 @@ class CascadeArgs(BaseModel):
     cascade_params: str = Field(..., description="cascade.json: threshold and calibration, chosen on the devset.")
     teacher_url: str = Field(..., description="The teacher program's classify URL, e.g. http://127.0.0.1:8000/teacher.")
     teacher_key_env: str | None = Field(None, description="Variable holding the teacher app's key (sent when set).")
+    teacher_key_fallback_env: str | None = Field(
+        None, description="...else this variable's key (the teacher program app takes the LLM app's key, else the "
+        "deployment's shared one: name the same two here).")
     teacher_timeout_s: float = Field(
         10.0, gt=0, description="The teacher's deadline (also bounded by the request's own `timeout_s`); past it "
         "the student's answer is returned, marked.")
@@ -57,6 +60,7 @@ class CascadeResponse(ClassifyResponse):
     student_label: str
     threshold: float
     fallback_error: str | None = None  # the teacher was asked and failed: the answer is the student's
+    teacher_source: str | None = None  # who in the teacher answered, when it says (the vote teacher: vote | llm)
 
 
 class TeacherFailed(Exception):
@@ -72,10 +76,11 @@ class CascadeIngress(_Ingress):
         await super().__init__(parsed.model_dump(exclude={"cascade"}), worker)
         self.cascade_args = parsed.cascade
         self.cascade = CascadeParams.load(parsed.cascade.cascade_params)
-        self.teacher_headers = bearer_headers((parsed.cascade.teacher_key_env, None))
+        self.teacher_headers = bearer_headers((parsed.cascade.teacher_key_env, parsed.cascade.teacher_key_fallback_env))
         self.teacher = httpx.AsyncClient()
 
-    async def ask_teacher(self, query: str, deadline: float) -> str:
+    async def ask_teacher(self, query: str, deadline: float) -> tuple[str, str | None]:
+        """The teacher's label, and who in it answered (its `source`, if it says)."""
         budget = min(self.cascade_args.teacher_timeout_s, deadline - time.time())
         if budget <= 0:
             raise TeacherFailed("no time left for the teacher")
@@ -91,12 +96,13 @@ class CascadeIngress(_Ingress):
             logger.warning("teacher answered HTTP %d: %s", r.status_code, r.text[:300])
             raise TeacherFailed(f"teacher unavailable (HTTP {r.status_code})")
         try:
-            label = r.json()["label"]
-        except (ValueError, KeyError, TypeError):
+            body = r.json()
+            label, source = body["label"], body.get("source")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise TeacherFailed("teacher's answer is not a label") from None
         if label not in self.labels:
             raise TeacherFailed("teacher answered outside the label set")
-        return label
+        return label, source if isinstance(source, str) else None
 
     async def classify(self, body: ClassifyRequest) -> Any:
         started, deadline = time.perf_counter(), time.time() + self.args.timeout_s
@@ -106,15 +112,15 @@ class CascadeIngress(_Ingress):
         # No confidence (the LLM returned no logprobs) counts as unsure: the teacher is asked.
         confidence = None if outcome.confidence is None else self.cascade.calibration.apply(outcome.confidence)
         threshold = self.cascade.threshold
-        label, by, error = outcome.label, "student", None
+        label, by, error, source = outcome.label, "student", None, None
         if confidence is None or confidence < threshold:
             try:
-                label, by = await self.ask_teacher(body.query.strip(), deadline), "teacher"
+                (label, source), by = await self.ask_teacher(body.query.strip(), deadline), "teacher"
             except TeacherFailed as e:
                 error = str(e)
         return CascadeResponse(label=label, model=self.params.model, confidence=confidence, answered_by=by,
                                student_label=outcome.label, threshold=threshold, fallback_error=error,
-                               latency_ms=round(1000 * (time.perf_counter() - started), 1))
+                               teacher_source=source, latency_ms=round(1000 * (time.perf_counter() - started), 1))
 
 
 CascadeApp = serve.deployment(serve.ingress()(CascadeIngress), name="CascadeApp")

@@ -202,6 +202,24 @@ def wait_until_healthy(url: str, timeout_s: float = 180.0, headers: dict[str, st
     raise DistillError(f"{url} did not become healthy in {timeout_s:.0f}s; last: {last} ({logs.where()})")
 
 
+def wait_until_running(apps: Sequence[str], timeout_s: float = 180.0) -> None:
+    """Wait until every one of these Serve applications is RUNNING: each deployment's replicas constructed
+    (an ingress answers /healthz before the worker behind it has loaded its program)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    status: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        found = serve.status().applications
+        status = {a: str(found[a].status) if a in found else "not deployed" for a in apps}
+        if any(s.endswith("DEPLOY_FAILED") for s in status.values()):
+            break
+        if all(s.endswith("RUNNING") for s in status.values()):
+            return
+        time.sleep(1.0)
+    raise DistillError(f"Serve applications not running after {timeout_s:.0f}s: {status} ({logs.where()})")
+
+
 def replica_ids(app: str) -> dict[str, list[str]]:
     """The live replica ids of each deployment of a running application, to tell whether one restarted.
 

@@ -23,6 +23,10 @@ from distill.serving.control import load_serve_config
 LOCAL_LLM_APP = "distill.serving.llm:build_app"
 RAY_LLM_APP = "ray.serve.llm:build_openai_app"
 PROGRAM_APP = "distill.serving.app:build_app"
+CASCADE_APP = "distill.serving.cascade:build_app"
+TEACHER_APP = "distill.teacher_app:build_app"  # above the stages (it rebuilds the teacher): named, not imported
+# Applications that serve a program (their args are ProgramAppArgs-like), not an LLM.
+PROGRAM_APPS = (PROGRAM_APP, CASCADE_APP, TEACHER_APP)
 # What ray.serve.llm's LoraConfig accepts for dynamic_lora_loading_path.
 OBJECT_STORAGE = ("s3://", "gs://", "abfss://", "azure://")
 
@@ -102,16 +106,24 @@ def _require_object_storage(lora_storage: str) -> None:
 
 def template_serve_config(source: str | Path, out: Path, *, base_model: str, finetuned_model: str,
                           adapter: str | None, lora_storage: str | None = None,
-                          deploy_params: str | Path | None = None) -> Path:
+                          deploy_params: str | Path | None = None, cascade_params: str | Path | None = None,
+                          teacher: dict[str, str] | None = None) -> Path:
     """Copy a Serve config with the finetuned student in its LLM application (and, for a multi-app deploy
-    config, the program app pointed at `deploy_params`); validated with Ray's schema before it is written."""
+    config, the program or cascade app pointed at `deploy_params`, the cascade at `cascade_params`, the
+    teacher program app's args updated with `teacher`: its `profile` and `artifacts_dir`); validated with
+    Ray's schema before it is written."""
     raw = load_serve_config(resolve_path(source))
     apps = []
     for app in raw["applications"]:
-        if app["import_path"] == PROGRAM_APP:
-            if deploy_params is not None:
-                app = copy.deepcopy(app)
-                app["args"]["deploy_params"] = str(deploy_params)
+        if app["import_path"] in PROGRAM_APPS:
+            app = copy.deepcopy(app)
+            args = app.setdefault("args", {})
+            if deploy_params is not None and app["import_path"] != TEACHER_APP:
+                args["deploy_params"] = str(deploy_params)
+            if cascade_params is not None and app["import_path"] == CASCADE_APP:
+                args["cascade"]["cascade_params"] = str(cascade_params)
+            if teacher is not None and app["import_path"] == TEACHER_APP:
+                args.update(teacher)
         else:
             app = with_finetuned_student(app, base_model, finetuned_model, adapter, lora_storage)
         apps.append(app)
