@@ -28,7 +28,8 @@ from distill.data.dataset import prepare_data
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
 from distill.student.curation import to_sft
-from distill.student.finetune import TrainJob, build_trainer, load_recipe
+from distill.serving.deploy import usable_cpus
+from distill.student.finetune import TrainJob, build_trainer, load_base, load_recipe
 
 STRATEGIES = ("random", "group_by_length")
 
@@ -77,8 +78,6 @@ def main() -> None:
     sft = to_sft(records, program, adapter(cfg.program.student_prompt))
     recipe_path = cfg.path(cfg.finetune.recipe)
     recipe = load_recipe(recipe_path)
-    from distill.student.finetune import load_base
-
     _, tokenizer = load_base(recipe.model)
     lengths = np.array([len(tokenizer(tokenizer.apply_chat_template(e["messages"], tokenize=False))["input_ids"])
                         for e in sft])
@@ -108,7 +107,7 @@ def main() -> None:
         "sft_examples": len(sft), "batch_size": batch,
         "tokens": {"mean": round(float(lengths.mean()), 1), "min": int(lengths.min()), "max": int(lengths.max())},
         "padded_over_real_tokens": pad, "runs": runs, "median_s_per_step": per_step, "saving": saving,
-        "commit": commit, "cpus": len(__import__("os").sched_getaffinity(0)), "machine": platform.machine(),
+        "commit": commit, "cpus": len(usable_cpus()), "machine": platform.machine(),
     }, indent=2) + "\n")
     print(f"-> {args.out}")
 

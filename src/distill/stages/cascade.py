@@ -95,13 +95,6 @@ def _cost(calls: CallStats | None) -> CallCost | None:
                     completion_tokens_per_query=calls.completion_tokens_per_query)
 
 
-def _ece_pair(confidence: np.ndarray, calibrated: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
-    from distill.evaluation.calibration import expected_calibration_error
-
-    return (round(expected_calibration_error(confidence, correct), 4),
-            round(expected_calibration_error(calibrated, correct), 4))
-
-
 class CascadeStage(Stage[CascadeManifest]):
     name = "cascade"
     title = "cascade: the student's confidence, calibrated on the devset; the teacher below the threshold"
@@ -204,8 +197,12 @@ class CascadeStage(Stage[CascadeManifest]):
         calibrated = {k: np.array(cal.apply_many(conf[k])) for k in conf}
         kept = {k: calibrated[k] >= cascade.threshold for k in conf}
 
+        # ECE before and after, as calibrate_student measured it on the same confidences.
+        ece = {"devset": (report.ece_devset_before, report.ece_devset_after),
+               "testset": (report.ece_testset_before, report.ece_testset_after)}
+
         def split(k: str) -> SplitScores:
-            raw, after = _ece_pair(conf[k], calibrated[k], s_ok[k])
+            raw, after = (round(float(x), 4) for x in ece[k])
             return SplitScores(n=len(gold[k]), student_accuracy=round(float(s_ok[k].mean()), 4),
                                teacher_accuracy=round(float(t_ok[k].mean()), 4),
                                cascade_accuracy=round(float(np.where(kept[k], s_ok[k], t_ok[k]).mean()), 4),
