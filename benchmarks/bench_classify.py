@@ -80,7 +80,14 @@ from distill.data.dataset import prepare_data
 from distill.lm import adapter
 from distill.program import DeployParams
 from distill.serving.common import parse_client_keys
-from distill.serving.control import SERVING_KEY_ENVS, replica_ids, serving, wait_until_running
+from distill.serving.control import (
+    SERVING_KEY_ENVS,
+    replica_ids,
+    serving,
+    wait_until_healthy,
+    wait_until_running,
+)
+from distill.tracking import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 ABUSE = [
@@ -569,11 +576,7 @@ async def cascade_load(args: argparse.Namespace, student_url: str, cascade_url: 
             return send
 
         for url in (student_url, cascade_url):
-            deadline = time.monotonic() + 180
-            while (await client.get(f"{url}/healthz")).status_code != 200:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{url}/healthz did not turn healthy in 180 s")
-                await asyncio.sleep(1)
+            await asyncio.to_thread(wait_until_healthy, f"{url}/healthz", 180.0, headers)
             await via(url)(queries[0])  # warm-up
         student = await drive(via(student_url), queries, args.concurrency)
         await asyncio.sleep(2 * 2.0)  # let shed load's Retry-After pass
@@ -586,17 +589,6 @@ async def cascade_load(args: argparse.Namespace, student_url: str, cascade_url: 
                     "fallback_errors": seen["fallback_error"],
                     "fallback_share": round(seen["answered_by"].get("teacher", 0) / max(1, answered), 4)})
     return {"student_alone": student, "cascade": cascade}
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main_cascade(args: argparse.Namespace) -> None:
@@ -628,7 +620,7 @@ def main_cascade(args: argparse.Namespace) -> None:
                     f"--concurrency {args.concurrency} --abuse-share {args.abuse_share:g}"),
         "ran_on": {"profile": cfg.name, "artifacts": str(cfg.artifacts), "config": str(path),
                    "pipeline_run_commit": (report.get("run") or {}).get("git_commit"),  # the last run on them
-                   "bench_commit": _git_commit(),
+                   "bench_commit": git_commit(),
                    "sizes": {k: v for k, v in ((report.get("run") or {}).get("sizes") or {}).items()
                              if k in ("num_gold", "num_to_label", "devset_size", "test_size", "task")},
                    "student": params.model, "student_variant": f"{params.kind} {params.variant}",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,10 @@ from distill.config import load_config
 from distill.data.dataset import prepare_data
 from distill.lm import adapter
 from distill.program import IntentClassificationModule
-from distill.student.curation import to_sft
 from distill.serving.deploy import usable_cpus
+from distill.student.curation import to_sft
 from distill.student.finetune import TrainJob, build_trainer, load_base, load_recipe
+from distill.tracking import git_commit
 
 STRATEGIES = ("random", "group_by_length")
 
@@ -100,14 +100,13 @@ def main() -> None:
     saving = round(1 - per_step["group_by_length"] / per_step["random"], 3)
     print(f"median s/step: random {per_step['random']:.2f}, group_by_length {per_step['group_by_length']:.2f} "
           f"({saving:.0%} less)")
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     args.out.write_text(json.dumps({
         "what": "finetune step time, random vs length-grouped batches (benchmarks/probes/finetune_step.py)",
         "profile": args.profile, "recipe": str(cfg.finetune.recipe), "steps_per_run": args.steps,
         "sft_examples": len(sft), "batch_size": batch,
         "tokens": {"mean": round(float(lengths.mean()), 1), "min": int(lengths.min()), "max": int(lengths.max())},
         "padded_over_real_tokens": pad, "runs": runs, "median_s_per_step": per_step, "saving": saving,
-        "commit": commit, "cpus": len(usable_cpus()), "machine": platform.machine(),
+        "commit": git_commit(), "cpus": len(usable_cpus()), "machine": platform.machine(),
     }, indent=2) + "\n")
     print(f"-> {args.out}")
 
