@@ -137,7 +137,7 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
     for name in ("devset", "testset", "confusion"):
         assert Path(ev["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     params = json.loads((artifacts / "deploy_params.json").read_text())
-    assert params["model"] == best["model"] and len(params["labels"]) == cfg.data.top_n_labels
+    assert params["model"] == best["model"] and len(params["labels"]) == cfg.task.labels.top_n
     assert (cfg.root / params["program_path"]).is_file()
     for who in ("teacher", "teacher_llm_path", "student_best"):
         assert report["latency"][who]["p50_s"] > 0 and report["latency"][who]["n"] == cfg.evaluation.latency_queries

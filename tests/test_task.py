@@ -515,3 +515,14 @@ def test_skip_top_needs_top_n_and_enough_labels(tmp_path, with_banking77) -> Non
     p.write_text(yaml.safe_dump({"extends": "local", "artifacts_dir": str(tmp_path / "a"), "task": task}))
     with pytest.raises(DataError, match=r"key 'task\.labels\.skip_top'.*ranks 61-85 but the data has only 77 labels"):
         prepare_data(load_config(str(p)))
+
+
+@pytest.mark.parametrize("profile", ["local", "local_ci", "local_full", "local_next25", "local_active", "cluster", "cluster_cpu", "tiny"])
+def test_a_saved_config_loads_back_equal(profile, tiny, tmp_path) -> None:
+    """The serving stage hands its run's settings to the teacher app's replicas as a saved profile; it must
+    load back, for banking77 and for a task without a hub source alike."""
+    from distill.config import save_config
+
+    cfg = load_config(str(tiny) if profile == "tiny" else profile)
+    back = load_config(str(save_config(cfg, tmp_path / "saved" / "profile.yaml")))
+    assert back.model_dump() == cfg.model_dump()

@@ -56,10 +56,12 @@ class DataConfig(_Strict):
 
     dir: str | None = Field(None, description="Directory of the task's files (its dir_env, DISTILL_DATA_DIR win).")
     # hub_id, hub_revision and top_n_labels are where banking77's source lived before `task:`; a profile
-    # may still set them (cluster.yaml does), but only to the task's own values (Config checks it).
-    hub_id: str | None = "PolyAI/banking77"
-    hub_revision: str | None = "refs/convert/parquet"
-    top_n_labels: int | None = Field(25, ge=2)
+    # may still set them (cluster.yaml does), but only to the task's own values (Config checks it). Unset they
+    # are null, not banking77's values, so a dumped config loads back for any task (the serving stage's
+    # profile.yaml does this).
+    hub_id: str | None = None
+    hub_revision: str | None = None
+    top_n_labels: int | None = Field(None, ge=2)
     num_gold: int = Field(100, ge=1)
     num_to_label: int | None = Field(None, ge=1, description="Unlabeled queries the teacher labels; null = all.")
     devset_size: int = Field(1000, ge=1)
@@ -584,3 +586,11 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     else:
         cfg.task.located(path, "task.")
     return cfg
+
+
+def save_config(cfg: Config, path: Path) -> Path:
+    """Write `cfg` whole (every default filled in) as a profile `load_config(str(path))` loads back to an equal
+    Config: how a run hands its exact settings to processes that start later, e.g. Serve replicas."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

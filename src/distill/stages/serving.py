@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import yaml
 
-from distill.config import Config
+from distill.config import Config, save_config
 from distill.data.dataset import DATA_DIR_ENV, TaskData, write_jsonl
 from distill.errors import DistillError
 from distill.program import DeployParams
@@ -161,10 +161,7 @@ class ServingStage(Stage[ServingManifest]):
 
     def profile_snapshot(self) -> Path:
         """This run's profile, written whole, for the teacher app's replicas to rebuild the teacher from."""
-        path = self.dir / "profile.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-        return path
+        return save_config(self.cfg, self.dir / "profile.yaml")
 
     def check_teacher_llm(self, source: str) -> None:
         """The cascade config's LLM apps must serve the teacher's model as the teacher stage's endpoint served
