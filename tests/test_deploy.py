@@ -155,3 +155,69 @@ def test_cascade_deploy_config_points_the_cascade_and_the_teacher_app_at_this_ru
         configs = [llm_config_class().model_validate(c) for c in apps["ray.serve.llm:build_openai_app"]["args"]["llm_configs"]]
         assert [c.model_loading_config.model_id for c in configs] == [cfg.models.student.model, cfg.models.teacher.model]
         assert configs[0].lora_config.dynamic_lora_loading_path == cfg.finetune.adapter_storage
+
+
+def _teacher_check(profile: str, source: str | Path) -> None:
+    """The serving stage's check that the cascade config serves the teacher's model as it labeled (it reads only
+    the profile and the two configs)."""
+    from distill.stages.serving import ServingStage
+
+    ServingStage(load_config(profile), None, None, None).check_teacher_llm(str(source))  # type: ignore[arg-type]
+
+
+def _cascade_config_with(tmp_path: Path, source: str, edit) -> Path:
+    """The tracked cascade config with its LLM app's model entries (LLMConfig files loaded) passed through `edit`."""
+    raw = yaml.safe_load((ROOT / source).read_text())
+    for app in raw["applications"]:
+        args = app.get("args") or {}
+        if "llm_configs" in args:
+            args["llm_configs"] = edit([yaml.safe_load((ROOT / r).read_text()) for r in args["llm_configs"]])
+        elif "models" in args and app["import_path"] == "distill.serving.llm:build_app":
+            args["models"] = edit(args["models"])
+    out = tmp_path / "cascade.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def _teacher_entry(entries: list[dict], model: str) -> dict:
+    return next(e for e in entries if e.get("name") == model
+                or (e.get("model_loading_config") or {}).get("model_id") == model)
+
+
+@pytest.mark.parametrize("profile", ["local", "cluster"])
+def test_the_cascade_must_serve_the_teacher_s_model_as_the_teacher_stage_did(profile, tmp_path) -> None:
+    # The shipped configs pass: on the cluster, cluster_deploy_cascade.yaml and serve_70B.yaml name the same
+    # LLMConfig file; locally, the same model entry as configs/serve_local_teacher.yaml.
+    cfg = load_config(profile)
+    teacher = cfg.models.teacher.model
+    _teacher_check(profile, cfg.serving.cascade_deploy_config)
+
+    def changed(entries: list[dict]) -> list[dict]:  # a setting that changes the answers (the context length)
+        e = _teacher_entry(entries, teacher)
+        if "engine_kwargs" in e:
+            e["engine_kwargs"]["max_model_len"] = 1024
+        else:
+            e["n_ctx"] = 1024
+        return entries
+
+    with pytest.raises(DistillError, match="otherwise than .*(engine_kwargs|n_ctx)"):
+        _teacher_check(profile, _cascade_config_with(tmp_path, cfg.serving.cascade_deploy_config, changed))
+
+    def gone(entries: list[dict]) -> list[dict]:
+        return [e for e in entries if e is not _teacher_entry(entries, teacher)]
+
+    with pytest.raises(DistillError, match="no LLM application serves the teacher's model"):
+        _teacher_check(profile, _cascade_config_with(tmp_path, cfg.serving.cascade_deploy_config, gone))
+
+
+def test_a_cluster_cascade_may_size_the_teacher_s_deployment_otherwise(tmp_path) -> None:
+    # Replica counts and request limits (deployment_config) decide capacity, not answers.
+    cfg = load_config("cluster")
+
+    def resized(entries: list[dict]) -> list[dict]:
+        e = _teacher_entry(entries, cfg.models.teacher.model)
+        e["deployment_config"] = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2},
+                                  "max_ongoing_requests": 64}
+        return entries
+
+    _teacher_check("cluster", _cascade_config_with(tmp_path, cfg.serving.cascade_deploy_config, resized))

@@ -137,7 +137,9 @@ def answer_confidence(logprobs: Any) -> float | None:
     """The answer's probability from an OpenAI chat `logprobs` object: exp of the sum of its tokens'
     log-probabilities. Our llama.cpp server gives them under the label set (the product of the answer trie's
     branch probabilities, `distill.serving.choices`), so this is the label's probability among the labels.
-    vLLM gives the unconstrained model's: a lower number for the same answer, which calibration absorbs."""
+    vLLM gives one per token of the whole JSON completion (the scaffolding, the label, the end of sequence),
+    each renormalised over the tokens the JSON schema allows there (it masks the logits before computing
+    them): another number for the same answer, which calibration absorbs (docs/cascade.md)."""
     content = logprobs.get("content") if isinstance(logprobs, Mapping) else getattr(logprobs, "content", None)
     if not content:
         return None

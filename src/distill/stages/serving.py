@@ -33,10 +33,9 @@ from distill.serving.control import (
 )
 from distill.serving.deploy import (
     CASCADE_APP,
-    LOCAL_LLM_APP,
     PROGRAM_APP,
-    RAY_LLM_APP,
     TEACHER_APP,
+    model_entries,
     template_serve_config,
 )
 from distill.stages.base import Manifest, Stage, code_version, fingerprint, require, serve_config_identity
@@ -164,23 +163,20 @@ class ServingStage(Stage[ServingManifest]):
         return save_config(self.cfg, self.dir / "profile.yaml")
 
     def check_teacher_llm(self, source: str) -> None:
-        """The cascade config's LLM apps must serve the teacher's model as the teacher stage's endpoint served
-        it (the same model entry), or the served teacher would not be the one that labeled."""
+        """The cascade config's LLM application must serve the teacher's model as the teacher stage's endpoint
+        served it, or the served teacher would not be the one that labeled: the same llama.cpp model entry
+        (local), the same ray.serve.llm LLMConfig but for its deployment_config (cluster:
+        `distill.serving.deploy.model_entries`)."""
         t = self.cfg.models.teacher
-        apps = load_serve_config(self.cfg.path(source))["applications"]
-        ours = [m for a in apps if a["import_path"] == LOCAL_LLM_APP for m in a["args"].get("models", [])
-                if m.get("name") == t.model]
-        if ours:
-            theirs = [m for a in load_serve_config(self.cfg.path(t.serve_config or ""))["applications"]
-                      if a["import_path"] == LOCAL_LLM_APP for m in a["args"].get("models", [])
-                      if m.get("name") == t.model]
-            if theirs and ours[0] != theirs[0]:
-                raise DistillError(f"{source} serves the teacher's model {t.model!r} otherwise than {t.serve_config} "
-                                   f"(the endpoint it labeled with): {ours[0]} vs {theirs[0]}")
-            return
-        if any(a["import_path"] == RAY_LLM_APP for a in apps):
-            return  # ray.serve.llm: the model ids are in its LLMConfig files (tests/test_serve_configs.py)
-        raise DistillError(f"{source}: no LLM application serves the teacher's model {t.model!r}")
+        ours = model_entries(load_serve_config(self.cfg.path(source)), t.model)
+        if not ours:
+            raise DistillError(f"{source}: no LLM application serves the teacher's model {t.model!r}")
+        theirs = model_entries(load_serve_config(self.cfg.path(t.serve_config or "")), t.model)
+        if theirs and ours[0] != theirs[0]:
+            differ = "; ".join(f"{k}: {ours[0].get(k)} vs {theirs[0].get(k)}" for k in sorted({*ours[0], *theirs[0]})
+                               if ours[0].get(k) != theirs[0].get(k))
+            raise DistillError(f"{source} serves the teacher's model {t.model!r} otherwise than {t.serve_config} "
+                               f"(the endpoint it labeled with): {differ}")
 
     def run(self) -> ServingManifest:
         """With `keep_running` (the notebook) the deployment stays up for you to query; `shutdown()` ends it.
