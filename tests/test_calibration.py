@@ -12,6 +12,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from distill.evaluation.calibration import (
     choose_threshold,
+    ece_noise_floor,
     expected_calibration_error,
     fit_calibration,
     fit_temperature,
@@ -39,6 +40,21 @@ def test_ece_of_a_hand_computed_case() -> None:
     assert sum(b.count for b in bins) == 14 and bins[8].count == 10 and bins[8].accuracy == pytest.approx(0.6)
     # 1.0 falls in the last bin, 0.0 in the first.
     assert [b.count for b in reliability_bins([0.0, 1.0], [False, True])] == [1] + [0] * 8 + [1]
+
+
+def test_the_noise_floor_is_what_a_calibrated_predictor_exceeds_one_time_in_twenty() -> None:
+    # Calibrated samples (the generator at temperature 1), each with its own confidences: their ECE stays
+    # below the floor about 95% of the time, and the floor falls with the sample's size.
+    below = []
+    for seed in range(200):
+        p, y = generator(200, 1.0, seed)
+        below.append(expected_calibration_error(p, y) <= ece_noise_floor(p, draws=500, seed=seed + 1000))
+    assert 0.9 <= np.mean(below) <= 0.99
+    p, _ = generator(5000, 1.0, seed=1)
+    assert ece_noise_floor(p[:100]) > 2 * ece_noise_floor(p)
+    # An overconfident predictor of the same size is far above it.
+    p, y = generator(1000, 2.5, seed=2)
+    assert expected_calibration_error(p, y) > 2 * ece_noise_floor(p)
 
 
 def test_temperature_recovers_a_known_overconfidence_and_fixes_it_out_of_sample() -> None:

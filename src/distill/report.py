@@ -170,8 +170,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"cascade threshold on the {cr['calibration']['method']}-calibrated confidence, how chosen "
                      f"(devset, {cd['n']} teacher labels)",
                      f"{cr['threshold']:.3f}: {cr['threshold_rule']}"))
-        rows.append(("student confidence ECE on test: raw / calibrated (fit on the devset)",
-                     f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"))
+        floor = ct.get("ece_noise_floor")
+        rows.append(("student confidence ECE on test: raw / calibrated (fit on the devset)"
+                     + ("" if floor is None else " / a calibrated predictor's at this size (95th percentile)"),
+                     f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"
+                     + ("" if floor is None else f" / {floor:.3f}")))
         if cost := cr.get("cost"):
             llm = cr.get("cost_llm_path")
             rows.append(("cascade per query, estimated from per-call p50s (student always, teacher on fallback): "

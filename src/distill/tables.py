@@ -13,7 +13,7 @@ from distill.config import Config
 from distill.data.dataset import TaskData
 from distill.evaluation.plots import VARIANT_NAMES
 from distill.stages.baselines import BaselinesManifest, BaselinesStage
-from distill.stages.cascade import CascadeResult
+from distill.stages.cascade import CascadeResult, SplitScores
 from distill.stages.curation import CurationManifest
 from distill.stages.evaluation import BASELINE_NAMES, EvalManifest
 from distill.stages.finetune import FinetuneManifest
@@ -115,16 +115,22 @@ def evaluation_table(m: EvalManifest) -> Table:
 def cascade_table(r: CascadeResult) -> Table:
     """The cascade at the threshold chosen on the devset, next to the student and the teacher alone."""
     d, t = r.devset, r.testset
+
+    def ece(s: SplitScores) -> str:
+        floor = "" if s.ece_noise_floor is None else f" (chance: {s.ece_noise_floor:.3f})"
+        return f"{s.ece_raw:.3f} -> {s.ece_calibrated:.3f}{floor}"
+
     rows = [[f"devset ({d.n}, teacher labels: agreement)", _pct(d.student_accuracy), _pct(d.teacher_accuracy),
-             _pct(d.cascade_accuracy), _pct(d.fallback_share), f"{d.ece_raw:.3f} -> {d.ece_calibrated:.3f}"],
+             _pct(d.cascade_accuracy), _pct(d.fallback_share), ece(d)],
             [f"test set ({t.n}, scored only)", _pct(t.student_accuracy), _pct(t.teacher_accuracy),
-             _pct(t.cascade_accuracy), _pct(t.fallback_share), f"{t.ece_raw:.3f} -> {t.ece_calibrated:.3f}"]]
+             _pct(t.cascade_accuracy), _pct(t.fallback_share), ece(t)]]
     cost = (f"; per query, estimated from per-call p50s: {r.cost.seconds_p50:.3f} s and "
             f"{r.cost.tokens_per_query:.0f} tokens (student alone {r.cost.student.p50_s:.3f} s)" if r.cost else "")
     return table(f"Cascade: {r.kind} {r.variant} student ({r.model}), the teacher below {r.threshold:.3f} "
                  f"({r.calibration.method}-calibrated confidence)",
                  ["", "student", "teacher", "cascade", "to the teacher", "ECE raw -> calibrated"], rows,
-                 caption=f"threshold: {r.threshold_rule}{cost}")
+                 caption=f"threshold: {r.threshold_rule}{cost}. ECE's chance level: the ECE a perfectly calibrated "
+                         f"predictor exceeds 5% of the time at that size")
 
 
 def per_label_table(r: CascadeResult, n: int = 8) -> Table:

@@ -79,6 +79,23 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
                      for b in reliability_bins(confidence, correct, bins) if b.count))
 
 
+def ece_noise_floor(confidence: Sequence[float], bins: int = 10, draws: int = 2000, quantile: float = 0.95,
+                    seed: int = 0) -> float:
+    """The ECE a perfectly calibrated predictor exceeds with probability 1 - `quantile` on these confidences.
+
+    ECE is biased upwards on small samples: with a few hundred answers, binned accuracies scatter around
+    their confidences by chance. Drawing each answer right with probability equal to its confidence shows how
+    much ECE that chance alone gives; a measured ECE below this floor cannot be told from calibrated."""
+    p, _ = _arrays(confidence, [False] * len(confidence))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    # Per draw and bin: |sum of (outcome - confidence)| / n, the count-weighted |accuracy - confidence|.
+    rng = np.random.default_rng(seed)
+    gap = (rng.random((draws, len(p))) < p).astype(np.float64) - p
+    per_bin = np.stack([gap[:, index == b].sum(axis=1) for b in range(bins)], axis=1)
+    return float(np.quantile(np.abs(per_bin).sum(axis=1) / len(p), quantile))
+
+
 def fit_temperature(confidence: Sequence[float], correct: Sequence[bool]) -> float:
     """T minimising the negative log-likelihood of `correct` under sigmoid(logit(p) / T)."""
     p, y = _arrays(confidence, correct)
@@ -217,6 +234,9 @@ class CalibrationReport(BaseModel):
     ece_devset_after: float
     ece_testset_before: float
     ece_testset_after: float
+    # ece_noise_floor's 95th percentile on the calibrated test confidences: a test ECE below it is
+    # indistinguishable from a calibrated one at this test size (None: written before it was measured)
+    ece_testset_noise_floor: float | None = None
     threshold: float
     threshold_target: float
     threshold_reached: bool
@@ -268,7 +288,8 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
         method=method, n_devset=len(dev_p), n_testset=len(test_p), accuracy_devset=float(dev_y.mean()),
         accuracy_testset=float(test_y.mean()), ece_devset_before=float(cal.ece_before or 0),
         ece_devset_after=float(cal.ece_after or 0), ece_testset_before=expected_calibration_error(test_p, test_y),
-        ece_testset_after=expected_calibration_error(test_c, test_y), threshold=choice.threshold,
+        ece_testset_after=expected_calibration_error(test_c, test_y),
+        ece_testset_noise_floor=ece_noise_floor(test_c), threshold=choice.threshold,
         threshold_target=choice.target, threshold_reached=choice.reached, threshold_max_fallback=max_fallback,
         threshold_rule=choice.rule(),
         devset_cascade_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share,

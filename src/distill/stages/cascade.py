@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from distill.config import Config
 from distill.data.dataset import TaskData, read_jsonl, write_jsonl
 from distill.errors import DistillError
-from distill.evaluation.calibration import calibrate_student, fallback_curve
+from distill.evaluation.calibration import calibrate_student, ece_noise_floor, fallback_curve
 from distill.evaluation.cascade_report import (
     CallCost,
     CostEstimate,
@@ -58,6 +58,9 @@ class SplitScores(BaseModel):
     fallback_share: float  # answered by the teacher
     ece_raw: float  # the student's confidence
     ece_calibrated: float  # after the calibration fit on the devset
+    # the ECE a perfectly calibrated predictor exceeds 5% of the time on these calibrated confidences
+    # (calibration.ece_noise_floor): below it, this split is too small to tell the fit from calibrated
+    ece_noise_floor: float | None = None
     no_confidence: int = 0  # answers without a confidence (a failed call): sent to the teacher, as served
 
 
@@ -207,6 +210,7 @@ class CascadeStage(Stage[CascadeManifest]):
                                teacher_accuracy=round(float(t_ok[k].mean()), 4),
                                cascade_accuracy=round(float(np.where(kept[k], s_ok[k], t_ok[k]).mean()), 4),
                                fallback_share=round(float(1 - kept[k].mean()), 4), ece_raw=raw, ece_calibrated=after,
+                               ece_noise_floor=round(ece_noise_floor(calibrated[k]), 4),
                                no_confidence=missing[k])
 
         scores = {k: split(k) for k in conf}
@@ -250,5 +254,6 @@ class CascadeStage(Stage[CascadeManifest]):
               f"(student alone {d.student_accuracy:.1%}); {report.threshold_rule}")
         print(f"test set ({t.n}): cascade {t.cascade_accuracy:.1%}, student alone {t.student_accuracy:.1%}, teacher "
               f"alone {t.teacher_accuracy:.1%}; {t.fallback_share:.0%} to the teacher; ECE {t.ece_raw:.3f} raw, "
-              f"{t.ece_calibrated:.3f} calibrated")
+              f"{t.ece_calibrated:.3f} calibrated (a calibrated predictor exceeds {t.ece_noise_floor:.3f} 5% of the "
+              f"time at this size)")
         return CascadeManifest(fingerprint=self.fingerprint(), enabled=True, result=result)
