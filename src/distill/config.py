@@ -375,6 +375,11 @@ class ServingConfig(_Strict):
     url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
     sample_queries: int = Field(10, ge=1, description="Test queries the serving stage sends over HTTP.")
     timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz (and an LLM endpoint's /models).")
+    # devset: a new student is deployed only if it beats the deployed one on the devset (same devset, strictly
+    # better; a tie keeps the deployed one); otherwise the deployed one is served again (docs/pipeline.md).
+    # off: every run deploys its own student, as before the gate.
+    deploy_gate: Literal["devset", "off"] = Field(
+        "devset", description="devset: deploy only a student that beats the deployed one on the devset; off: always.")
 
 
 class TrackingConfig(_Strict):
