@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.data.dataset import TaskData, make_example, read_jsonl, write_jsonl
+from distill.data.dataset import TaskData, TaskLabels, make_example, read_jsonl, write_jsonl
 from distill.errors import DistillError
 from distill.program import DeployParams
 from distill.report import summary_rows
@@ -32,6 +32,7 @@ from distill.stages.deploy_gate import (
 from distill.stages.evaluation import BestVariant, EvalManifest, EvaluationStage
 from distill.stages.finetune import FinetuneManifest, FinetuneStage
 from distill.stages.serving import ServingManifest, ServingStage
+from distill.stages.teacher import TeacherManifest
 
 
 @pytest.fixture(autouse=True)
@@ -139,11 +140,34 @@ def test_the_identity_is_the_student_s_content_not_where_its_files_lie(tmp_path)
                                      str(a / "adapter.gguf"))
 
 
-def test_the_devset_fingerprint_is_its_texts_and_labels_in_order() -> None:
+def test_the_devset_fingerprint_is_its_texts_and_labels() -> None:
     dev = [make_example("a", "x"), make_example("b", "y")]
     assert devset_fingerprint(dev) == devset_fingerprint([make_example("a", "x"), make_example("b", "y")])
-    assert devset_fingerprint(dev) != devset_fingerprint(dev[::-1])
+    assert devset_fingerprint(dev) == devset_fingerprint(dev[::-1])  # an accuracy has no order
     assert devset_fingerprint(dev) != devset_fingerprint([make_example("a", "x"), make_example("b", "z")])
+    assert devset_fingerprint(dev) != devset_fingerprint([make_example("a", "x"), make_example("c", "y")])
+
+
+def test_a_relabeled_run_draws_the_same_devset_whatever_order_the_labels_were_written_in(tmp_path,
+                                                                                         monkeypatch) -> None:
+    """Concurrent labeling writes labels.jsonl in the order calls finish; a teacher run again (a new pool) writes
+    them in another. Curation takes the devset in query order, so the gate compares on the same devset."""
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
+    cfg = load_config("local_ci", {"data": {"devset_size": 3, "optimizer_val_size": 2},
+                                   "curation": {"min_confidence": None, "sft_source": "teacher"}})
+    data = TaskData(labels=TaskLabels(["a", "b"]), train=[], test=[], gold=[], unlabeled=[])
+    calls = CallStats(model="t", n=1, p50_s=0.1, p95_s=0.1, prompt_tokens_per_query=1.0, completion_tokens_per_query=1.0)
+    write_manifest(cfg.artifacts / "teacher" / "manifest.json", TeacherManifest(
+        fingerprint="t", model="t", strategy="zero_shot", k=0, candidate_k=1, accuracy_gold=1.0, valid_rate_gold=1.0,
+        n_gold=1, accuracy_test=1.0, valid_rate=1.0, test_size=1, test_queries_per_s=1.0, labeled=10, to_label=10,
+        labels_per_s=None, calls=calls))
+    records = [{"id": f"{i:06d}-x", "text": f"query {i}", "label": "ab"[i % 2]} for i in range(10)]
+    devsets = []
+    for order in ([1, 0, 3, 2, 4, 6, 5, 7, 9, 8], [2, 0, 1, 5, 3, 4, 9, 6, 7, 8]):
+        write_jsonl(cfg.artifacts / "teacher" / "labels.jsonl", [records[i] for i in order])
+        CurationStage(cfg, data).run()
+        devsets.append(read_jsonl(cfg.artifacts / "curation" / "devset.jsonl"))
+    assert devsets[0] == devsets[1] == [{"text": f"query {i}", "label": "ab"[i % 2]} for i in range(3)]
 
 
 # --- the serving stage's record and copies, on real artifacts ----------------------------------------------
@@ -286,7 +310,9 @@ def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(
     write_deployed(art / "serving" / "deployed.json", first.model_copy(update={"devset_score": 1.0}))
 
     # Run 2: the pool is labeled after the task's 40 queries; the devset is the same; the gate keeps the first
-    # student, served from its copies, and says so.
+    # student, served from its copies, and says so. (One more step: another adapter for sure, so the gate
+    # compares two students rather than finding the same one.)
+    settings = {**settings, "finetune": {"training": {"max_steps": 3}}}
     profile = write_tiny_task(tmp_path / "data", data={**sizes, "extra_pool": str(pool)}, **settings)
     cfg = pipeline.run(str(profile))
     report = load_report(cfg)

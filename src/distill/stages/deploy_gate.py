@@ -3,8 +3,8 @@ the deployed one on the devset -- never on the test set, which stays a report.
 
 The serving stage records what it deployed in `<artifacts>/serving/deployed.json` (`DeployedStudent`): the
 student's identity (adapter, saved program, model id, by content), its devset accuracy as the evaluation stage
-measured it when choosing the variant, and the devset that was (`devset_fingerprint`: texts and teacher labels,
-in order). It also copies the student (deploy params, saved program, adapter, and with the cascade its
+measured it when choosing the variant, and the devset that was (`devset_fingerprint`: its texts and teacher
+labels). It also copies the student (deploy params, saved program, adapter, and with the cascade its
 calibration and threshold) to `serving/deployed/<identity>/` with a Serve config pointing at the copies, since
 the next run's evaluation and finetune write over the originals. A kept cascade falls back to the current
 teacher stage's teacher (its app rebuilds it from this run's profile and manifests, as for a new student).
@@ -128,8 +128,9 @@ def decide(mode: Literal["devset", "off"], new: Candidate, deployed: DeployedStu
 
 
 def devset_fingerprint(examples: Sequence[Any]) -> str:
-    """The devset a score was measured on: its texts and teacher labels, in order."""
-    return fingerprint([(ex.text, ex.label) for ex in examples])
+    """The devset a score was measured on: its texts and teacher labels (as a set: an accuracy does not depend
+    on the order)."""
+    return fingerprint(sorted((ex.text, ex.label) for ex in examples))
 
 
 def student_identity(model: str, kind: str, variant: str, program: Path, program_params: dict[str, Any],
