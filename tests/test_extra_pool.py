@@ -73,6 +73,9 @@ def test_the_settings_are_checked_at_load_and_the_file_when_the_data_stage_reads
     missing.write_text("not json\n")
     with pytest.raises(ConfigError, match=rf"{missing}:1 is not a pool record \(Invalid JSON"):
         read_pool(missing)
+    missing.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=rf"{missing} is not UTF-8 text"):
+        read_pool(missing)
 
 
 def test_the_pool_command_writes_what_the_reader_reads(tmp_path) -> None:

@@ -124,8 +124,13 @@ def read_pool(path: Path, key: str = "data.extra_pool") -> list[PoolRecord]:
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist (write it with `python -m distill pool --from-log LOG "
                           f"--out {path}`, or unset {key})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {e.start}); rebuild it with "
+                          "`python -m distill pool --from-log`") from None
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
