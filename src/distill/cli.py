@@ -17,9 +17,10 @@ from distill.errors import DistillError
 def _cmd_data(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.data.dataset import prepare_data, save_data
+    from distill.pool import with_extra_pool
 
     cfg = load_config(args.profile)
-    data = prepare_data(cfg)
+    data = with_extra_pool(cfg, prepare_data(cfg))  # what the data stage gives the run
     if args.save:
         save_data(data, cfg.artifacts / "data")
     print(json.dumps(data.summary(), indent=None if args.compact else 2))

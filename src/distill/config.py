@@ -72,6 +72,20 @@ class DataConfig(_Strict):
     # num_to_label - rounds x batch_size, then rounds chosen by uncertainty (`active`).
     selection: Literal["random", "active"] = "random"
     active: ActiveSelectionConfig = Field(default_factory=ActiveSelectionConfig)
+    # Served traffic as more queries to label: a pool.jsonl written by `python -m distill pool --from-log`
+    # (docs/pipeline.md, "Served traffic as the next pool"). Random selection labels its queries after the
+    # task's own num_to_label, in its ranked order; active selection adds them to the candidates it picks from.
+    extra_pool: str | None = Field(
+        None, description="pool.jsonl of served queries (`distill pool --from-log`); relative: from the project root.")
+    extra_pool_max: int | None = Field(
+        None, ge=1, description="Use the pool's first (most uncertain) this many new queries; null = all.")
+
+    @field_validator("extra_pool")
+    @classmethod
+    def _pool_file(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".jsonl"):
+            raise ValueError(f"{v!r} is not a .jsonl file (python -m distill pool --from-log writes pool.jsonl)")
+        return v
 
     @model_validator(mode="after")
     def _active_budget(self) -> "DataConfig":
@@ -87,6 +101,12 @@ class DataConfig(_Strict):
                 f"data.selection active: the random seed round, num_to_label ({self.num_to_label}) - active.rounds "
                 f"({self.active.rounds}) x active.batch_size ({self.active.batch_size}) = {self.seed_size}, must hold "
                 f"devset_size + optimizer_val_size = {need}; raise num_to_label or lower rounds / batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _pool_max_needs_a_pool(self) -> "DataConfig":
+        if self.extra_pool_max is not None and self.extra_pool is None:
+            raise ValueError("data.extra_pool_max caps data.extra_pool, which is not set")
         return self
 
     @property
@@ -355,6 +375,11 @@ class ServingConfig(_Strict):
     url: str = Field("http://127.0.0.1:8000/classify_intent", description="Where it answers once up.")
     sample_queries: int = Field(10, ge=1, description="Test queries the serving stage sends over HTTP.")
     timeout_s: float = Field(300, gt=0, description="Wait this long for /healthz (and an LLM endpoint's /models).")
+    # devset: a new student is deployed only if it beats the deployed one on the devset (same devset, strictly
+    # better; a tie keeps the deployed one); otherwise the deployed one is served again (docs/pipeline.md).
+    # off: every run deploys its own student, as before the gate.
+    deploy_gate: Literal["devset", "off"] = Field(
+        "devset", description="devset: deploy only a student that beats the deployed one on the devset; off: always.")
 
 
 class TrackingConfig(_Strict):

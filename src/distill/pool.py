@@ -4,20 +4,26 @@
       -> ranked by the active signal (the teacher's vote's uncertainty, `data.active.signal`) -> pool.jsonl
 
 The pool is ranked, not cut: the most uncertain queries first, the ones the teacher should label next.
+
+`data.extra_pool: <pool.jsonl>` feeds it to the data stage (`with_extra_pool`): read with the same
+`PoolRecord` it was written with, decontaminated again against the test and gold queries (the task or the
+seed may have changed since it was built), deduplicated against the task's unlabeled queries, and appended
+after them (`TaskData.extra`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from distill.config import Config
-from distill.data.dataset import prepare_data, write_jsonl
+from distill.data.dataset import TaskData, make_example, prepare_data, write_jsonl
 from distill.data.selection import Signal, uncertainty
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.serving.request_log import RequestRecord, read_request_log
 from distill.student.curation import normalize_text
 
@@ -93,3 +99,88 @@ def pool_from_log(cfg: Config, log: Path, out: Path | None = None) -> tuple[Path
     out = out or cfg.artifacts / "pool" / "pool.jsonl"
     write_jsonl(out, [p.model_dump() for p in pool])
     return out, counts
+
+
+# --- the pool as the data stage's extra queries (data.extra_pool) -------------------------------------
+
+
+class PoolMerge(BaseModel):
+    """What the data stage took from `data.extra_pool`, and what it left out (the data manifest's extra_pool)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    records: int  # lines in the file
+    empty: int = 0  # nothing left once normalised
+    test_overlap: int  # a test query now (the test split or the labels in use may have changed since)
+    gold_overlap: int  # a gold query now (another seed or num_gold picks other gold examples)
+    duplicate: int  # an unlabeled query of the task already, or an earlier line of the file
+    over_max: int  # past data.extra_pool_max
+    added: int
+
+
+def read_pool(path: Path, key: str = "data.extra_pool") -> list[PoolRecord]:
+    """pool.jsonl's records, in its (ranked) order; a missing or malformed file is one ConfigError line naming
+    the profile key that points at it."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist (write it with `python -m distill pool --from-log LOG "
+                          f"--out {path}`, or unset {key})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {e.start}); rebuild it with "
+                          "`python -m distill pool --from-log`") from None
+    out = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(PoolRecord.model_validate_json(line))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"{key}: {path}:{i} is not a pool record ({where + ': ' if where else ''}"
+                              f"{first['msg']}); rebuild it with `python -m distill pool --from-log`") from None
+    return out
+
+
+def merge_pool(data: TaskData, records: Sequence[PoolRecord], path: str, max_queries: int | None = None,
+               ) -> TaskData:
+    """`data` with the pool's new queries as `extra`, in the pool's order: without the test and gold queries,
+    the task's unlabeled queries and repeats (normalised text, as curation compares), then the first
+    `max_queries` of those. The task's own splits are untouched."""
+    test_keys = {normalize_text(ex.text) for ex in data.full_test}
+    gold_keys = {normalize_text(ex.text) for ex in data.gold}
+    seen = {normalize_text(ex.text) for ex in data.unlabeled}
+    kept: list[str] = []
+    counts = dict.fromkeys(("empty", "test_overlap", "gold_overlap", "duplicate"), 0)
+    for r in records:
+        text = r.text.strip()
+        key = normalize_text(text)
+        # One reason per query, the first that applies: decontamination before deduplication, as curation.
+        why = ("empty" if not key else "test_overlap" if key in test_keys else "gold_overlap" if key in gold_keys
+               else "duplicate" if key in seen else None)
+        if why:
+            counts[why] += 1
+            continue
+        seen.add(key)
+        kept.append(text)
+    added = kept if max_queries is None else kept[:max_queries]
+    summary = PoolMerge(path=path, records=len(records), **counts, over_max=len(kept) - len(added), added=len(added))
+    return dataclasses.replace(data, extra=[make_example(t) for t in added], extra_summary=summary.model_dump())
+
+
+def with_extra_pool(cfg: Config, data: TaskData) -> TaskData:
+    """The task's data with `data.extra_pool`'s queries (unchanged when it is not set)."""
+    d = cfg.data
+    if d.extra_pool is None:
+        return data
+    return merge_pool(data, read_pool(cfg.path(d.extra_pool)), d.extra_pool, d.extra_pool_max)
+
+
+def describe_merge(m: PoolMerge) -> str:
+    """One line: what the data stage added from the pool file, and what it left out."""
+    left = [f"{n} {what}" for what, n in (("in the test set", m.test_overlap), ("gold", m.gold_overlap),
+                                          ("already unlabeled or repeated", m.duplicate), ("empty", m.empty),
+                                          ("past data.extra_pool_max", m.over_max)) if n]
+    return (f"extra pool {m.path}: {m.added} of {m.records} served queries added"
+            + (f" (left out: {', '.join(left)})" if left else ""))

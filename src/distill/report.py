@@ -183,6 +183,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                             f"{llm['tokens_per_query']:.0f}; " if llm else "(")
                          + f"student alone {cost['student']['p50_s']:.3f} s)"))
     if srv:
+        if g := srv.get("gate"):  # which student is served: this run's, or the one deployed before (the devset)
+            rows.append((f"deploy gate ({g['mode']}): {'this run' if g['deploy'] == 'new' else 'kept the deployed'}"
+                         " student", g["reason"]))
         rows.append(("served /classify_intent: ok, valid labels, accuracy",
                      f"{srv['ok']}/{srv['queries']}, {_pct(srv['valid_share'])}, {_pct(srv['accuracy'])}"))
         if srv.get("cascade"):

@@ -45,6 +45,8 @@ def data_table(data: TaskData, examples: int = 3) -> Table:
         ["unlabeled pool", len(data.unlabeled)], ["  of which the teacher labels", len(data.to_label)],
         ["test queries scored (of the test set's)", f"{len(data.test)} of {data.full_test_size}"],
     ]
+    if data.extra_summary is not None:  # data.extra_pool: random selection labels them all, active may pick them
+        rows.insert(3, [f"  served queries added ({data.extra_summary['path']})", len(data.extra)])
     rows += [[f"  e.g. {ex.text!r}", ex.label] for ex in data.gold[:examples]]
     return table(f"The {len(data.labels)} labels in use ({data.source})", ["", ""], rows, header=False)
 

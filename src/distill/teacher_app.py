@@ -31,6 +31,7 @@ from distill.config import Config, load_config
 from distill.data.dataset import prepare_data
 from distill.errors import DistillError
 from distill.lm import make_lm
+from distill.pool import with_extra_pool
 from distill.program import DeployParams, ProgramParams
 from distill.serving.app import (
     Classifier,
@@ -92,7 +93,9 @@ class TeacherClassifier(Classifier):
     def load_program(self) -> tuple[DeployParams, Any]:
         self.cfg = cfg = teacher_config(self.args)
         params, m = teacher_params(cfg), teacher_manifest(cfg)
-        data = prepare_data(cfg)
+        # The data stage's data, data.extra_pool's served queries included (the pool file must be readable where
+        # this replica runs, as the task's files are): the fingerprint the teacher stage recorded covers them.
+        data = with_extra_pool(cfg, prepare_data(cfg))
         if m.inputs.get("data") != data_fingerprint(data):
             raise DistillError(f"the task's data ({data.source}) are not the ones the teacher stage in {cfg.artifacts} "
                                f"was computed from: run the pipeline again, or point the app at that run's data")

@@ -296,12 +296,17 @@ class TaskData:
     source: str = ""
     label_counts: dict[str, int] = field(default_factory=dict)
     selection: str = "random"  # data.selection: random | active
+    # Served queries from `data.extra_pool` (distill.pool.merge_pool): decontaminated against test and gold,
+    # none an unlabeled query already, in the pool file's ranked order. They come after the task's own
+    # queries, so the seeded head that curation takes the devset and optimizer valset from stays the same.
+    extra: list[dspy.Example] = field(default_factory=list)
+    extra_summary: dict[str, Any] | None = None  # what the merge kept and dropped (None: no extra_pool)
 
     @property
     def pool(self) -> list[dspy.Example]:
-        """What the teacher may be asked to label: `to_label` (random), the whole unlabeled pool (active:
-        the teacher stage picks `num_to_label` of it round by round)."""
-        return self.unlabeled if self.selection == "active" else self.to_label
+        """What the teacher may be asked to label: `to_label` (random), the whole unlabeled pool and the served
+        queries (active: the teacher stage picks `num_to_label` of it round by round)."""
+        return self.unlabeled + self.extra if self.selection == "active" else self.to_label
 
     @property
     def full_test_size(self) -> int:
@@ -309,8 +314,10 @@ class TaskData:
 
     @property
     def to_label(self) -> list[dspy.Example]:
-        """The part of the unlabeled pool this profile has the teacher label."""
-        return self.unlabeled if self.num_to_label is None else self.unlabeled[: self.num_to_label]
+        """The part of the unlabeled pool this profile has the teacher label: the task's first `num_to_label`
+        and (random selection) every served query after them; active selection's budget is `num_to_label`."""
+        own = self.unlabeled if self.num_to_label is None else self.unlabeled[: self.num_to_label]
+        return own + self.extra if self.selection == "random" else own
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -323,6 +330,8 @@ class TaskData:
             "gold": len(self.gold),
             "unlabeled": len(self.unlabeled),
             "to_label": len(self.to_label),
+            # only with data.extra_pool: the pinned summaries of profiles without one stay as they were
+            **({"extra_pool": self.extra_summary} if self.extra_summary is not None else {}),
         }
 
 

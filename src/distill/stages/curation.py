@@ -113,7 +113,12 @@ class CurationStage(Stage[CurationManifest]):
 
     def run(self) -> CurationManifest:
         cfg, data = self.cfg, self.data
-        records = read_records(self.teacher.labels_path)
+        # In query order (an id starts with its query's position), not the order labels.jsonl was written in:
+        # concurrent labeling finishes out of order (vote answers before LLM calls), so the first labels -- the
+        # devset and optimizer valset -- would lean to the queries the vote answered, and a teacher run again
+        # (e.g. with data.extra_pool) would draw another devset from the same queries, which the deploy gate
+        # could then not compare on.
+        records = sorted(read_records(self.teacher.labels_path), key=lambda r: r["id"])
         # Decontaminate against the whole test set, not only the profile's subset of it.
         floor = self.min_confidence()
         result = curate(records, data.labels, [ex.text for ex in data.full_test], floor)

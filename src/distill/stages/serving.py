@@ -5,6 +5,9 @@ With `cascade.enabled` and a threshold from the cascade stage, `/classify_intent
 as its own Serve application beside it (`distill.teacher_app`); the manifest then counts who answered.
 Otherwise the program app alone (`serving.deploy_config`), as before.
 
+With `serving.deploy_gate: devset` (the default) a new student is deployed only if it beats the deployed one
+on the devset (`distill.stages.deploy_gate`); otherwise the deployed one is served again, from its copies.
+
 It always runs (a deployment is live state, not an artifact); its manifest records what it measured.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,20 @@ from distill.serving.deploy import (
 )
 from distill.stages.base import Manifest, Stage, code_version, fingerprint, require, serve_config_identity
 from distill.stages.cascade import CascadeManifest, CascadeStage
+from distill.stages.deploy_gate import (
+    DEPLOYED_FILE,
+    SNAPSHOTS_DIR,
+    Candidate,
+    DeployedStudent,
+    GateDecision,
+    copy_into,
+    decide,
+    devset_fingerprint,
+    prune_snapshots,
+    read_deployed,
+    student_identity,
+    write_deployed,
+)
 from distill.stages.evaluation import EvaluationStage
 from distill.stages.finetune import FinetuneStage
 from distill.stages.teacher import TeacherStage
@@ -63,6 +81,10 @@ class ServingManifest(Manifest):
     fallback_errors: dict[str, int] | None = None
     threshold: float | None = None
     answers: str | None = None  # answers.jsonl: every query's answer as served
+    # The deploy gate: what was deployed (this run's student, or the one deployed before) and why; and the
+    # student now deployed (None: an older manifest).
+    gate: GateDecision | None = None
+    deployed: DeployedStudent | None = None
 
 
 def program_app_env(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -140,23 +162,81 @@ class ServingStage(Stage[ServingManifest]):
 
     def deploy_config(self, cascade: bool | None = None) -> Path:
         """The profile's multi-app Serve config with this run's artifact paths filled in: the cascade's when
-        it is deployed (`cascade`: None, as the stage decides; False: the program app alone)."""
+        it is deployed (`cascade`: None, as the stage decides; False: the program app alone). This run's
+        student, whatever the deploy gate decides (the deployed one's config: `deployed.json`)."""
         require(self.evaluation.load(), "evaluation")
         ft = require(self.finetune.load(), "finetune")
         cm = self.cascade_manifest() if cascade is not False else None
         if cascade and cm is None:
             raise DistillError("no cascade to deploy: cascade.enabled is false, or the cascade stage has not chosen "
                                "a threshold for the current evaluation (run the cascade stage)")
-        source, teacher, params = self.cfg.serving.deploy_config, None, None
+        params, profile = None, None
         if cm is not None and cm.result is not None:
-            source, params = self.cfg.serving.cascade_deploy_config, cm.result.cascade_params
-            teacher = {"profile": str(self.profile_snapshot()), "artifacts_dir": str(self.cfg.artifacts)}
-            self.check_teacher_llm(source)
+            params, profile = Path(cm.result.cascade_params), self.profile_snapshot()
+            self.check_teacher_llm(self.cfg.serving.cascade_deploy_config)
+        return self._template(self.cfg.artifacts / "deploy_dspy.yaml", ft.adapter, self.evaluation.deploy_params_path,
+                              params, profile)
+
+    def _template(self, out: Path, adapter: str | None, deploy_params: Path, cascade_params: Path | None,
+                  profile: Path | None) -> Path:
+        """The deploy config (the cascade's when `cascade_params` is given) with these files filled in."""
+        s, ft = self.cfg.serving, require(self.finetune.load(), "finetune")
+        teacher = {"profile": str(profile), "artifacts_dir": str(self.cfg.artifacts)} if profile else None
         return template_serve_config(
-            source, self.cfg.artifacts / "deploy_dspy.yaml",
-            base_model=self.cfg.models.student.model, finetuned_model=ft.model, adapter=ft.adapter,
-            lora_storage=self.cfg.finetune.adapter_storage, deploy_params=self.evaluation.deploy_params_path,
-            cascade_params=params, teacher=teacher)
+            s.cascade_deploy_config if cascade_params is not None else s.deploy_config, out,
+            base_model=self.cfg.models.student.model, finetuned_model=ft.model, adapter=adapter,
+            lora_storage=self.cfg.finetune.adapter_storage, deploy_params=deploy_params,
+            cascade_params=cascade_params, teacher=teacher)
+
+    # --- the deploy gate (distill.stages.deploy_gate) ---------------------------------------------------
+
+    @property
+    def deployed_path(self) -> Path:
+        return self.dir / DEPLOYED_FILE
+
+    def candidate(self) -> Candidate:
+        """This run's student as the gate compares it: the variant the evaluation stage chose on the devset."""
+        ev = require(self.evaluation.load(), "evaluation")
+        ft = require(self.finetune.load(), "finetune")
+        params = DeployParams.load(self.evaluation.deploy_params_path)
+        dev = self.evaluation.curation.splits()["devset"]
+        return Candidate(
+            identity=student_identity(params.model, params.kind, params.variant, Path(params.program_path),
+                                      params.program.model_dump(), ft.adapter),
+            kind=ev.best.kind, variant=ev.best.variant, model=ev.best.model, devset_score=ev.best.devset_score,
+            devset_fingerprint=devset_fingerprint(dev), devset_size=len(dev))
+
+    def gate(self) -> GateDecision:
+        return decide(self.cfg.serving.deploy_gate, self.candidate(), read_deployed(self.deployed_path))
+
+    def record_deployment(self, new: Candidate, cascade: bool) -> DeployedStudent:
+        """Copy what this run deployed to `serving/deployed/<identity>/` with a Serve config pointing at the
+        copies (the next run's evaluation and finetune write over the originals), and record it."""
+        ft = require(self.finetune.load(), "finetune")
+        dest = self.dir / SNAPSHOTS_DIR / new.identity
+        record: dict[str, Any] = {**new.model_dump(), "cascade": cascade,
+                                  "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if ft.published:  # ray.serve.llm loads it by name from object storage, where the next finetune writes
+            record.update(config=None, not_restorable=f"its adapter is published to {ft.published}, which the next "
+                                                      "finetune overwrites")
+        else:
+            params = DeployParams.load(self.evaluation.deploy_params_path)
+            sources = {"program": Path(params.program_path), "adapter": Path(ft.adapter)}
+            cm = self.cascade_manifest() if cascade else None
+            if cm is not None and cm.result is not None:  # the student's calibration and threshold
+                sources["cascade_params"] = Path(cm.result.cascade_params)
+            copies = copy_into(dest, sources)
+            copies["deploy_params"] = params.model_copy(update={"program_path": str(copies["program"])}).save(
+                dest / "deploy_params.json")
+            # The cascade's teacher app is not copied: it rebuilds the current teacher stage's teacher from the
+            # profile this stage writes on every run (serving/profile.yaml), which must match that stage's data.
+            config = self._template(dest / "deploy.yaml", str(copies["adapter"]), copies["deploy_params"],
+                                    copies.get("cascade_params"), self.profile_snapshot() if cm is not None else None)
+            record.update(config=str(config), files={k: str(v) for k, v in sorted(copies.items())})
+        deployed = DeployedStudent(**record)
+        write_deployed(self.deployed_path, deployed)
+        prune_snapshots(self.dir / SNAPSHOTS_DIR, keep=new.identity)
+        return deployed
 
     def profile_snapshot(self) -> Path:
         """This run's profile, written whole, for the teacher app's replicas to rebuild the teacher from."""
@@ -182,11 +262,23 @@ class ServingStage(Stage[ServingManifest]):
         """With `keep_running` (the notebook) the deployment stays up for you to query; `shutdown()` ends it.
         On any failure it is torn down before the error propagates."""
         cfg = self.cfg
-        labels = set(DeployParams.load(self.evaluation.deploy_params_path).labels)
-        cascade = self.cascade_manifest() is not None
-        if cfg.cascade.enabled and not cascade:
-            print("cascade.enabled, but no current cascade stage has chosen a threshold: the student alone is deployed")
-        path = self.deploy_config()
+        new = self.candidate()
+        decision = decide(cfg.serving.deploy_gate, new, previous := read_deployed(self.deployed_path))
+        print(decision.line())
+        if decision.deploy == "deployed":
+            # The student deployed before, served again as it was (its cascade, if it had one), from its copies.
+            assert previous is not None and previous.config is not None  # decide() keeps only a servable one
+            path, cascade = Path(previous.config), previous.cascade
+            labels = set(DeployParams.load(previous.files["deploy_params"]).labels)
+            if cascade:  # its teacher app reads this run's profile (the current teacher's data and settings)
+                self.profile_snapshot()
+        else:
+            labels = set(DeployParams.load(self.evaluation.deploy_params_path).labels)
+            cascade = self.cascade_manifest() is not None
+            if cfg.cascade.enabled and not cascade:
+                print("cascade.enabled, but no current cascade stage has chosen a threshold: the student alone is "
+                      "deployed")
+            path = self.deploy_config()
         env_names, headers = program_app_env(path)
         if cascade:  # the teacher app's replicas read the task's data (the gold examples)
             env_names += [v for v in (cfg.task.source.dir_env, DATA_DIR_ENV) if v]
@@ -211,6 +303,8 @@ class ServingStage(Stage[ServingManifest]):
             raise
         if not self.keep_running:
             shutdown()
+        # Recorded once the deployment answered: a deployment that failed never becomes the one to beat.
+        deployed = self.record_deployment(new, cascade) if decision.deploy == "new" else previous
         ok = [r for r in rows if r["status"] == 200]
         answers = self.dir / "answers.jsonl"
         write_jsonl(answers, rows)
@@ -226,7 +320,7 @@ class ServingStage(Stage[ServingManifest]):
             ok=len(ok), valid_share=round(sum(r["label"] in labels for r in ok) / max(1, len(rows)), 4),
             accuracy=round(sum(r["label"] == r["gold"] for r in ok) / max(1, len(rows)), 4),
             p50_latency_ms=round(statistics.median(r["latency_ms"] for r in ok), 1) if ok else None,
-            answers=str(answers), **extra,
+            answers=str(answers), gate=decision, deployed=deployed, **extra,
         )
         for r in rows[:5]:
             by = f", {r['answered_by']}" if r.get("answered_by") else ""
