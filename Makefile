@@ -1,6 +1,6 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the whole test suite; CI runs this)
-#               `make test-fast` (the tests marked not slow: no Serve, no LLM; about two minutes on 2 cores)
+#               `make test-fast` (the tests marked not slow: no Serve, no LLM; on TEST_WORKERS processes)
 #               `make lint` (ruff; CI runs it)
 #               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto,
 #                 the finetune job on a second Ray node that cannot see the artifacts: docs/cluster.md)
@@ -55,8 +55,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for). Each worker
+# collects the whole suite and imports torch & co. again; --dist loadfile keeps a test file on one worker, so
+# its module fixtures are built once and its tests share the worker's memo of embeddings and fits
+# (tests/conftest.py). Not `make test`: the slow tests share one session-scoped pipeline run and Serve's port.
+TEST_WORKERS ?= 2
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

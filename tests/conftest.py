@@ -11,6 +11,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test-fast` runs 2 workers) each worker's torch and BLAS would start one thread per
+# core: on 2 cores, 2 workers x 2 threads, and their spinning barriers then cost more than the threads save
+# (embedding-heavy test files under -n 2 on a busy 2-core machine: 106 s CPU, 160 s wall with them, 54 s
+# and 82 s with one thread per worker). Each worker takes its share of the cores instead; set before torch
+# or numpy is imported (no plugin imports them), and an explicit OMP_NUM_THREADS wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus // _WORKERS)))
+
 
 @pytest.fixture(scope="session")
 def banking77_dir() -> Path:

@@ -275,16 +275,27 @@ def test_code_versions_ignore_comments_and_docstrings_but_not_code(tmp_path, mon
     assert code_version("codever_pkg") != ""  # a package: all its modules
 
 
-def test_active_selection_labels_in_rounds_and_curation_draws_dev_from_the_random_seed(tmp_path, monkeypatch,
-                                                                                      with_banking77) -> None:
+def test_active_selection_labels_in_rounds_and_curation_draws_dev_from_the_random_seed(tmp_path,
+                                                                                      monkeypatch) -> None:
     """data.selection active through the real teacher and curation stages (the vote answers: no LLM call
-    but the timing of the LLM path, on the scripted LM)."""
+    but the timing of the LLM path, on the scripted LM).
+
+    On the tiny task of test_task.py (a pool of 170 queries): the rounds, files and resume are the same
+    mechanics on any task, and banking77's pool (4,071 queries) costs ~9 s of embedding. Active selection on
+    banking77 itself, where the picks' uncertainty and spread are checked, is tests/test_active_labeling.py."""
+    from tests.test_task import write_tiny_task
+
+    monkeypatch.setenv("BANKING77_DIR", str(tmp_path / "not-this-one"))
+    monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path / "art"))
-    cfg = load_config("local_ci", overrides={
-        "data": {"num_to_label": 11, "test_size": 25, "devset_size": 3, "optimizer_val_size": 2,
-                 "selection": "active", "active": {"rounds": 2, "batch_size": 3}},
-        "teacher": {"gate_size": 12, "vote_confidence": 0.0},
-        "curation": {"min_confidence": None, "sft_source": "teacher"}, "evaluation": {"latency_queries": 2}})
+    profile = write_tiny_task(
+        tmp_path / "data",
+        data={"num_to_label": 11, "test_size": 25, "devset_size": 3, "optimizer_val_size": 2,
+              "selection": "active", "active": {"rounds": 2, "batch_size": 3}},
+        teacher={"gate_size": 12, "vote_confidence": 0.0},
+        curation={"min_confidence": None, "sft_source": "teacher"}, evaluation={"latency_queries": 2})
+    cfg = load_config(str(profile))
+    assert cfg.task.name == "topics"
     data = DataStage(cfg).data
     assert len(data.pool) == len(data.unlabeled) > len(data.to_label) == 11
     DataStage(cfg, data).ensure()
