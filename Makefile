@@ -1,6 +1,6 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the whole test suite; CI runs this)
-#               `make test-fast` (the tests marked not slow: no Serve, no LLM; on TEST_WORKERS processes)
+#               `make test-fast` (the tests marked not slow: no Serve, no LLM; about 60 s on 2 idle cores)
 #               `make lint` (ruff; CI runs it)
 #               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto,
 #                 the finetune job on a second Ray node that cannot see the artifacts: docs/cluster.md)
