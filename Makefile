@@ -1,6 +1,6 @@
 # Two ways in:  `make demo` (set up, then execute README.ipynb headlessly on the local profile)
 #               `make test` (set up, then run the whole test suite; CI runs this)
-#               `make test-fast` (the tests marked not slow: no Serve, no LLM; on TEST_WORKERS processes)
+#               `make test-fast` (the tests marked not slow: no Serve, no LLM; about 60 s on 2 idle cores)
 #               `make lint` (ruff; CI runs it)
 #               `make rehearse` (the cluster profile's code path on CPU: vLLM behind ray.serve.llm, S3 on moto,
 #                 the finetune job on a second Ray node that cannot see the artifacts: docs/cluster.md)
@@ -55,13 +55,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for). Each worker
-# collects the whole suite and imports torch & co. again; --dist loadfile keeps a test file on one worker, so
-# its module fixtures are built once and its tests share the worker's memo of embeddings and fits
-# (tests/conftest.py). Not `make test`: the slow tests share one session-scoped pipeline run and Serve's port.
+# The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for; tests/conftest.py
+# gives each worker its share of the cores for torch). Each worker collects the whole suite and imports torch
+# & co. again. --dist worksteal: each worker starts on its half of the tests, in file order (a file's module
+# fixtures and the worker's memo of embeddings and fits serve the file's tests), and one that runs out takes
+# half of what the other has left; with whole files per worker (loadfile) the heavy files with few tests came
+# last and one worker finished up to 9 s before the other. Not `make test`: the slow tests share one
+# session-scoped pipeline run and Serve's port.
 TEST_WORKERS ?= 2
 test-fast: setup
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
