@@ -52,8 +52,10 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 demo: setup
 	$(PY) -m distill notebook --profile $(PROFILE)
 
+# PYTHONFAULTHANDLER: a crash in a C extension after the last test (at interpreter exit, where pytest's own
+# fault handler is off) still prints every thread's Python stack.
 test: setup
-	$(PY) -m pytest
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest
 
 # The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for; tests/conftest.py
 # gives each worker its share of the cores for torch). Each worker collects the whole suite and imports torch

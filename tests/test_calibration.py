@@ -11,10 +11,12 @@ from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
 from distill.evaluation.calibration import (
+    choose_calibration,
     choose_threshold,
     ece_noise_floor,
     expected_calibration_error,
     fit_calibration,
+    fit_platt,
     fit_temperature,
     plot_reliability,
     reliability_bins,
@@ -95,7 +97,7 @@ def test_bad_input_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no examples"):
         expected_calibration_error([], [])
     with pytest.raises(ValueError, match="unknown calibration method"):
-        fit_calibration([0.5], [True], "platt")  # type: ignore[arg-type]
+        fit_calibration([0.5], [True], "beta")  # type: ignore[arg-type]
 
 
 def test_threshold_reaches_the_teacher_with_the_least_fallback() -> None:
@@ -142,3 +144,85 @@ def test_calibrate_student_fits_on_dev_scores_on_test_and_writes_what_the_cascad
     with pytest.raises(ValueError, match="not valid cascade params"):
         (tmp_path / "bad.json").write_text('{"threshold": -1}')
         CascadeParams.load(tmp_path / "bad.json")
+
+
+def test_a_fit_on_true_labels_corrects_what_a_fit_on_agreement_overstates(tmp_path) -> None:
+    """The devset's labels are the teacher's: when the teacher is wrong on 20% of queries, the student's
+    agreement with it is higher than its accuracy, and a fit there is overconfident on test by about that
+    much. The same fit on gold (true labels) is not; the threshold is chosen on the devset in both cases."""
+    from distill.evaluation.calibration import calibrate_student
+
+    rng = np.random.default_rng(7)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p, agrees = generator(n, 2.5, seed=int(rng.integers(1 << 30)))
+        teacher_right = rng.random(n) < 0.8
+        # right against the truth only when it agrees with a teacher who is right (same label, the true one)
+        return p, agrees, agrees & teacher_right
+
+    dev_p, dev_agree, _ = split(600)
+    gold_p, _, gold_right = split(600)
+    test_p, _, test_right = split(4000)
+    on_dev, _ = calibrate_student((dev_p, dev_agree), (test_p, test_right), tmp_path / "dev", "auto")
+    on_gold, _ = calibrate_student((dev_p, dev_agree), (test_p, test_right), tmp_path / "gold", "auto",
+                                   fit=(gold_p, gold_right), fit_on="gold")
+    assert on_dev.fit_on == "devset" and on_gold.fit_on == "gold" and on_gold.n_fit == 600
+    assert on_dev.ece_testset_after > 0.08 and on_gold.ece_testset_after < 0.04, (on_dev, on_gold)
+    # The same queries go to the teacher: a monotone calibration keeps the devset's order, so its threshold
+    # picks the same devset answers whatever it was fit on.
+    assert on_dev.devset_fallback_share == on_gold.devset_fallback_share
+    assert on_dev.testset_fallback_share == on_gold.testset_fallback_share
+
+
+def test_gold_calibration_only_for_a_student_that_never_trained_on_gold() -> None:
+    from distill.config import load_config
+    from distill.errors import ConfigError
+
+    assert load_config("local_full").calibration_split == "gold"  # sft_source: teacher
+    assert load_config("local").calibration_split == "devset"  # sft_source: both
+    with pytest.raises(ConfigError, match="calibrate_on: gold needs curation.sft_source: teacher"):
+        load_config("local", overrides={"cascade": {"calibrate_on": "gold"}})
+
+
+def test_auto_picks_a_shift_where_temperature_cannot_reach_and_nothing_where_none_is_needed() -> None:
+    """A student right 75% as often as it says, at every confidence: temperature keeps 0.5 at 0.5 and cannot
+    lower everything alike, platt's shift can, and cross-validation on the fit's data sees it. A calibrated
+    one is left alone (or nearly: no fitted method may do clearly worse than none held out)."""
+    p, y = generator(3000, 1.0, seed=11)
+    rng = np.random.default_rng(12)
+    shifted = y & (rng.random(len(y)) < 0.75)
+    method, scores = choose_calibration(p, shifted)
+    assert method in ("platt", "isotonic") and scores[method] < scores["temperature"] - 0.005, scores
+    cal = fit_calibration(p, shifted, "auto")
+    assert cal.method == method and cal.cv_log_loss == scores
+    assert expected_calibration_error(cal.apply_many(p), shifted) < 0.03
+    method, scores = choose_calibration(p, y)
+    assert scores[method] > scores["none"] - 0.002, scores
+    # platt keeps the order of the confidences (a > 0), so a threshold picks the same answers
+    slope, bias = fit_platt(p, shifted)
+    assert slope > 0 and np.all(np.diff(Calibration(method="platt", slope=slope, bias=bias)
+                                        .apply_many(np.sort(p))) >= 0)
+
+
+def test_the_budget_is_kept_with_confidence_on_the_devset_and_unlabeled_queries() -> None:
+    """Measured on 100 devset queries, a 25% share is good to about 7 points: with budget_confidence the
+    bound must stay within the budget, so less goes to the teacher; unlabeled queries beside the devset
+    narrow the bound. The first threshold (nothing from the devset to the teacher) is always allowed."""
+    from distill.evaluation.calibration import share_upper_bound
+
+    p, y = generator(100, 1.0, seed=21)
+    teacher = np.ones(100, dtype=bool)
+    plain = choose_threshold(p, y, teacher, target=1.0, max_fallback=0.25)
+    guarded = choose_threshold(p, y, teacher, target=1.0, max_fallback=0.25, budget_confidence=0.95)
+    unlabeled, _ = generator(2000, 1.0, seed=22)
+    wide = choose_threshold(p, y, teacher, target=1.0, max_fallback=0.25, budget_sample=unlabeled,
+                            budget_confidence=0.95)
+    assert plain.fallback_share <= 0.25 and plain.budget_bound is None
+    assert guarded.budget_n == 100 and guarded.budget_bound <= 0.25 and guarded.fallback_share < plain.fallback_share
+    assert wide.budget_n == 2100 and wide.budget_bound <= 0.25 and wide.budget_share > guarded.budget_share
+    assert "with 95% confidence on 2100 queries" in wide.rule()
+    # Wilson: 20 of 100 -> at most ~27% at 95%; of 2100, ~21.4%; none of 100 is still up to ~2.6%
+    assert 0.26 < share_upper_bound(0.2, 100, 0.95) < 0.28 and 0.2 < share_upper_bound(0.2, 2100, 0.95) < 0.22
+    assert share_upper_bound(0.2, 100, None) == 0.2 and 0 < share_upper_bound(0.0, 100, 0.95) < 0.03
+    nothing = choose_threshold(p, y, teacher, target=1.0, max_fallback=0.0, budget_confidence=0.95)
+    assert nothing.fallback_share == 0.0

@@ -52,10 +52,17 @@ def test_out_of_budget_the_most_agreement_within_it_ties_to_less_fallback() -> N
 
 def test_the_default_budget_is_the_config_s() -> None:
     c = CascadeConfig()
-    assert (c.enabled, c.calibration, c.max_fallback, c.target_agreement) == (True, "temperature", 0.25, 1.0)
-    # 25% of 8 queries: two may go to the teacher; 100% agreement needs five, so the best within two.
+    assert (c.enabled, c.calibration, c.calibrate_on, c.max_fallback, c.target_agreement) == (
+        True, "auto", "auto", 0.25, 1.0)
+    assert (c.budget_confidence, c.budget_queries) == (0.95, 500)
+    # 25% of 8 queries, as measured: two may go to the teacher; 100% agreement needs five, so the best within two.
     choice = choose_threshold(CONF, STUDENT, TEACHER, c.target_agreement, c.max_fallback)
     assert choice.fallback_share <= 0.25 and choice.accuracy == 7 / 8 and not choice.reached
+    # With 95% confidence 8 queries allow none (even 0 of 8 is up to 25.3%): the first threshold stands,
+    # where the student answers every devset query.
+    choice = choose_threshold(CONF, STUDENT, TEACHER, c.target_agreement, c.max_fallback,
+                              budget_confidence=c.budget_confidence)
+    assert choice.fallback_share == 0 and choice.budget_n == 8 and 0.25 < choice.budget_bound < 0.26
 
 
 def test_the_curve_runs_from_the_student_alone_to_the_teacher_alone() -> None:

@@ -358,10 +358,29 @@ class CascadeConfig(_Strict):
 
     enabled: bool = Field(True, description="False: the cascade stage measures nothing and serving deploys the "
                                             "student alone.")
-    calibration: Literal["temperature", "isotonic"] = Field(
-        "temperature", description="How the student's confidence is calibrated on the devset.")
+    # auto: temperature, platt, isotonic or none, whichever has the lowest held-out log loss in a 10-fold
+    # cross-validation on the fit's own data (distill.evaluation.calibration.choose_calibration).
+    calibration: Literal["auto", "temperature", "platt", "isotonic"] = Field(
+        "auto", description="How the student's confidence is calibrated (auto: chosen by cross-validation).")
+    # The devset's labels are the teacher's: a fit there learns how often the student agrees with the teacher,
+    # overconfident against the truth by about the teacher's own error. The gold labels are true, and unseen
+    # by a student finetuned on the teacher's labels alone; one that trained on them would look calibrated on
+    # its own training data. auto: gold when curation.sft_source is teacher, else the devset. The threshold is
+    # chosen on the devset either way (its budget is a share of devset queries).
+    calibrate_on: Literal["auto", "devset", "gold"] = Field(
+        "auto", description="Fit the calibration on the devset or the gold labels (auto: gold when the student "
+                            "never trained on them).")
     max_fallback: float = Field(0.25, ge=0.0, le=1.0,
-                                description="At most this share of devset queries go to the teacher.")
+                                description="At most this share of queries go to the teacher.")
+    # The budget is a promise about traffic not seen yet: a share measured on 100 devset queries is good to
+    # about 7 points. It is measured on the devset plus up to budget_queries unlabeled queries the teacher
+    # never labeled (a share needs no labels), and its one-sided upper bound at budget_confidence must stay
+    # within max_fallback. null: the devset's share itself, as measured.
+    budget_confidence: float | None = Field(
+        0.95, gt=0.0, lt=1.0, description="Confidence that the fallback share stays within max_fallback.")
+    budget_queries: int = Field(
+        500, ge=0, description="Unlabeled queries (never labeled by the teacher) the fallback share is also "
+                               "measured on: the student's confidence only.")
     target_agreement: float = Field(
         1.0, ge=0.0, le=1.0, description="Stop at the smallest fallback share whose devset agreement with the "
                                          "teacher reaches this.")
@@ -440,6 +459,21 @@ class Config(_Strict):
             raise ValueError(f"curation.min_confidence needs teacher.strategy vote_llm (the only teacher that "
                              f"records a confidence), not {self.teacher.strategy}")
         return self
+
+    @model_validator(mode="after")
+    def _gold_calibration_needs_an_unseen_gold(self) -> "Config":
+        if self.cascade.calibrate_on == "gold" and self.curation.sft_source != "teacher":
+            raise ValueError(f"cascade.calibrate_on: gold needs curation.sft_source: teacher; with "
+                             f"{self.curation.sft_source!r} the student trains on the gold labels, and a fit on "
+                             f"its own training data makes it look calibrated (use devset or auto)")
+        return self
+
+    @property
+    def calibration_split(self) -> Literal["devset", "gold"]:
+        """Where the cascade's calibration is fit: `cascade.calibrate_on`, with auto resolved."""
+        if self.cascade.calibrate_on != "auto":
+            return self.cascade.calibrate_on
+        return "gold" if self.curation.sft_source == "teacher" else "devset"
 
     @model_validator(mode="after")
     def _old_data_keys_agree_with_the_task(self) -> "Config":

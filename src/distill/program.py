@@ -149,21 +149,25 @@ def answer_confidence(logprobs: Any) -> float | None:
     return float(math.exp(min(0.0, sum(values))))
 
 
-CalibrationMethod = Literal["temperature", "isotonic", "none"]
+CalibrationMethod = Literal["temperature", "platt", "isotonic", "none"]
 
 
 class Calibration(BaseModel):
-    """A map from the student's raw confidence to a calibrated one, fit on the devset
+    """A map from the student's raw confidence to a calibrated one, fit on the devset or gold
     (`distill.evaluation.calibration.fit_calibration`). Applied at serve time without scikit-learn."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: CalibrationMethod
     temperature: float = Field(1.0, gt=0)  # temperature: sigmoid(logit(p) / T)
+    slope: float = Field(1.0, gt=0)  # platt: sigmoid(slope * logit(p) + bias); slope > 0 keeps the order
+    bias: float = 0.0
     x: list[float] = []  # isotonic: the fitted step function's knots (interpolated linearly, as sklearn does)
     y: list[float] = []
-    n: int = Field(0, ge=0, description="Devset examples it was fit on.")
-    ece_before: float | None = None  # on the devset it was fit on
+    n: int = Field(0, ge=0, description="Examples it was fit on.")
+    # auto: each method's mean held-out log loss in cross-validation on the fit's data; the lowest was chosen
+    cv_log_loss: dict[str, float] = {}
+    ece_before: float | None = None  # on the data it was fit on
     ece_after: float | None = None
 
     def apply_many(self, confidence: Sequence[float]) -> list[float]:
@@ -172,6 +176,8 @@ class Calibration(BaseModel):
         p = np.clip(np.asarray(confidence, dtype=np.float64), 1e-6, 1 - 1e-6)
         if self.method == "temperature":
             out = 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / self.temperature))
+        elif self.method == "platt":
+            out = 1.0 / (1.0 + np.exp(-(self.slope * np.log(p / (1 - p)) + self.bias)))
         elif self.method == "isotonic":
             out = np.interp(p, self.x, self.y) if self.x else p
         else:

@@ -171,7 +171,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"(devset, {cd['n']} teacher labels)",
                      f"{cr['threshold']:.3f}: {cr['threshold_rule']}"))
         floor = ct.get("ece_noise_floor")
-        rows.append(("student confidence ECE on test: raw / calibrated (fit on the devset)"
+        fit = cr.get("fit") or {"split": "devset"}
+        fit_on = "the devset" if fit["split"] == "devset" else f"{fit['n']} gold labels"
+        rows.append((f"student confidence ECE on test: raw / calibrated (fit on {fit_on})"
                      + ("" if floor is None else " / a calibrated predictor's at this size (95th percentile)"),
                      f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"
                      + ("" if floor is None else f" / {floor:.3f}")))

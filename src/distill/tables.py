@@ -124,12 +124,15 @@ def cascade_table(r: CascadeResult) -> Table:
 
     rows = [[f"devset ({d.n}, teacher labels: agreement)", _pct(d.student_accuracy), _pct(d.teacher_accuracy),
              _pct(d.cascade_accuracy), _pct(d.fallback_share), ece(d)],
+            *([[f"gold ({f.n}, fits the calibration)", _pct(f.student_accuracy), "", "", "",
+                f"{f.ece_raw:.3f} -> {f.ece_calibrated:.3f} (in-sample)"]]
+              if (f := r.fit) is not None and f.split == "gold" else []),
             [f"test set ({t.n}, scored only)", _pct(t.student_accuracy), _pct(t.teacher_accuracy),
              _pct(t.cascade_accuracy), _pct(t.fallback_share), ece(t)]]
     cost = (f"; per query, estimated from per-call p50s: {r.cost.seconds_p50:.3f} s and "
             f"{r.cost.tokens_per_query:.0f} tokens (student alone {r.cost.student.p50_s:.3f} s)" if r.cost else "")
     return table(f"Cascade: {r.kind} {r.variant} student ({r.model}), the teacher below {r.threshold:.3f} "
-                 f"({r.calibration.method}-calibrated confidence)",
+                 f"({r.calibration.method}-calibrated confidence, fit on {r.fit.split if r.fit else 'devset'})",
                  ["", "student", "teacher", "cascade", "to the teacher", "ECE raw -> calibrated"], rows,
                  caption=f"threshold: {r.threshold_rule}{cost}. ECE's chance level: the ECE a perfectly calibrated "
                          f"predictor exceeds 5% of the time at that size")

@@ -6,11 +6,15 @@ calibrated: its 0.9 is not right 90% of the time. Two fits, both on (confidence,
 devset, never the test set:
 
 * `temperature`: one parameter on the confidence's log-odds, p' = sigmoid(logit(p) / T), fit by maximum
-  likelihood (scipy). Monotone and hard to overfit on a few hundred examples.
+  likelihood (scipy). Monotone and hard to overfit on a few hundred examples; it keeps 0.5 at 0.5, so it
+  cannot lower every confidence alike (a student right less often than it says, everywhere).
+* `platt`: two, p' = sigmoid(a * logit(p) + b) with a > 0, by maximum likelihood: temperature plus a shift.
 * `isotonic`: scikit-learn's isotonic regression, a monotone step function; more flexible, overfits small
   devsets.
+* `auto`: the one of these (or none) with the lowest held-out log loss in a k-fold cross-validation on the
+  fit's own data (`choose_calibration`), so the choice never looks at the test set.
 
-Both keep the order of the confidences, so a threshold on either picks the same answers; calibration is
+All keep the order of the confidences, so a threshold on any picks the same answers; calibration is
 what makes the threshold (and the reported confidence) mean what it says.
 """
 
@@ -19,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
@@ -109,22 +113,89 @@ def fit_temperature(confidence: Sequence[float], correct: Sequence[bool]) -> flo
     return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
 
 
-def fit_calibration(confidence: Sequence[float], correct: Sequence[bool],
-                    method: CalibrationMethod = "temperature", bins: int = 10) -> Calibration:
-    """Fit `method` on (confidence, correct) of the devset; the result records the ECE before and after,
-    measured on the same devset (in-sample: report the test set's too, with `Calibration.apply`)."""
+def fit_platt(confidence: Sequence[float], correct: Sequence[bool]) -> tuple[float, float]:
+    """(a, b) minimising the negative log-likelihood of `correct` under sigmoid(a * logit(p) + b), a > 0."""
     p, y = _arrays(confidence, correct)
+    z = logit(np.clip(p, EPS, 1 - EPS))
+
+    def nll(ab: np.ndarray) -> float:
+        q = np.clip(expit(np.exp(ab[0]) * z + ab[1]), EPS, 1 - EPS)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    # a = exp(log a) keeps the order; log a in [-5, 5] and |b| <= 20 as for the temperature: never binding.
+    res = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=[(-5.0, 5.0), (-20.0, 20.0)])
+    return float(np.exp(res.x[0])), float(res.x[1])
+
+
+FITTED_METHODS: tuple[CalibrationMethod, ...] = ("none", "temperature", "platt", "isotonic")
+
+
+def log_loss(confidence: Sequence[float], correct: Sequence[bool]) -> float:
+    """Mean negative log-likelihood of `correct` (confidences clipped to [1e-4, 1 - 1e-4]: an isotonic step
+    at 0 or 1 costs a bounded amount when it is wrong, not infinity)."""
+    q = np.clip(np.asarray(confidence, dtype=np.float64), 1e-4, 1 - 1e-4)
+    y = np.asarray(correct, dtype=np.float64)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+
+def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], folds: int = 10,
+                       seed: int = 0) -> tuple[CalibrationMethod, dict[str, float]]:
+    """The method (of `FITTED_METHODS`) with the lowest mean held-out log loss over `folds` shuffled folds of
+    (confidence, correct), and every method's. Ties go to the simpler one (the order of FITTED_METHODS)."""
+    from sklearn.model_selection import KFold
+
+    p, y = _arrays(confidence, correct)
+    splits = list(KFold(n_splits=min(folds, len(p)), shuffle=True, random_state=seed).split(p))
+    scores: dict[str, float] = {}
+    for method in FITTED_METHODS:
+        losses = []
+        for train, held in splits:
+            if method != "none" and len(np.unique(y[train])) < 2:
+                losses.append(log_loss(p[held], y[held]))  # nothing to fit on a one-class fold: raw
+                continue
+            cal = fit_calibration(p[train], y[train], method)
+            losses.append(log_loss(cal.apply_many(p[held]), y[held]))
+        scores[method] = round(float(np.mean(losses)), 6)
+    best = min(FITTED_METHODS, key=lambda m: (scores[m], FITTED_METHODS.index(m)))
+    return best, scores
+
+
+def fit_calibration(confidence: Sequence[float], correct: Sequence[bool],
+                    method: CalibrationMethod | Literal["auto"] = "temperature", bins: int = 10) -> Calibration:
+    """Fit `method` on (confidence, correct) of the devset; the result records the ECE before and after,
+    measured on the same devset (in-sample: report the test set's too, with `Calibration.apply`).
+    `auto`: the method `choose_calibration` picks by cross-validation on the same data, refit on all of it."""
+    p, y = _arrays(confidence, correct)
+    if method == "auto":
+        chosen, scores = choose_calibration(p, y)
+        return fit_calibration(p, y, chosen, bins).model_copy(update={"cv_log_loss": scores})
     if method == "temperature":
         cal = Calibration(method="temperature", temperature=fit_temperature(p, y), n=len(p))
+    elif method == "platt":
+        slope, bias = fit_platt(p, y)
+        cal = Calibration(method="platt", slope=slope, bias=bias, n=len(p))
     elif method == "isotonic":
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
         cal = Calibration(method="isotonic", x=iso.X_thresholds_.tolist(), y=iso.y_thresholds_.tolist(), n=len(p))
     elif method == "none":
         cal = Calibration(method="none", n=len(p))
     else:
-        raise ValueError(f"unknown calibration method {method!r}: temperature, isotonic or none")
+        raise ValueError(f"unknown calibration method {method!r}: auto, temperature, platt, isotonic or none")
     return cal.model_copy(update={"ece_before": expected_calibration_error(p, y, bins),
                                   "ece_after": expected_calibration_error(cal.apply_many(p), y, bins)})
+
+
+def share_upper_bound(share: float, n: int, confidence: float | None) -> float:
+    """The one-sided upper bound of a share measured on `n` queries at `confidence` (Wilson score interval);
+    `confidence` None: the share itself."""
+    if confidence is None or n == 0:
+        return share
+    from scipy.stats import norm
+
+    z = float(norm.ppf(confidence))
+    centre = share + z * z / (2 * n)
+    spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return float(min(1.0, (centre + spread) / (1 + z * z / n)))
 
 
 @dataclass(frozen=True)
@@ -134,11 +205,22 @@ class ThresholdChoice:
     fallback_share: float  # share of devset queries sent to the teacher
     target: float  # the accuracy it had to reach
     reached: bool  # False: no threshold within the budget reaches the target; the most accurate one is chosen
-    max_fallback: float = 1.0  # the budget: at most this share of devset queries may go to the teacher
+    max_fallback: float = 1.0  # the budget: at most this share of queries may go to the teacher
+    # the share measured on the devset and any unlabeled queries beside it (budget_sample), how many, and
+    # its upper bound at budget_confidence: what has to stay within max_fallback
+    budget_share: float | None = None
+    budget_n: int | None = None
+    budget_bound: float | None = None
+    budget_confidence: float | None = None
 
     def rule(self) -> str:
         """How it was chosen, in words (for the report)."""
-        budget = f"at most {self.max_fallback:.0%} of devset queries to the teacher"
+        if self.budget_confidence is None:
+            budget = f"at most {self.max_fallback:.0%} of devset queries to the teacher"
+        else:
+            budget = (f"at most {self.max_fallback:.0%} of queries to the teacher, with {self.budget_confidence:.0%} "
+                      f"confidence on {self.budget_n} queries: {self.budget_share:.1%}, at most "
+                      f"{self.budget_bound:.1%}")
         if self.reached:
             return (f"the smallest devset fallback share ({budget}) reaching {self.target:.1%} devset "
                     f"accuracy (agreement with the teacher on its own labels)")
@@ -168,22 +250,35 @@ def fallback_curve(confidence: Sequence[float], student_correct: Sequence[bool],
 
 
 def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool], teacher_correct: Sequence[bool],
-                     target: float | None = None, max_fallback: float = 1.0) -> ThresholdChoice:
+                     target: float | None = None, max_fallback: float = 1.0,
+                     budget_sample: Sequence[float] = (), budget_confidence: float | None = None) -> ThresholdChoice:
     """The threshold with the smallest fallback share whose cascade accuracy on the devset reaches `target`
     (default: the teacher's own devset accuracy), among those sending at most `max_fallback` of the queries
     to the teacher; if none does, the most accurate of those (ties: the smaller fallback share). Candidates
     are the devset's confidences themselves (`fallback_curve`), so nothing is interpolated between examples;
-    the lowest sends nothing to the teacher, so there is always one within the budget."""
+    the lowest sends nothing to the teacher, so there is always one within the budget.
+
+    The budget is a promise about traffic the cascade has not seen. With `budget_confidence`, the fallback
+    share is measured on the devset plus `budget_sample` (the confidences of unlabeled queries: a share
+    needs no labels) and its one-sided upper bound at that confidence (`share_upper_bound`) must stay within
+    `max_fallback`: a devset of 100 puts its share within about 7 points, not 1."""
     if not 0.0 <= max_fallback <= 1.0:
         raise ValueError(f"max_fallback must be a share in [0, 1], not {max_fallback}")
+    p, _ = _arrays(confidence, student_correct)
     _, t = _arrays(confidence, teacher_correct)
+    pool = np.concatenate([p, np.asarray(budget_sample, dtype=np.float64)])
     goal = float(t.mean()) if target is None else target
     best: ThresholdChoice | None = None
     for point in fallback_curve(confidence, student_correct, teacher_correct):
-        if point.fallback_share > max_fallback + 1e-12:
-            break  # ascending: every later threshold sends more
+        share = float((pool < point.threshold).mean())
+        bound = share_upper_bound(share, len(pool), budget_confidence)
+        over = (bound if budget_confidence is not None else point.fallback_share) > max_fallback + 1e-12
+        if over and best is not None:
+            break  # ascending: every later threshold sends more (the first, nothing from the devset, stays)
         choice = ThresholdChoice(point.threshold, point.accuracy, point.fallback_share, goal,
-                                 point.accuracy >= goal - 1e-12, max_fallback)
+                                 point.accuracy >= goal - 1e-12, max_fallback,
+                                 *((round(share, 6), len(pool), round(bound, 6), budget_confidence)
+                                   if budget_confidence is not None else ()))
         if choice.reached:
             return choice
         if best is None or point.accuracy > best.accuracy:
@@ -220,12 +315,19 @@ def plot_reliability(curves: Mapping[str, Sequence[float]], correct: Sequence[bo
 
 
 class CalibrationReport(BaseModel):
-    """`calibration.json`: the student's confidence before and after calibration on the devset (where it was
-    fit) and the test set (scored only), and the cascade threshold chosen on the devset."""
+    """`calibration.json`: the student's confidence before and after calibration on the data it was fit on
+    (`fit_on`), the devset and the test set (scored only), and the cascade threshold chosen on the devset."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: CalibrationMethod
+    # what the fit saw: "devset" (the teacher's labels: agreement) or "gold" (true labels the student never
+    # trained on); its ECE before and after is in-sample
+    fit_on: str = "devset"
+    n_fit: int | None = None
+    accuracy_fit: float | None = None
+    ece_fit_before: float | None = None
+    ece_fit_after: float | None = None
     n_devset: int
     n_testset: int
     accuracy_devset: float
@@ -244,6 +346,12 @@ class CalibrationReport(BaseModel):
     threshold_rule: str = ""  # how the threshold was chosen, in words
     devset_cascade_accuracy: float
     devset_fallback_share: float
+    # the fallback share on the devset plus unlabeled queries, their number, and its upper bound at
+    # budget_confidence (None: the budget was checked on the devset's share alone)
+    budget_share: float | None = None
+    budget_n: int | None = None
+    budget_bound: float | None = None
+    budget_confidence: float | None = None
     testset_fallback_share: float  # at the devset's threshold
     testset_student_accuracy_kept: float | None  # the student's test accuracy on the answers it keeps
     plot: str
@@ -265,35 +373,47 @@ def score_confidence(program: Any, lm: Any, prompt: Prompt, examples: Sequence[A
 
 
 def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[Sequence[float], Sequence[bool]],
-                      out_dir: Path, method: CalibrationMethod = "temperature",
+                      out_dir: Path, method: CalibrationMethod | Literal["auto"] = "temperature",
                       teacher_dev_correct: Sequence[bool] | None = None, target: float | None = None,
-                      title: str = "", max_fallback: float = 1.0) -> tuple[CalibrationReport, CascadeParams]:
-    """Fit the calibration and choose the threshold on `dev` (confidence, correct); score both on `test`.
+                      title: str = "", max_fallback: float = 1.0,
+                      fit: tuple[Sequence[float], Sequence[bool]] | None = None,
+                      fit_on: str = "devset", budget_sample: Sequence[float] = (),
+                      budget_confidence: float | None = None) -> tuple[CalibrationReport, CascadeParams]:
+    """Fit the calibration on `fit` (default: `dev`) and choose the threshold on `dev` (confidence, correct);
+    score both on `test`. `fit_on` names the fit's data in the report (e.g. "gold": true labels the student
+    never trained on, where the devset holds the teacher's).
 
     `teacher_dev_correct` defaults to all True: on a devset labeled by the teacher (the pipeline's synthetic
     devset) the teacher is right by construction, so the default target asks the cascade to agree with the
-    teacher on every devset query; `max_fallback` caps the devset share sent to the teacher (`choose_threshold`).
-    Writes cascade.json, calibration.json and reliability.png to `out_dir`.
+    teacher on every devset query; `max_fallback` caps the share sent to the teacher, checked as
+    `choose_threshold` says with `budget_sample` (raw confidences of unlabeled queries, calibrated here) and
+    `budget_confidence`. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
     """
     (dev_p, dev_y), (test_p, test_y) = _arrays(*dev), _arrays(*test)
-    cal = fit_calibration(dev_p, dev_y, method)
+    fit_p, fit_y = (dev_p, dev_y) if fit is None else _arrays(*fit)
+    cal = fit_calibration(fit_p, fit_y, method)
     dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
     teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
-    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback)
+    budget_c = cal.apply_many(budget_sample) if len(budget_sample) else []
+    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback, budget_c, budget_confidence)
     kept = test_c >= choice.threshold
-    plot = plot_reliability({"test, raw": test_p, f"test, {method} (fit on dev)": test_c}, test_y,
+    plot = plot_reliability({"test, raw": test_p, f"test, {cal.method} (fit on {fit_on})": test_c}, test_y,
                             out_dir / "reliability.png",
                             title or f"Student confidence on the test set ({len(test_p)} queries)")
     report = CalibrationReport(
-        method=method, n_devset=len(dev_p), n_testset=len(test_p), accuracy_devset=float(dev_y.mean()),
-        accuracy_testset=float(test_y.mean()), ece_devset_before=float(cal.ece_before or 0),
-        ece_devset_after=float(cal.ece_after or 0), ece_testset_before=expected_calibration_error(test_p, test_y),
+        method=cal.method, fit_on=fit_on, n_fit=len(fit_p), accuracy_fit=float(fit_y.mean()),
+        ece_fit_before=float(cal.ece_before or 0), ece_fit_after=float(cal.ece_after or 0),
+        n_devset=len(dev_p), n_testset=len(test_p), accuracy_devset=float(dev_y.mean()),
+        accuracy_testset=float(test_y.mean()), ece_devset_before=expected_calibration_error(dev_p, dev_y),
+        ece_devset_after=expected_calibration_error(dev_c, dev_y),
+        ece_testset_before=expected_calibration_error(test_p, test_y),
         ece_testset_after=expected_calibration_error(test_c, test_y),
         ece_testset_noise_floor=ece_noise_floor(test_c), threshold=choice.threshold,
         threshold_target=choice.target, threshold_reached=choice.reached, threshold_max_fallback=max_fallback,
         threshold_rule=choice.rule(),
         devset_cascade_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share,
-        testset_fallback_share=float(1 - kept.mean()),
+        budget_share=choice.budget_share, budget_n=choice.budget_n, budget_bound=choice.budget_bound,
+        budget_confidence=choice.budget_confidence, testset_fallback_share=float(1 - kept.mean()),
         testset_student_accuracy_kept=float(test_y[kept].mean()) if kept.any() else None, plot=str(plot))
     params = CascadeParams(threshold=choice.threshold, calibration=cal, target=choice.target,
                            devset_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share)

@@ -61,8 +61,10 @@ def evaluate(
     predictions_path: Path | None = None,
     name: str = "",
     prompt: Prompt = "full",
+    labeled: bool = True,
 ) -> EvalResult:
-    """`dspy.Evaluate` with exact match; per-example predictions are kept (and written as JSONL)."""
+    """`dspy.Evaluate` with exact match; per-example predictions are kept (and written as JSONL).
+    `labeled` False: examples whose label is a placeholder (only the answers are wanted); no score is printed."""
     valid = ValidLabel(labels)
     guard = CallGuard(lm.kwargs.get("api_base"))  # a dead endpoint or a bug in our code: raised as what it is
     t0 = time.perf_counter()
@@ -89,7 +91,8 @@ def evaluate(
     if predictions_path is not None:
         write_jsonl(predictions_path, predictions)
     out = EvalResult(result.score / 100.0, n_valid / max(1, len(examples)), len(examples), seconds, predictions)
-    console.print(f"{name}: [bold]{out.score:.1%}[/] on {out.n} (valid {out.valid_rate:.0%}, {seconds:.0f} s)")
+    score = f"[bold]{out.score:.1%}[/] on {out.n}" if labeled else f"{out.n} answered, unlabeled"
+    console.print(f"{name}: {score} (valid {out.valid_rate:.0%}, {seconds:.0f} s)")
     return out
 
 

@@ -1,6 +1,6 @@
 """The cascade stage (issue 31): the deployed student answers with a confidence; below a threshold the teacher
-answers. Calibration and threshold are fit on the devset only (`cascade:` in the profile says how); the test
-set is then scored once: the cascade against the student and the teacher alone, the fallback share, ECE,
+answers. The threshold is chosen on the devset, the calibration fit there or on the gold labels when the
+student never trained on them (`cascade:` in the profile says how); the test set is then scored once: the cascade against the student and the teacher alone, the fallback share, ECE,
 the accuracy-vs-fallback curve over every threshold, a cost estimate, and a per-label table.
 
 The student is served as the evaluation stage serves it (same endpoint, same DSPy caches), asked for
@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from distill.config import Config
-from distill.data.dataset import TaskData, read_jsonl, write_jsonl
+from distill.data.dataset import TaskData, make_example, read_jsonl, write_jsonl
 from distill.errors import DistillError
 from distill.evaluation.calibration import calibrate_student, ece_noise_floor, fallback_curve
 from distill.evaluation.cascade_report import (
@@ -64,17 +64,35 @@ class SplitScores(BaseModel):
     no_confidence: int = 0  # answers without a confidence (a failed call): sent to the teacher, as served
 
 
+class CalibrationFit(BaseModel):
+    """The data the calibration was fit on (`cascade.calibrate_on`), its ECE in-sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str  # devset (the teacher's labels) | gold (true labels the student never trained on)
+    n: int
+    student_accuracy: float
+    ece_raw: float
+    ece_calibrated: float
+
+
 class CascadeResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str  # the deployed student (evaluation's deploy params)
     kind: str
     variant: str
-    calibration: Calibration  # fit on the devset
+    calibration: Calibration  # fit on `fit.split`
+    fit: CalibrationFit | None = None  # None: written before the fit's split was recorded (the devset)
     threshold: float  # on the calibrated confidence: the student answers at >= this
     threshold_rule: str  # how it was chosen, in words
     threshold_reached: bool  # the target agreement was reached within the budget
     max_fallback: float
+    # the fallback share the budget was checked on (devset + unlabeled queries), how many, its upper bound
+    budget_share: float | None = None
+    budget_n: int | None = None
+    budget_bound: float | None = None
+    budget_confidence: float | None = None
     target_agreement: float
     devset: SplitScores
     testset: SplitScores
@@ -126,7 +144,8 @@ class CascadeStage(Stage[CascadeManifest]):
 
     def fingerprint(self) -> str:
         cfg = self.cfg
-        return fingerprint(self.inputs(), cfg.cascade.model_dump(), endpoint_fingerprint(cfg, cfg.models.student),
+        return fingerprint(self.inputs(), cfg.cascade.model_dump(), cfg.calibration_split,
+                           endpoint_fingerprint(cfg, cfg.models.student),
                            cfg.evaluation.max_errors,
                            code_version("distill.evaluation", "distill.program", "distill.lm", "distill.stages.cascade"))
 
@@ -158,6 +177,15 @@ class CascadeStage(Stage[CascadeManifest]):
                                f"run's test queries: run the teacher stage again")
         return [r["predicted"] for r in rows]
 
+    def budget_queries(self) -> list[Any]:
+        """Up to `cascade.budget_queries` unlabeled queries the teacher never labeled (the pool's seeded order),
+        unlabeled: the fallback share is measured on them too (`cascade.budget_confidence`)."""
+        labeled = {r["text"] for r in read_jsonl(self.teacher.labels_path)} if self.teacher.labels_path.is_file() \
+            else set()
+        # "" as the label: evaluate wants one; only the answers' confidences are read
+        return [make_example(ex.text, "") for ex in self.data.unlabeled
+                if ex.text not in labeled][: self.cfg.cascade.budget_queries]
+
     def run(self) -> CascadeManifest:
         cfg, data, c = self.cfg, self.data, self.cfg.cascade
         if not c.enabled:
@@ -168,6 +196,8 @@ class CascadeStage(Stage[CascadeManifest]):
         teacher_m = require(self.teacher.load(), "teacher")
         params = DeployParams.load(self.evaluation.deploy_params_path)
         dev, test = self.evaluation.curation.splits()["devset"], data.test
+        fit_on = cfg.calibration_split
+        splits = {"devset": dev, "testset": test, **({"gold": data.gold} if fit_on == "gold" else {})}
         teacher_test = self.teacher_test_answers()
         program = params.load_program()
         st, threads, max_errors = cfg.models.student, cfg.evaluation.threads, cfg.evaluation.max_errors
@@ -177,8 +207,9 @@ class CascadeStage(Stage[CascadeManifest]):
             lm = self.lm(st, model=params.model, logprobs=True)
             scored = {name: evaluate(program, lm, examples, data.labels, threads, max_errors,
                                      name=f"{name}, deployed student with its confidence",
-                                     prompt=params.program.prompt).predictions
-                      for name, examples in (("devset", dev), ("testset", test))}
+                                     prompt=params.program.prompt, labeled=name != "budget").predictions
+                      for name, examples in {**splits, "budget": self.budget_queries()}.items()}
+        budget_sample = [p.get("confidence") or 0.0 for p in scored.pop("budget")]  # none: to the teacher
         missing = {name: sum(p.get("confidence") is None for p in preds) for name, preds in scored.items()}
         if all(missing[name] == len(scored[name]) for name in scored):
             raise DistillError("the student's answers carry no confidence: does its server decode the label set "
@@ -186,16 +217,21 @@ class CascadeStage(Stage[CascadeManifest]):
         # No confidence (a failed call): the served cascade asks the teacher; here it counts as confidence 0.
         conf = {name: np.array([p.get("confidence") or 0.0 for p in preds]) for name, preds in scored.items()}
         student = {name: [p["predicted"] for p in preds] for name, preds in scored.items()}
-        gold = {"devset": [ex.label for ex in dev], "testset": [ex.label for ex in test]}
-        teacher = {"devset": gold["devset"], "testset": teacher_test}  # the devset's labels are the teacher's
+        gold = {k: [ex.label for ex in examples] for k, examples in splits.items()}  # the devset's: the teacher's
         s_ok = {k: np.array([a == g for a, g in zip(student[k], gold[k])]) for k in gold}
+        fit_scores = (conf[fit_on], s_ok[fit_on])
+        for d in (conf, gold, student):  # gold only fits the calibration: no teacher answers or cascade there
+            d.pop("gold", None)
+        teacher = {"devset": gold["devset"], "testset": teacher_test}  # the devset's labels are the teacher's
         t_ok = {k: np.array([a == g for a, g in zip(teacher[k], gold[k])]) for k in gold}
 
-        # Fit and choose on the devset; the test set only passes through (calibrate_student scores it).
+        # Fit on the devset or gold, choose on the devset; the test set only passes through (scored).
         report, cascade = calibrate_student(
             (conf["devset"], s_ok["devset"]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
-            target=c.target_agreement, max_fallback=c.max_fallback,
-            title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on the devset)")
+            target=c.target_agreement, max_fallback=c.max_fallback, fit=fit_scores, fit_on=fit_on,
+            budget_sample=budget_sample, budget_confidence=c.budget_confidence,
+            title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on "
+                  f"{'the devset' if fit_on == 'devset' else f'{len(fit_scores[0])} gold labels'})")
         cal = cascade.calibration
         calibrated = {k: np.array(cal.apply_many(conf[k])) for k in conf}
         kept = {k: calibrated[k] >= cascade.threshold for k in conf}
@@ -243,13 +279,23 @@ class CascadeStage(Stage[CascadeManifest]):
                  if tc is not None and student_cost is not None}
         result = CascadeResult(
             model=params.model, kind=params.kind or ev.best.kind, variant=params.variant or ev.best.variant,
-            calibration=cal, threshold=round(cascade.threshold, 6), threshold_rule=report.threshold_rule,
+            calibration=cal, fit=CalibrationFit(split=fit_on, n=report.n_fit or 0,
+                                                student_accuracy=round(report.accuracy_fit or 0, 4),
+                                                ece_raw=round(report.ece_fit_before or 0, 4),
+                                                ece_calibrated=round(report.ece_fit_after or 0, 4)),
+            threshold=round(cascade.threshold, 6), threshold_rule=report.threshold_rule,
             threshold_reached=report.threshold_reached, max_fallback=c.max_fallback,
+            budget_share=report.budget_share, budget_n=report.budget_n, budget_bound=report.budget_bound,
+            budget_confidence=report.budget_confidence,
             target_agreement=c.target_agreement, devset=scores["devset"], testset=t, cost=costs.get("teacher"),
             cost_llm_path=costs.get("llm"), per_label=per_label, plots=plots,
             cascade_params=str(self.cascade_params_path), predictions=predictions)
         d = scores["devset"]
-        print(f"threshold {result.threshold:.3f} on the {c.calibration}-calibrated confidence, chosen on the devset: "
+        how = (f"{cal.method}, chosen by 10-fold cross-validated log loss: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in cal.cv_log_loss.items())) if cal.cv_log_loss else cal.method
+        print(f"calibration ({how}) fit on {fit_on} ({report.n_fit} queries, student accuracy "
+              f"{report.accuracy_fit:.1%}): ECE {report.ece_fit_before:.3f} -> {report.ece_fit_after:.3f} in-sample")
+        print(f"threshold {result.threshold:.3f} on the {cal.method}-calibrated confidence, chosen on the devset: "
               f"{d.fallback_share:.0%} of {d.n} devset queries to the teacher, agreement {d.cascade_accuracy:.1%} "
               f"(student alone {d.student_accuracy:.1%}); {report.threshold_rule}")
         print(f"test set ({t.n}): cascade {t.cascade_accuracy:.1%}, student alone {t.student_accuracy:.1%}, teacher "
