@@ -97,7 +97,7 @@ def test_an_active_point_labels_devset_valset_and_n_in_a_seed_round_then_uncerta
     assert (full.data.devset_size, full.data.optimizer_val_size) == (300, 50)  # the rule's premise
     for n, rounds, batch in ((300, 2, 100), (1000, 9, 100), (100, 1, 50), (250, 1, 100)):
         d = active_data(full.data, n)
-        assert (d.selection, d.num_to_label, d.optimizer_train_size) == ("active", 350 + n, n)
+        assert (d.selection, d.num_to_label, d.optimizer_train_size) == ("active", 350 + n, None)
         assert (d.active.rounds, d.active.batch_size) == (rounds, batch)
         assert d.seed_size == 350 + batch + n % batch  # devset + valset + one random batch (+ the remainder)
         assert d.seed_size + d.active.rounds * d.active.batch_size == d.num_to_label

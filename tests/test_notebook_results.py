@@ -188,3 +188,18 @@ def test_the_run_manifest_says_when_the_run_finished(tmp_path: Path, monkeypatch
     report = finish_run(cfg, time.time() - 5.0, setup_seconds=1.0)
     assert report["run"]["wall_seconds"] >= 5.0
     assert re.search(r"finished 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00;", markdown(report)), markdown(report)
+
+
+def test_the_run_records_the_commit_it_started_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit made while a run goes on is not the code that ran: the run manifest keeps the one `setup` saw."""
+    from distill import pipeline, report
+
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(tmp_path))
+    cfg = load_config("local_ci", overrides={"tracking": {"enabled": False}})
+    started = pipeline.setup(cfg)
+    at_start = pipeline._commit_at_start[cfg.artifacts]
+    assert at_start == report.git_commit(cfg.root)
+    monkeypatch.setattr(report, "git_commit", lambda root=None: "committed-during-the-run")
+    assert pipeline.finish_run(cfg, started)["git_commit"] == at_start
+    # without setup (a report rebuilt later), the commit checked out then
+    assert report.finish_run(cfg, started)["run"]["git_commit"] == "committed-during-the-run"

@@ -25,6 +25,7 @@ from distill.env import check_env, missing
 from distill.errors import DistillError
 from distill.report import finish_run as _finish_run
 from distill.report import print_summary, report_path, write_report
+from distill.tracking import git_commit
 from distill.stages.base import Manifest, Stage, console, require
 from distill.stages.baselines import BaselinesManifest
 from distill.stages.cascade import CascadeManifest
@@ -40,6 +41,9 @@ __all__ = ["setup", "stage", "data_stage", "baselines_stage", "teacher_stage", "
            "run", "finetune_call", "runs_table"]
 
 
+_commit_at_start: dict[Path, str] = {}  # artifacts dir -> the commit when `setup` ran, for `finish_run`
+
+
 def setup(cfg: Config, verbose: bool | None = None) -> float:
     """Environment check, where logs go, and DSPy's LM cache inside the artifact directory (so re-runs reuse
     calls).
@@ -49,6 +53,9 @@ def setup(cfg: Config, verbose: bool | None = None) -> float:
     start time, for `finish_run`.
     """
     started = time.time()
+    # What ran is the code checked out now (the stages are imported at the start); a commit made while the
+    # run goes on must not be recorded as the one that measured it.
+    _commit_at_start[cfg.artifacts] = git_commit(cfg.root)
     logs.configure(cfg.artifacts / "logs", cfg.verbose if verbose is None else verbose)
     checks = check_env(cfg)
     for c in checks:
@@ -153,7 +160,7 @@ def client_headers(cfg: Config) -> dict[str, str]:
 def finish_run(cfg: Config, started: float | None = None) -> dict:
     """Write the run manifest (wall time since `setup`, sizes, versions), the report, and print the summary;
     the report's numbers and files close the run's MLflow run."""
-    report = _finish_run(cfg, started)
+    report = _finish_run(cfg, started, commit=_commit_at_start.pop(cfg.artifacts, None))
     print_summary(report)
     deploy_params = cfg.artifacts / "deploy_params.json"
     tracking.finish(report, [report_path(cfg), deploy_params])

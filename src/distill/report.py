@@ -86,10 +86,12 @@ def load_report(cfg: Config) -> dict[str, Any]:
     return assemble_report(cfg)
 
 
-def finish_run(cfg: Config, started: float | None, setup_seconds: float | None = None) -> dict[str, Any]:
+def finish_run(cfg: Config, started: float | None, setup_seconds: float | None = None,
+               commit: str | None = None) -> dict[str, Any]:
     """Write the run manifest (wall time since `started`, sizes, versions) and the report.
 
-    `setup_seconds` defaults to what `make setup` recorded when it built this environment.
+    `setup_seconds` defaults to what `make setup` recorded when it built this environment; `commit` (the
+    one checked out when the run started) to the one checked out now.
     """
     if setup_seconds is None and (recorded := Path(sys.prefix) / "setup-seconds").is_file():
         setup_seconds = float(recorded.read_text().strip() or 0)
@@ -101,7 +103,7 @@ def finish_run(cfg: Config, started: float | None, setup_seconds: float | None =
                "finetune_training": cfg.finetune.training, "bfrs": cfg.evaluation.bfrs.model_dump()},
         versions=installed_versions(),
         wall_seconds=round(time.time() - started, 1) if started is not None else 0.0,
-        setup_seconds=setup_seconds, git_commit=git_commit(cfg.root), cpu_count=os.cpu_count(),
+        setup_seconds=setup_seconds, git_commit=commit or git_commit(cfg.root), cpu_count=os.cpu_count(),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the report's footer says when
     )
     write_manifest(cfg.artifacts / "run" / "manifest.json", run)

@@ -152,7 +152,9 @@ def active_data(data: DataConfig, n: int, batch: int = ACTIVE_BATCH) -> DataConf
     active = data.active.model_copy(update={"rounds": rounds, "batch_size": batch})
     return DataConfig.model_validate({
         **data.model_dump(), "selection": "active", "active": active.model_dump(),
-        "num_to_label": data.devset_size + data.optimizer_val_size + n, "optimizer_train_size": n})
+        # the SFT set is the rest of what was labeled: curation may drop a few labels (no valid answer),
+        # so n is the labels paid for, and the student trains on those of them curation kept
+        "num_to_label": data.devset_size + data.optimizer_val_size + n, "optimizer_train_size": None})
 
 
 def point_name(source: str, n: int | None, selection: Selection = "random", budget: Budget | None = None,
