@@ -25,7 +25,6 @@ from distill.env import check_env, missing
 from distill.errors import DistillError
 from distill.report import finish_run as _finish_run
 from distill.report import print_summary, report_path, write_report
-from distill.tracking import git_commit
 from distill.stages.base import Manifest, Stage, console, require
 from distill.stages.baselines import BaselinesManifest
 from distill.stages.cascade import CascadeManifest
@@ -35,6 +34,7 @@ from distill.stages.finetune import FinetuneCall, FinetuneManifest, FinetuneStag
 from distill.stages.graph import StageGraph
 from distill.stages.serving import ServingManifest, program_app_env
 from distill.stages.teacher import TeacherManifest
+from distill.tracking import git_commit
 
 __all__ = ["setup", "stage", "data_stage", "baselines_stage", "teacher_stage", "curation_stage", "finetune_stage",
            "evaluation_stage", "cascade_stage", "serving_stage", "teacher_program", "deploy_config", "client_headers", "finish_run", "print_summary",
