@@ -54,7 +54,7 @@ def test_the_default_budget_is_the_config_s() -> None:
     c = CascadeConfig()
     assert (c.enabled, c.calibration, c.calibrate_on, c.max_fallback, c.target_agreement) == (
         True, "auto", "auto", 0.25, 1.0)
-    assert (c.budget_confidence, c.budget_queries) == (0.95, 500)
+    assert (c.budget_confidence, c.budget_queries) == (0.95, 300)
     # 25% of 8 queries, as measured: two may go to the teacher; 100% agreement needs five, so the best within two.
     choice = choose_threshold(CONF, STUDENT, TEACHER, c.target_agreement, c.max_fallback)
     assert choice.fallback_share <= 0.25 and choice.accuracy == 7 / 8 and not choice.reached

@@ -183,13 +183,24 @@ def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -
         assert round(sum(x["cascade"] == x["label"] for x in xs) / len(xs), 4) == scores["cascade_accuracy"]
         assert round(sum(x["student"] == x["label"] for x in xs) / len(xs), 4) == scores["student_accuracy"]
         assert round(sum(x["answered_by"] == "teacher" for x in xs) / len(xs), 4) == scores["fallback_share"]
-    # the threshold comes from the devset alone: the rule on the devset's rows gives it back
+    # the threshold comes from the devset and the unlabeled queries beside it (never labeled by the teacher,
+    # their confidences only): the rule on their rows gives it back
     d = rows["devset"]
+    budget = [json.loads(x) for x in Path(r["predictions"]["budget"]).read_text().splitlines()]
+    labeled = {x["text"] for x in map(json.loads, (artifacts / "teacher" / "labels.jsonl").read_text().splitlines())}
+    assert 0 < len(budget) <= cfg.cascade.budget_queries and not labeled & {x["text"] for x in budget}
     choice = choose_threshold([x["calibrated"] for x in d], [x["student"] == x["label"] for x in d], [True] * len(d),
-                              cfg.cascade.target_agreement, cfg.cascade.max_fallback)
+                              cfg.cascade.target_agreement, cfg.cascade.max_fallback,
+                              [x["calibrated"] for x in budget], cfg.cascade.budget_confidence)
     assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
+    assert r["budget_n"] == len(d) + len(budget) and (r["budget_bound"] <= cfg.cascade.max_fallback
+                                                      or dev["fallback_share"] == 0)
     assert CascadeParams.load(r["cascade_params"]).threshold == pytest.approx(r["threshold"], abs=1e-5)
-    assert r["calibration"]["method"] == cfg.cascade.calibration and np.isfinite(test["ece_calibrated"])
+    # local_ci's student learns from the teacher alone: the calibration is fit on gold, by the method with the
+    # lowest cross-validated log loss there
+    cal = r["calibration"]
+    assert r["fit"]["split"] == "gold" and r["fit"]["n"] == cfg.data.num_gold == cal["n"]
+    assert cal["method"] == min(cal["cv_log_loss"], key=cal["cv_log_loss"].get) and np.isfinite(test["ece_calibrated"])
     assert sum(x["count"] for x in r["per_label"]) == test["n"]
     for name in ("reliability", "curve", "per_label"):
         assert Path(r["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

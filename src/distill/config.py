@@ -379,7 +379,7 @@ class CascadeConfig(_Strict):
     budget_confidence: float | None = Field(
         0.95, gt=0.0, lt=1.0, description="Confidence that the fallback share stays within max_fallback.")
     budget_queries: int = Field(
-        500, ge=0, description="Unlabeled queries (never labeled by the teacher) the fallback share is also "
+        300, ge=0, description="Unlabeled queries (never labeled by the teacher) the fallback share is also "
                                "measured on: the student's confidence only.")
     target_agreement: float = Field(
         1.0, ge=0.0, le=1.0, description="Stop at the smallest fallback share whose devset agreement with the "

@@ -145,7 +145,9 @@ def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], fol
     from sklearn.model_selection import KFold
 
     p, y = _arrays(confidence, correct)
-    splits = list(KFold(n_splits=min(folds, len(p)), shuffle=True, random_state=seed).split(p))
+    if len(p) < 2 * 2:  # fewer than two folds of two: nothing to tell the methods apart with
+        return "none", {}
+    splits = list(KFold(n_splits=min(folds, len(p) // 2), shuffle=True, random_state=seed).split(p))
     scores: dict[str, float] = {}
     for method in FITTED_METHODS:
         losses = []

@@ -209,7 +209,8 @@ class CascadeStage(Stage[CascadeManifest]):
                                      name=f"{name}, deployed student with its confidence",
                                      prompt=params.program.prompt, labeled=name != "budget").predictions
                       for name, examples in {**splits, "budget": self.budget_queries()}.items()}
-        budget_sample = [p.get("confidence") or 0.0 for p in scored.pop("budget")]  # none: to the teacher
+        budget_rows = scored.pop("budget")
+        budget_sample = [p.get("confidence") or 0.0 for p in budget_rows]  # no confidence: to the teacher
         missing = {name: sum(p.get("confidence") is None for p in preds) for name, preds in scored.items()}
         if all(missing[name] == len(scored[name]) for name in scored):
             raise DistillError("the student's answers carry no confidence: does its server decode the label set "
@@ -259,6 +260,11 @@ class CascadeStage(Stage[CascadeManifest]):
                  "calibrated": round(float(calibrated[k][i]), 6), "teacher": t,
                  "answered_by": "student" if kept[k][i] else "teacher", "cascade": s if kept[k][i] else t}
                 for i, (ex, g, s, t) in enumerate(zip(dev if k == "devset" else test, gold[k], student[k], teacher[k]))])
+        # the unlabeled queries the budget was also checked on: their confidences, nothing to score
+        predictions["budget"] = str(out / "predictions" / "budget.jsonl")
+        write_jsonl(Path(predictions["budget"]), [
+            {"text": p["text"], "student": p["predicted"], "confidence": p.get("confidence"),
+             "calibrated": round(cal.apply(q), 6)} for p, q in zip(budget_rows, budget_sample)])
         t = scores["testset"]
         curve = fallback_curve(calibrated["testset"], s_ok["testset"], t_ok["testset"])
         per_label = per_label_report(gold["testset"], [a or "" for a in teacher_test],
