@@ -53,9 +53,10 @@ demo: setup
 	$(PY) -m distill notebook --profile $(PROFILE)
 
 # PYTHONFAULTHANDLER: a crash in a C extension after the last test (at interpreter exit, where pytest's own
-# fault handler is off) still prints every thread's Python stack.
+# fault handler is off) still prints every thread's Python stack. --durations: CI's log says where its
+# time goes (the whole .ci/run is meant to stay under an hour).
 test: setup
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest --durations=30
 
 # The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for; tests/conftest.py
 # gives each worker its share of the cores for torch). Each worker collects the whole suite and imports torch
