@@ -216,18 +216,16 @@ class ThresholdChoice:
     budget_confidence: float | None = None
 
     def rule(self) -> str:
-        """How it was chosen, in words (for the report)."""
+        """How it was chosen, in words (for the report: short, it is a table cell)."""
         if self.budget_confidence is None:
-            budget = f"at most {self.max_fallback:.0%} of devset queries to the teacher"
+            budget = f"at most {self.max_fallback:.0%} of the devset to the teacher"
         else:
-            budget = (f"at most {self.max_fallback:.0%} of queries to the teacher, with {self.budget_confidence:.0%} "
-                      f"confidence on {self.budget_n} queries: {self.budget_share:.1%}, at most "
-                      f"{self.budget_bound:.1%}")
+            budget = (f"at most {self.max_fallback:.0%} to the teacher with {self.budget_confidence:.0%} confidence "
+                      f"({self.budget_share:.1%} of {self.budget_n} queries, bound {self.budget_bound:.1%})")
         if self.reached:
-            return (f"the smallest devset fallback share ({budget}) reaching {self.target:.1%} devset "
-                    f"accuracy (agreement with the teacher on its own labels)")
-        return (f"no threshold with {budget} reaches {self.target:.1%} devset accuracy: the most accurate "
-                f"one within the budget ({self.accuracy:.1%}), ties to the smaller fallback share")
+            return f"the smallest fallback share reaching {self.target:.1%} devset agreement; {budget}"
+        return (f"the best devset agreement ({self.accuracy:.1%}; {self.target:.1%} not reached), "
+                f"ties to less fallback; {budget}")
 
 
 @dataclass(frozen=True)
