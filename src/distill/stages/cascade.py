@@ -1,7 +1,8 @@
 """The cascade stage (issue 31): the deployed student answers with a confidence; below a threshold the teacher
 answers. The threshold is chosen on the devset, the calibration fit there or on the gold labels when the
-student never trained on them (`cascade:` in the profile says how); the test set is then scored once: the cascade against the student and the teacher alone, the fallback share, ECE,
-the accuracy-vs-fallback curve over every threshold, a cost estimate, and a per-label table.
+student never trained on them (`cascade:` in the profile says how); the test set is then scored once: the
+cascade against the student and the teacher alone, the fallback share, ECE, the accuracy-vs-fallback curve
+over every threshold, a cost estimate, and a per-label table.
 
 The student is served as the evaluation stage serves it (same endpoint, same DSPy caches), asked for
 logprobs; the teacher's test answers are the ones the teacher stage recorded while it was scored
