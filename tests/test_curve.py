@@ -190,3 +190,32 @@ def test_the_committed_table_is_the_csvs() -> None:
     blocks = re.findall(rf"<!-- generated: {re.escape(TABLE_COMMAND)} -->.*?<!-- end generated -->", text, re.S)
     assert blocks == [curve_block(rows)], f"regenerate it: {TABLE_COMMAND}"
     assert curve_csv().with_suffix(".png").is_file()
+
+
+def test_active_rounds_reports_each_round_s_teacher_accuracy_against_the_dataset(tmp_path, with_banking77) -> None:
+    """benchmarks/active_rounds.py: per round, what was picked and how often the teacher's label was right."""
+    import importlib.util
+    import json
+
+    from distill.data.dataset import prepare_data, write_jsonl
+
+    spec = importlib.util.spec_from_file_location("active_rounds", project_root() / "benchmarks" / "active_rounds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = prepare_data(load_config("local_ci"))
+    train = data.train[:4]
+    truth = {ex.text: ex.label for ex in train}
+    wrong = next(lab for lab in data.labels if lab != train[3].label)
+    (tmp_path / "teacher").mkdir()
+    write_jsonl(tmp_path / "teacher" / "selection.jsonl",
+                [{"text": ex.text, "round": 0 if i < 2 else 1} for i, ex in enumerate(train[:4])])
+    write_jsonl(tmp_path / "teacher" / "labels.jsonl",  # round 1: one right, one wrong, one from the LLM
+                [{"text": ex.text, "label": wrong if i == 3 else ex.label, "source": "llm" if i == 2 else "vote"}
+                 for i, ex in enumerate(train[:4])])
+    (tmp_path / "teacher" / "manifest.json").write_text(json.dumps({"active_rounds": [
+        {"round": 0, "mean_score": None, "pool_mean_score": None},
+        {"round": 1, "mean_score": 0.7, "pool_mean_score": 0.1}]}))
+    rows = mod.rounds_table(tmp_path, truth)
+    assert [(r["round"], r["signal"], r["picked"], r["llm_answered"], r["teacher_label_accuracy"]) for r in rows] == [
+        (0, "random", 2, 0, 1.0), (1, "uncertainty", 2, 1, 0.5)]
+    assert "| 1 | uncertainty | 2 | 0.700 (0.100) | 1 | 50.0% |" in mod.markdown(rows, "p")
