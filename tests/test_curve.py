@@ -219,3 +219,7 @@ def test_active_rounds_reports_each_round_s_teacher_accuracy_against_the_dataset
     assert [(r["round"], r["signal"], r["picked"], r["llm_answered"], r["teacher_label_accuracy"]) for r in rows] == [
         (0, "random", 2, 0, 1.0), (1, "uncertainty", 2, 1, 0.5)]
     assert "| 1 | uncertainty | 2 | 0.700 (0.100) | 1 | 50.0% |" in mod.markdown(rows, "p")
+    # docs/measurements.md shows the committed JSON's table as the script prints it: regenerate, not edit
+    committed = json.loads((project_root() / "docs" / "active_rounds.json").read_text())
+    docs = (project_root() / "docs" / "measurements.md").read_text()
+    assert mod.markdown(committed["rounds"], committed["point"]) in docs
