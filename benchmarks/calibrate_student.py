@@ -1,8 +1,10 @@
 """Calibrate a pipeline run's deployed student (issue 31): its confidence on the curation devset (teacher
-labels) and the test set (gold labels), the calibration and the cascade threshold fit on the devset, ECE
-before/after on both, a reliability diagram of the test set.
+labels) and the test set (gold labels), the calibration fit on the devset or the gold labels (`--fit-on`),
+the cascade threshold chosen on the devset, ECE before/after on both, a reliability diagram of the test set.
 
     flock /tmp/distill-heavy.lock .venv/bin/python benchmarks/calibrate_student.py --artifacts <dir> --out docs/calibration
+    # the run's own cascade-stage answers for devset and test, only the gold labels scored here:
+    ... --artifacts artifacts/local_full --out /tmp/cal --fit-on gold --method auto --reuse-cascade-predictions
 
 Brings up only the run's LLM application (from its deploy_dspy.yaml, on --port) and runs the saved program
 with an LM that asks for logprobs. Writes cascade.json (what `distill.serving.cascade` reads),
@@ -30,7 +32,14 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--port", type=int, default=8031)
-    ap.add_argument("--method", choices=["temperature", "isotonic"], default="temperature")
+    ap.add_argument("--method", choices=["auto", "temperature", "platt", "isotonic"], default="temperature")
+    ap.add_argument("--fit-on", choices=["devset", "gold"], default="devset",
+                    help="gold: only for a student that never trained on the gold labels (sft_source: teacher)")
+    ap.add_argument("--max-fallback", type=float, default=1.0)
+    ap.add_argument("--budget-confidence", type=float, default=None)
+    ap.add_argument("--reuse-cascade-predictions", action="store_true",
+                    help="devset and test confidences from the run's cascade stage (predictions/*.jsonl): "
+                         "only what the fit needs beyond them is scored")
     a = ap.parse_args()
     params = DeployParams.load(a.artifacts / "deploy_params.json")
     deploy = yaml.safe_load((a.artifacts / "deploy_dspy.yaml").read_text())
@@ -45,15 +54,26 @@ def main() -> None:
     api_base = f"http://127.0.0.1:{a.port}/v1"
     dev = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "curation" / "devset.jsonl")]
     test = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "data" / "test.jsonl")]
+    gold = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "data" / "gold.jsonl")]
+    scored: dict[str, tuple[list[float], list[bool]]] = {}
+    if a.reuse_cascade_predictions:  # the cascade stage's own answers (no confidence: 0, as the stage counts it)
+        for name in ("devset", "testset"):
+            rows = read_jsonl(a.artifacts / "cascade" / "predictions" / f"{name}.jsonl")
+            scored[name] = ([r["confidence"] or 0.0 for r in rows], [r["student"] == r["label"] for r in rows])
+    todo = {"devset": dev, "testset": test, **({"gold": gold} if a.fit_on == "gold" else {})}
     with serving(path, api_base, models=[params.model]):
         lm = make_lm(LMConfig(model=params.model, api_base=api_base, max_tokens=64), cache=False, logprobs=True)
         program = params.load_program()
-        scored_dev = score_confidence(program, lm, params.program.prompt, dev)
-        scored_test = score_confidence(program, lm, params.program.prompt, test)
+        for name, examples in todo.items():
+            if name not in scored:
+                scored[name] = score_confidence(program, lm, params.program.prompt, examples)
     path.unlink()
-    report, _ = calibrate_student(scored_dev, scored_test, a.out, a.method,
-                                  title=f"{params.kind} {params.variant} student, test set ({len(test)} queries)")
-    (a.out / "scores.json").write_text(json.dumps({"devset": scored_dev, "testset": scored_test}))
+    report, _ = calibrate_student(scored["devset"], scored["testset"], a.out, a.method,
+                                  title=f"{params.kind} {params.variant} student, test set "
+                                        f"({len(scored['testset'][0])} queries; fit on {a.fit_on})",
+                                  max_fallback=a.max_fallback, fit=scored.get(a.fit_on), fit_on=a.fit_on,
+                                  budget_confidence=a.budget_confidence)
+    (a.out / "scores.json").write_text(json.dumps(scored))
     print(report.model_dump_json(indent=2))
 
 
