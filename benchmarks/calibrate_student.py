@@ -27,6 +27,51 @@ from distill.program import DeployParams
 from distill.serving.control import serving
 
 
+def summarize(out: Path, artifacts: Path) -> dict:
+    """summary.json beside the fit: what docs/cascade.md shows, from calibration.json, cascade.json, scores.json
+    and the run's cascade-stage test answers (the teacher's answer per query, for the cascade's accuracy at
+    this fit's threshold)."""
+    from distill.evaluation.calibration import CalibrationReport
+    from distill.program import CascadeParams
+
+    report = CalibrationReport.model_validate_json((out / "calibration.json").read_text())
+    params = CascadeParams.load(out / "cascade.json")
+    conf, _ = json.loads((out / "scores.json").read_text())["testset"]
+    rows = read_jsonl(artifacts / "cascade" / "predictions" / "testset.jsonl")
+    kept = [params.calibration.apply(c) >= params.threshold for c in conf]
+    right = [(r["student"] if k else r["teacher"]) == r["label"] for r, k in zip(rows, kept)]
+    summary = {"fit_on": report.fit_on, "n_fit": report.n_fit, "method": report.method,
+               "cv_log_loss": params.calibration.cv_log_loss, "student_accuracy": {
+                   "fit": report.accuracy_fit, "devset (agreement)": report.accuracy_devset,
+                   "testset": report.accuracy_testset},
+               "ece_testset": {"raw": report.ece_testset_before, "calibrated": report.ece_testset_after,
+                               "chance": report.ece_testset_noise_floor},
+               "threshold": report.threshold, "threshold_rule": report.threshold_rule,
+               "testset_fallback_share": report.testset_fallback_share,
+               "testset_cascade_accuracy": sum(right) / len(right),
+               "testset_teacher_accuracy": sum(r["teacher"] == r["label"] for r in rows) / len(rows)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def markdown(summary: dict, out: Path, artifacts: Path) -> str:
+    acc, ece = summary["student_accuracy"], summary["ece_testset"]
+    cv = ", ".join(f"{k} {v:.3f}" for k, v in summary["cv_log_loss"].items()) or "-"
+    rows = [("calibration fit on", f"{summary['fit_on']} ({summary['n_fit']} queries): {summary['method']}, "
+                                   f"chosen by 10-fold log loss ({cv})"),
+            ("student accuracy: fit data / devset (agreement) / test",
+             " / ".join(f"{acc[k]:.1%}" for k in ("fit", "devset (agreement)", "testset"))),
+            ("ECE on test: raw / calibrated / chance level", f"{ece['raw']:.3f} / {ece['calibrated']:.3f} / "
+                                                             f"{ece['chance']:.3f}"),
+            ("threshold, how chosen (devset)", f"{summary['threshold']:.3f}: {summary['threshold_rule']}"),
+            ("test: share to the teacher / cascade / teacher alone",
+             f"{summary['testset_fallback_share']:.1%} / {summary['testset_cascade_accuracy']:.1%} / "
+             f"{summary['testset_teacher_accuracy']:.1%}")]
+    return "\n".join([f"<!-- generated: python benchmarks/calibrate_student.py --summarize-only --artifacts "
+                      f"{artifacts} --out {out} -->",
+                      "| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "<!-- end generated -->"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, required=True)
@@ -37,10 +82,15 @@ def main() -> None:
                     help="gold: only for a student that never trained on the gold labels (sft_source: teacher)")
     ap.add_argument("--max-fallback", type=float, default=1.0)
     ap.add_argument("--budget-confidence", type=float, default=None)
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="nothing scored: summary.json and its Markdown from --out's files (and --artifacts')")
     ap.add_argument("--reuse-cascade-predictions", action="store_true",
                     help="devset and test confidences from the run's cascade stage (predictions/*.jsonl): "
                          "only what the fit needs beyond them is scored")
     a = ap.parse_args()
+    if a.summarize_only:
+        print(markdown(summarize(a.out, a.artifacts), a.out, a.artifacts))
+        return
     params = DeployParams.load(a.artifacts / "deploy_params.json")
     deploy = yaml.safe_load((a.artifacts / "deploy_dspy.yaml").read_text())
     llm = next(app for app in deploy["applications"] if app["import_path"] == "distill.serving.llm:build_app")
@@ -75,6 +125,8 @@ def main() -> None:
                                   budget_confidence=a.budget_confidence)
     (a.out / "scores.json").write_text(json.dumps(scored))
     print(report.model_dump_json(indent=2))
+    if a.reuse_cascade_predictions:
+        print(markdown(summarize(a.out, a.artifacts), a.out, a.artifacts))
 
 
 if __name__ == "__main__":

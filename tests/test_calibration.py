@@ -226,3 +226,25 @@ def test_the_budget_is_kept_with_confidence_on_the_devset_and_unlabeled_queries(
     assert share_upper_bound(0.2, 100, None) == 0.2 and 0 < share_upper_bound(0.0, 100, 0.95) < 0.03
     nothing = choose_threshold(p, y, teacher, target=1.0, max_fallback=0.0, budget_confidence=0.95)
     assert nothing.fallback_share == 0.0
+
+
+def test_the_committed_local_full_fit_is_what_docs_cascade_shows() -> None:
+    """docs/cascade.md shows benchmarks/calibrate_student.py's summary of docs/calibration/local_full_gold as the
+    script prints it (regenerate, do not edit), and the summary agrees with the fit's own files."""
+    import importlib.util
+    from pathlib import Path
+
+    from distill.config import project_root
+    from distill.evaluation.calibration import CalibrationReport
+
+    root = project_root()
+    spec = importlib.util.spec_from_file_location("calibrate_student", root / "benchmarks" / "calibrate_student.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = Path("docs/calibration/local_full_gold")
+    summary = json.loads((root / out / "summary.json").read_text())
+    assert mod.markdown(summary, out, Path("artifacts/local_full")) in (root / "docs" / "cascade.md").read_text()
+    report = CalibrationReport.model_validate_json((root / out / "calibration.json").read_text())
+    conf, correct = json.loads((root / out / "scores.json").read_text())["testset"]
+    assert summary["ece_testset"]["raw"] == report.ece_testset_before == expected_calibration_error(conf, correct)
+    assert report.fit_on == summary["fit_on"] == "gold" and report.n_fit == 100
