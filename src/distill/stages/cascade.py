@@ -119,7 +119,7 @@ def _cost(calls: CallStats | None) -> CallCost | None:
 
 class CascadeStage(Stage[CascadeManifest]):
     name = "cascade"
-    title = "cascade: the student's confidence, calibrated on the devset; the teacher below the threshold"
+    title = "cascade: the student's confidence, calibrated; the teacher below the threshold chosen on the devset"
     manifest_type = CascadeManifest
     upstream = ("teacher", "curation", "finetune", "eval")
 
