@@ -169,7 +169,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{_pct(ct['teacher_accuracy'])} ({ct['n']} test queries)"))
         rows.append(("cascade: share of queries the teacher answered, devset / test",
                      f"{_pct(cd['fallback_share'])} / {_pct(ct['fallback_share'])}"))
-        rows.append((f"cascade threshold on the {cr['calibration']['method']}-calibrated confidence, how chosen "
+        method = cr["calibration"]["method"]
+        conf = "raw confidence (no calibration did better)" if method == "none" else f"{method}-calibrated confidence"
+        rows.append((f"cascade threshold on the {conf}, how chosen "
                      f"(devset, {cd['n']} teacher labels)",
                      f"{cr['threshold']:.3f}: {cr['threshold_rule']}"))
         floor = ct.get("ece_noise_floor")

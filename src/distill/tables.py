@@ -132,7 +132,7 @@ def cascade_table(r: CascadeResult) -> Table:
     cost = (f"; per query, estimated from per-call p50s: {r.cost.seconds_p50:.3f} s and "
             f"{r.cost.tokens_per_query:.0f} tokens (student alone {r.cost.student.p50_s:.3f} s)" if r.cost else "")
     return table(f"Cascade: {r.kind} {r.variant} student ({r.model}), the teacher below {r.threshold:.3f} "
-                 f"({r.calibration.method}-calibrated confidence, fit on {r.fit.split if r.fit else 'devset'})",
+                 f"({r.calibration.method} calibration, fit on {r.fit.split if r.fit else 'devset'})",
                  ["", "student", "teacher", "cascade", "to the teacher", "ECE raw -> calibrated"], rows,
                  caption=f"threshold: {r.threshold_rule}{cost}. ECE's chance level: the ECE a perfectly calibrated "
                          f"predictor exceeds 5% of the time at that size")
