@@ -366,7 +366,7 @@ class CascadeConfig(_Strict):
     # overconfident against the truth by about the teacher's own error. The gold labels are true, and unseen
     # by a student finetuned on the teacher's labels alone; one that trained on them would look calibrated on
     # its own training data. auto: gold when curation.sft_source is teacher, else the devset. The threshold is
-    # chosen on the devset either way (its budget is a share of devset queries).
+    # chosen on the devset either way (its target is agreement with the teacher there).
     calibrate_on: Literal["auto", "devset", "gold"] = Field(
         "auto", description="Fit the calibration on the devset or the gold labels (auto: gold when the student "
                             "never trained on them).")
