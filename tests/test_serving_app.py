@@ -83,7 +83,7 @@ def long_generation(model: str, max_tokens: int = 10**9) -> dict:
 def hog_tokens(deployment) -> int:
     """max_tokens for a generation that holds the model ~3 s on this machine. Two of them keep a classification
     waiting long enough to be seen waiting, and well inside the classifier's `timeout_s` however fast or slow
-    the machine is: at the model's full limit, the waits came to 16 s of the 30 s on an idle 2-core machine."""
+    the machine is: at the model's full limit the waits came to half of it, and on a slower run over it."""
     r = httpx.post(f"{LLM}/chat/completions", json=long_generation(deployment["model"], 64), headers=LLM_AUTH,
                    timeout=120)
     assert r.status_code == 200, r.text
