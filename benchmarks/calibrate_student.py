@@ -56,9 +56,9 @@ def summarize(out: Path, artifacts: Path) -> dict:
 
 def markdown(summary: dict, out: Path, artifacts: Path) -> str:
     acc, ece = summary["student_accuracy"], summary["ece_testset"]
-    cv = ", ".join(f"{k} {v:.3f}" for k, v in summary["cv_log_loss"].items()) or "-"
-    rows = [("calibration fit on", f"{summary['fit_on']} ({summary['n_fit']} queries): {summary['method']}, "
-                                   f"chosen by 10-fold log loss ({cv})"),
+    cv = ", ".join(f"{k} {v:.3f}" for k, v in summary["cv_log_loss"].items())
+    how = f"{summary['method']}, chosen by 10-fold log loss ({cv})" if cv else f"{summary['method']}, as asked"
+    rows = [("calibration fit on", f"{summary['fit_on']} ({summary['n_fit']} queries): {how}"),
             ("student accuracy: fit data / devset (agreement) / test",
              " / ".join(f"{acc[k]:.1%}" for k in ("fit", "devset (agreement)", "testset"))),
             ("ECE on test: raw / calibrated / chance level", f"{ece['raw']:.3f} / {ece['calibrated']:.3f} / "
