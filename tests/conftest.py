@@ -12,10 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist (`make test-fast` runs 2 workers) each worker's torch and BLAS would start one thread per
-# core: on 2 cores, 2 workers x 2 threads, and their spinning barriers then cost more than the threads save
-# (the 5 embedding-heavy test files on -n 2, idle 2-core machine: 46 s wall and 88 s CPU with them, 34 s and
-# 58 s with one thread per worker; on a busy machine 160 s and 106 s, 82 s and 54 s). Each worker takes its
-# share of the cores instead; set before torch or numpy is imported (no plugin imports them), and an explicit
+# core, and on 2 cores their spinning barriers cost more than the threads save. Each worker takes its share of
+# the cores instead; set before torch or numpy is imported (no plugin imports them), and an explicit
 # OMP_NUM_THREADS wins.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
@@ -24,15 +22,11 @@ if _WORKERS > 1:
 
 
 # An xdist worker holds everything torch, transformers, DSPy, MLflow and Ray import, and each full garbage
-# collection walks all of it: ~17 of them in half of the fast suite took 3-5 s a worker. The modules and test
-# items there when collection ends stay for the whole session, so they are frozen out of the collections, and
-# a full collection is considered after 100 collections of the middle generation instead of 10 (the young
-# generations are collected as before). Frozen again once the session is over, everything is left to the OS
-# instead of to a last collection at exit (~2 s a worker; the run ends when the last worker has exited).
-# Measured with -n 2 on an idle 2-core machine: the freeze at the end, 7 test files: 37.8 -> 33.3 s wall (the
-# run ended 3.3 s after the last worker's atexit handlers, then 0.2 s); the freeze after collection and the
-# threshold, each half of the fast suite: 37.6 -> 33.5 s and 38.2 -> 36.4 s wall (full collections 3.3-4.9 ->
-# 1.4-1.7 s a worker). Only in workers: a process that goes on after pytest.main keeps its collector as it was.
+# collection walks all of it. The modules and test items there when collection ends stay for the whole
+# session, so they are frozen out of the collections, and a full collection is considered after 100
+# collections of the middle generation instead of 10. Frozen again once the session is over, everything is
+# left to the OS instead of to a last collection at exit (the run ends when the last worker has exited).
+# Only in workers: a process that goes on after pytest.main keeps its collector as it was.
 def _xdist_worker() -> bool:
     return bool(os.environ.get("PYTEST_XDIST_WORKER"))
 

@@ -100,14 +100,19 @@ def ece_noise_floor(confidence: Sequence[float], bins: int = 10, draws: int = 20
     return float(np.quantile(np.abs(per_bin).sum(axis=1) / len(p), quantile))
 
 
+def _nll(q: np.ndarray, y: np.ndarray, eps: float = EPS) -> float:
+    """Mean negative log-likelihood of outcomes `y` under probabilities `q`, clipped to [eps, 1 - eps]."""
+    q = np.clip(q, eps, 1 - eps)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+
 def fit_temperature(confidence: Sequence[float], correct: Sequence[bool]) -> float:
     """T minimising the negative log-likelihood of `correct` under sigmoid(logit(p) / T)."""
     p, y = _arrays(confidence, correct)
     z = logit(np.clip(p, EPS, 1 - EPS))
 
     def nll(log_t: float) -> float:
-        q = np.clip(expit(z / np.exp(log_t)), EPS, 1 - EPS)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+        return _nll(expit(z / np.exp(log_t)), y)
 
     # log T in [-5, 5]: T from 0.007 to 148, far beyond any useful scaling, so the bound never decides.
     return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
@@ -119,8 +124,7 @@ def fit_platt(confidence: Sequence[float], correct: Sequence[bool]) -> tuple[flo
     z = logit(np.clip(p, EPS, 1 - EPS))
 
     def nll(ab: np.ndarray) -> float:
-        q = np.clip(expit(np.exp(ab[0]) * z + ab[1]), EPS, 1 - EPS)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+        return _nll(expit(np.exp(ab[0]) * z + ab[1]), y)
 
     # a = exp(log a) keeps the order; log a in [-5, 5] and |b| <= 20 as for the temperature: never binding.
     res = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=[(-5.0, 5.0), (-20.0, 20.0)])
@@ -133,9 +137,7 @@ FITTED_METHODS: tuple[CalibrationMethod, ...] = ("none", "temperature", "platt",
 def log_loss(confidence: Sequence[float], correct: Sequence[bool]) -> float:
     """Mean negative log-likelihood of `correct` (confidences clipped to [1e-4, 1 - 1e-4]: an isotonic step
     at 0 or 1 costs a bounded amount when it is wrong, not infinity)."""
-    q = np.clip(np.asarray(confidence, dtype=np.float64), 1e-4, 1 - 1e-4)
-    y = np.asarray(correct, dtype=np.float64)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return _nll(np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64), eps=1e-4)
 
 
 def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], folds: int = 10,
@@ -394,8 +396,8 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
     cal = fit_calibration(fit_p, fit_y, method)
     dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
     teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
-    budget_c = cal.apply_many(budget_sample) if len(budget_sample) else []
-    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback, budget_c, budget_confidence)
+    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback, cal.apply_many(budget_sample),
+                              budget_confidence)
     kept = test_c >= choice.threshold
     plot = plot_reliability({"test, raw": test_p, f"test, {cal.method} (fit on {fit_on})": test_c}, test_y,
                             out_dir / "reliability.png",

@@ -265,7 +265,7 @@ class CascadeStage(Stage[CascadeManifest]):
         predictions["budget"] = str(out / "predictions" / "budget.jsonl")
         write_jsonl(Path(predictions["budget"]), [
             {"text": p["text"], "student": p["predicted"], "confidence": p.get("confidence"),
-             "calibrated": round(cal.apply(q), 6)} for p, q in zip(budget_rows, budget_sample)])
+             "calibrated": round(q, 6)} for p, q in zip(budget_rows, cal.apply_many(budget_sample))])
         t = scores["testset"]
         curve = fallback_curve(calibrated["testset"], s_ok["testset"], t_ok["testset"])
         per_label = per_label_report(gold["testset"], [a or "" for a in teacher_test],
