@@ -1,6 +1,7 @@
 """Random vs active selection at equal budget, measured on a cheap proxy student -- not the finetuned one.
 
     python benchmarks/active_proxy.py [--profile local_active] [--out docs/active_proxy.json]
+    python benchmarks/active_proxy.py --from-json docs/active_proxy.json   # the table again, nothing measured
 
 The proxy student is logistic regression on the MiniLM embeddings (the vote's C), trained on the gold
 labels plus the labels the selection bought. Two teachers label what is picked: the `oracle` (the queries'
@@ -50,11 +51,36 @@ class VoteTeacher(dspy.Module):
         return dspy.Prediction(label=str(self.model.predict(embed(self.embedder, [text]))[0]))  # type: ignore[attr-defined]
 
 
+TEACHERS = {"oracle": "oracle (the true labels)", "vote": "the vote alone (no LLM)"}
+
+
+def markdown(report: dict) -> str:
+    """The table docs/pipeline.md carries, from the JSON this script writes."""
+    res = report["results"]
+    lines = ["| teacher that labels the picks | random: proxy test acc. | active: proxy test acc. | "
+             "active - random (points) | teacher right on the picks (random / active) |",
+             "|---|---|---|---|---|"]
+    for key, name in TEACHERS.items():
+        r, a = res[f"{key}/random"], res[f"{key}/active"]
+        diff = 100 * (a["proxy_student_test_accuracy"] - r["proxy_student_test_accuracy"])
+        lines.append(f"| {name} | {r['proxy_student_test_accuracy']:.1%} | {a['proxy_student_test_accuracy']:.1%} | "
+                     f"{diff:+.1f} | {r['teacher_accuracy_on_picked']:.1%} / {a['teacher_accuracy_on_picked']:.1%} |")
+    act = report["active"]
+    lines.append(f"\nProfile `{report['profile']}`: budget {report['budget']} labels (a random seed round of "
+                 f"{report['seed_round']}, then {act['rounds']} rounds of {act['batch_size']} by {act['signal']}, "
+                 f"{act['diversity']}), one seed, {report['test']} test queries.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="local_active")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--from-json", type=Path, default=None, help="measure nothing: print the table of a saved result")
     args = ap.parse_args()
+    if args.from_json:
+        print(markdown(json.loads(args.from_json.read_text())))
+        return
     cfg = load_config(args.profile)
     data = prepare_data(cfg)
     emb = cfg.teacher.embedder

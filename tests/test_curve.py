@@ -24,6 +24,8 @@ from distill_harness.curve import (
 from distill_harness.learning_curve import (
     TABLE_COMMAND,
     CurveRow,
+    comparisons,
+    comparisons_markdown,
     curve_block,
     curve_csv,
     merge_rows,
@@ -190,6 +192,26 @@ def test_the_committed_table_is_the_csvs() -> None:
     blocks = re.findall(rf"<!-- generated: {re.escape(TABLE_COMMAND)} -->.*?<!-- end generated -->", text, re.S)
     assert blocks == [curve_block(rows)], f"regenerate it: {TABLE_COMMAND}"
     assert curve_csv().with_suffix(".png").is_file()
+
+
+def test_the_differences_the_prose_cites_are_found_by_rule() -> None:
+    def student(selection: str, budget: str, labels: int, steps: int, acc: float) -> CurveRow:
+        return CurveRow(kind="student", name="teacher labels", selection=selection, budget=budget, labels=labels,
+                        steps=steps, test_accuracy=acc, test_size=1000, point=f"{selection}_{labels}_{steps}")
+
+    full = student("random", "1 epoch", 3710, 418, 0.779)
+    short = student("random", "min 120 steps", 1000, 125, 0.678)
+    rnd, act = student("random", "220 steps", 1000, 220, 0.754), student("active", "220 steps", 998, 220, 0.689)
+    ref = CurveRow(kind="reference", name="teacher", test_accuracy=0.78, test_size=1000)
+    pairs = [(a.point, b.point) for _, a, b in comparisons([full, short, rnd, act, ref])]
+    # active against random at about the same labels; more steps on the same labels; exact budgets against
+    # the full run (a "min" budget is not compared with it: its steps grow with the labels)
+    assert pairs == [(act.point, rnd.point), (rnd.point, short.point), (rnd.point, full.point),
+                     (act.point, full.point)]
+    table = comparisons_markdown([full, short, rnd, act, ref])
+    assert "| active against random selection (teacher labels, 220 steps; 998 / 1000 labels) | -6.5 ± 2.0 | -3.3 |" \
+        in table
+    assert comparisons_markdown([full, ref]) == ""  # nothing to compare: no table
 
 
 def test_active_rounds_reports_each_round_s_teacher_accuracy_against_the_dataset(tmp_path, with_banking77) -> None:

@@ -3,8 +3,9 @@ was finetuned on, one series per (what it learned from, how the labels were sele
 ±1 binomial standard error per point, and the teacher and the baselines as reference lines.
 
 `docs/learning_curve.csv` is measured on the full profile (`benchmarks/learning_curve.py`); a quick run
-draws its own student as one more point on the same axes. The table in docs/measurements.md is
-`curve_block(read_curve())`, pasted under its `<!-- generated: ... -->` marker (tests/test_curve.py checks it).
+draws its own student as one more point on the same axes. The tables in docs/measurements.md (the curve and
+the differences its prose cites) are `curve_block(read_curve())`, pasted under their `<!-- generated: ... -->`
+marker (tests/test_curve.py checks it).
 """
 
 from __future__ import annotations
@@ -145,8 +146,50 @@ def to_markdown(rows: Sequence[CurveRow]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(rows: Sequence[CurveRow]) -> list[tuple[str, CurveRow, CurveRow]]:
+    """The differences the docs' prose rests on, each (what, a, b) for a minus b, found by rule so that new
+    rows get theirs: active against random at one budget and about one label count; a longer budget against
+    a shorter one on the same labels; and each exact-budget series' largest point against the full run's
+    student (the one with the most labels). "min N steps" series are left out of the last: their steps grow
+    with the labels, so a gap there is not the labels' alone."""
+    students = _students(rows)
+    full = max(students, key=lambda r: r.labels or 0, default=None)
+    selection: list[tuple[str, CurveRow, CurveRow]] = []
+    budget: list[tuple[str, CurveRow, CurveRow]] = []
+    for a in students:
+        for b in students:
+            if a.name != b.name or not a.labels or not b.labels:
+                continue
+            if a.budget == b.budget and (a.selection, b.selection) == ("active", "random") \
+                    and abs(a.labels - b.labels) <= 0.05 * b.labels:
+                selection.append((f"active against random selection ({a.name}, {a.budget}; {a.labels} / "
+                                  f"{b.labels} labels)", a, b))
+            if a.selection == b.selection and a.labels == b.labels and a.budget != b.budget \
+                    and (a.steps or 0) > (b.steps or 0):
+                budget.append((f"{a.budget} against {b.budget} ({a.name}, {a.selection}, {a.labels} labels; "
+                               f"{a.steps} / {b.steps} steps)", a, b))
+    out = selection + budget
+    if full is not None:
+        for s in _series_order(students):
+            if s == full.series or (s[2] or "min").startswith("min"):
+                continue
+            a = max((r for r in students if r.series == s), key=lambda r: r.labels or 0)
+            out.append((f"{a.selection}, {a.budget}, {a.labels} labels against the full run's student "
+                        f"({full.labels} labels, {full.steps} steps)", a, full))
+    return out
+
+
+def comparisons_markdown(rows: Sequence[CurveRow]) -> str:
+    """The differences as a table: points, ± the standard error of the difference, and how many of those."""
+    lines = ["| difference in test accuracy | points ± SE | in standard errors |", "|---|---|---|"]
+    for what, a, b in comparisons(rows):
+        d, se = 100 * (a.test_accuracy - b.test_accuracy), 100 * math.hypot(a.se, b.se)
+        lines.append(f"| {what} | {d:+.1f} ± {se:.1f} | {d / se:+.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def curve_block(rows: Sequence[CurveRow], command: str = TABLE_COMMAND) -> str:
-    """The table as pasted in the docs: marker, table, provenance, end marker."""
+    """The tables as pasted in the docs: marker, the curve, the differences, provenance, end marker."""
     commits = sorted({r.commit for r in rows if r.commit})
     undated = sum(r.commit is None for r in rows if r.kind == "student")
     if not commits:
@@ -158,7 +201,12 @@ def curve_block(rows: Sequence[CurveRow], command: str = TABLE_COMMAND) -> str:
                       "commit: see its git history)")
     note = (f"{where}; ± is one binomial standard error, sqrt(p(1-p)/n) on the n test queries; "
             "a budget is shared by every point of its series (\"min 120 steps\": one epoch, at least 120 steps).")
-    return f"<!-- generated: {command} -->\n{to_markdown(rows)}\n\n{note}\n<!-- end generated -->"
+    tables = [to_markdown(rows)]
+    if diffs := comparisons_markdown(rows):  # the prose cites these: computed here, never typed there
+        tables.append(diffs)
+        note += (" A difference is the first point minus the second, ± sqrt(SE1² + SE2²), the two scores "
+                 "taken as independent (on the same test queries this is if anything too wide).")
+    return f"<!-- generated: {command} -->\n" + "\n\n".join(tables) + f"\n\n{note}\n<!-- end generated -->"
 
 
 _MARKERS = {"random": "o", "active": "^"}
