@@ -39,16 +39,17 @@ from distill_harness.learning_curve import (
 
 def test_a_point_is_the_profile_cut_to_n_labels_and_trains_at_least_min_steps() -> None:
     full = load_config("local_full")
-    assert full.finetune.training == {"num_train_epochs": 1}
+    rate = {"learning_rate": 1.0e-3}  # the profile's other training settings travel with every point
+    assert full.finetune.training == {"num_train_epochs": 1, **rate}
     small = point_config(full, "teacher", 100, min_steps=120)  # one epoch would be 13 steps of 8
     assert small.data.optimizer_train_size == 100 and small.curation.sft_source == "teacher"
-    assert small.finetune.training == {"max_steps": 120} and small.finetune.recipe == full.finetune.recipe
+    assert small.finetune.training == {"max_steps": 120, **rate} and small.finetune.recipe == full.finetune.recipe
     assert small.artifacts == full.artifacts / "curve" / "teacher_100"
     big = point_config(full, "teacher", 1000, min_steps=120)  # 125 steps in one epoch: the profile's own
     assert big.finetune.training == full.finetune.training and big.data.optimizer_train_size == 1000
     gold = point_config(full, "gold", 100, min_steps=120)
     assert gold.curation.sft_source == "gold" and gold.data == full.data
-    assert gold.artifacts.name == "gold_100" and gold.finetune.training == {"max_steps": 120}
+    assert gold.artifacts.name == "gold_100" and gold.finetune.training == {"max_steps": 120, **rate}
     sure = point_config(full, "teacher", 1000, min_steps=120, min_confidence=0.5)  # a curation lever at n
     assert sure.curation.min_confidence == 0.5 and sure.artifacts.name == "teacher_1000_conf0.5"
     assert series("teacher", 0.5) == "teacher labels, confidence >= 0.5" and series("gold") == "gold labels"
@@ -63,11 +64,12 @@ def test_an_exact_budget_is_the_same_for_every_point_and_named_in_it() -> None:
     steps = Budget("steps", 440)
     for n in (100, 300, 1000):  # the same steps whatever the size: labels separated from training compute
         p = point_config(full, "teacher", n, budget=steps)
-        assert p.finetune.training == {"max_steps": 440} and p.artifacts.name == f"teacher_{n}_steps440"
+        assert p.finetune.training == {"max_steps": 440, "learning_rate": 1.0e-3} and p.artifacts.name == f"teacher_{n}_steps440"
         assert p.finetune.recipe == str(p.artifacts / "recipe.yaml")  # no early stopping (written by the point)
     epochs = Budget("epochs", 3)
     p = point_config(full, "gold", 100, budget=epochs)
-    assert p.finetune.training == {"num_train_epochs": 3} and p.artifacts.name == "gold_100_epochs3"
+    assert p.finetune.training == {"num_train_epochs": 3, "learning_rate": 1.0e-3}
+    assert p.artifacts.name == "gold_100_epochs3"
     assert [b.label for b in (steps, epochs, Budget("epochs", 1), Budget("min_steps", 120))] == \
         ["440 steps", "3 epochs", "1 epoch", "min 120 steps"]
     assert not Budget("min_steps", 120).exact and steps.exact and epochs.exact
