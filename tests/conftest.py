@@ -93,7 +93,7 @@ class TinyRun:
 
     cfg: Any  # distill.config.Config, as pipeline.run returned it
     report: dict[str, Any]  # load_report right after the run
-    profile: Path  # <data_dir>/topics.yaml
+    profile: Path  # <data_dir>/topics.yaml as the run read it (the loop rewrites it for its reruns)
     data_dir: Path  # DISTILL_DATA_DIR of the run: topics.csv and the profile
     artifacts: Path  # DISTILL_ARTIFACTS_DIR of the run; test_deploy_gate's loop goes on running in it
     snapshot: Path  # a copy of `artifacts` as the run left them (not its logs), for tests that only read them
@@ -126,9 +126,10 @@ def tiny_task_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         report = load_report(cfg)
     finally:
         mp.undo()
-    snapshot = root / "snapshot"
-    shutil.copytree(art, snapshot, symlinks=True, ignore=shutil.ignore_patterns("logs"))  # a log may still grow
-    return TinyRun(cfg=cfg, report=report, profile=profile, data_dir=data_dir, artifacts=art, snapshot=snapshot)
+    snapshot = root / "snapshot"  # not the logs: one may still grow
+    shutil.copytree(art, snapshot, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    return TinyRun(cfg=cfg, report=report, profile=profile, data_dir=data_dir, artifacts=art,
+                   snapshot=snapshot)
 
 
 @pytest.fixture

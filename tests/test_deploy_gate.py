@@ -267,11 +267,11 @@ def test_the_report_says_which_student_is_served_and_why(tmp_path) -> None:
 @pytest.mark.slow
 def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(tiny_task_run, tmp_path,
                                                                                  monkeypatch) -> None:
-    """The tiny task's pipeline (tests/test_task.py's run, conftest's `tiny_task_run`); served queries logged and
-    turned into a pool with `distill pool --from-log`; a rerun with `data.extra_pool` labels them after the
-    task's own, retrains, and the serving stage keeps the deployed student when the new one does not beat it
-    on the devset -- the same devset, since the pool comes after the queries curation draws it from. Then, with
-    the gate off, the new student is deployed. Minutes on 2 cores."""
+    """The tiny task's pipeline (tests/test_task.py's run: conftest's `tiny_task_run`); served queries logged
+    and turned into a pool with `distill pool --from-log`; a rerun with `data.extra_pool` labels them after
+    the task's own, retrains, and the serving stage keeps the deployed student when the new one does not beat
+    it on the devset -- the same devset, since the pool comes after the queries curation draws it from. Then,
+    with the gate off, the new student is deployed. Minutes on 2 cores."""
     from tests.test_task import TINY_RUN_SETTINGS, TINY_RUN_SIZES, TOPICS, write_tiny_task
 
     from distill import pipeline

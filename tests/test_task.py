@@ -401,7 +401,8 @@ def test_missing_task_file_and_old_data_keys_that_disagree(tmp_path) -> None:
 # test_pipeline.py covers local_ci's sizes (and tracking, test_tracking.py).
 TINY_RUN_SIZES = {"num_to_label": 40, "devset_size": 10, "optimizer_val_size": 6, "test_size": 24}
 TINY_RUN_SETTINGS = dict(teacher={"gate_size": 24}, finetune={"training": {"max_steps": 2}},
-                         evaluation={"latency_queries": 3}, serving={"sample_queries": 4}, tracking={"enabled": False})
+                         evaluation={"latency_queries": 3}, serving={"sample_queries": 4},
+                         tracking={"enabled": False})
 
 
 @pytest.mark.slow
