@@ -3,7 +3,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,6 +85,51 @@ def pipeline_artifacts(tmp_path_factory: pytest.TempPathFactory, banking77_dir: 
     finally:
         mp.undo()
     return art
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The tiny task's pipeline run (`tiny_task_run`)."""
+
+    cfg: Any  # distill.config.Config, as pipeline.run returned it
+    report: dict[str, Any]  # load_report right after the run
+    profile: Path  # <data_dir>/topics.yaml as the run read it (the loop rewrites it for its reruns)
+    data_dir: Path  # DISTILL_DATA_DIR of the run: topics.csv and the profile
+    artifacts: Path  # DISTILL_ARTIFACTS_DIR of the run; test_deploy_gate's loop goes on running in it
+    snapshot: Path  # a copy of `artifacts` as the run left them (not its logs), for tests that only read them
+
+
+@pytest.fixture(scope="session")
+def tiny_task_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """tests/test_task.py's tiny task (`topics.yaml` extending local_ci, one CSV) through the whole pipeline
+    once, at test_task.TINY_RUN_SIZES / TINY_RUN_SETTINGS.
+
+    test_task.py's whole-pipeline test and the first run of test_deploy_gate.py's loop are this one run
+    (minutes on 2 cores). The loop goes on in `artifacts` (reruns, the gate's record), so a test that only
+    reads the run reads `snapshot` and `report`. The environment it sets is undone right after the run;
+    adapter digests are cached in the run's own directory, not in ~/.cache."""
+    from tests.test_task import TINY_RUN_SETTINGS, TINY_RUN_SIZES, write_tiny_task
+
+    from distill import pipeline
+    from distill.report import load_report
+
+    root = tmp_path_factory.mktemp("tiny_task_run")
+    art, data_dir = root / "artifacts", root / "data"
+    profile = write_tiny_task(data_dir, data=TINY_RUN_SIZES, **TINY_RUN_SETTINGS)
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("DISTILL_ARTIFACTS_DIR", str(art))
+        mp.setenv("DISTILL_DATA_DIR", str(data_dir))
+        mp.delenv("BANKING77_DIR", raising=False)  # nothing of banking77 is needed, or read
+        mp.setattr("distill.models._DIGESTS", root / "digests.json")
+        cfg = pipeline.run(str(profile))
+        report = load_report(cfg)
+    finally:
+        mp.undo()
+    snapshot = root / "snapshot"  # not the logs: one may still grow
+    shutil.copytree(art, snapshot, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    return TinyRun(cfg=cfg, report=report, profile=profile, data_dir=data_dir, artifacts=art,
+                   snapshot=snapshot)
 
 
 @pytest.fixture

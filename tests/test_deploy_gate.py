@@ -265,31 +265,28 @@ def test_the_report_says_which_student_is_served_and_why(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(tmp_path, monkeypatch) -> None:
-    """The tiny task's pipeline (tests/test_task.py's, same sizes); served queries logged and turned into a
-    pool with `distill pool --from-log`; a rerun with `data.extra_pool` labels them after the task's own,
-    retrains, and the serving stage keeps the deployed student when the new one does not beat it on the
-    devset -- the same devset, since the pool comes after the queries curation draws it from. Then, with the
-    gate off, the new student is deployed. Minutes on 2 cores."""
-    from tests.test_task import TOPICS, write_tiny_task
+def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(tiny_task_run, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """The tiny task's pipeline (tests/test_task.py's run: conftest's `tiny_task_run`); served queries logged
+    and turned into a pool with `distill pool --from-log`; a rerun with `data.extra_pool` labels them after
+    the task's own, retrains, and the serving stage keeps the deployed student when the new one does not beat
+    it on the devset -- the same devset, since the pool comes after the queries curation draws it from. Then,
+    with the gate off, the new student is deployed. Minutes on 2 cores."""
+    from tests.test_task import TINY_RUN_SETTINGS, TINY_RUN_SIZES, TOPICS, write_tiny_task
 
     from distill import pipeline
     from distill.cli import main
     from distill.report import load_report
     from distill.serving.request_log import RequestLog, RequestLogArgs, RequestRecord
 
-    art = tmp_path / "artifacts"
+    # Run 1, the shared tiny run (this test goes on in its artifact directory): nothing deployed before, so
+    # the gate deployed the first student and recorded it.
+    art, data_dir = tiny_task_run.artifacts, tiny_task_run.data_dir
     monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(art))
-    monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DISTILL_DATA_DIR", str(data_dir))
     monkeypatch.delenv("BANKING77_DIR", raising=False)
-    sizes = {"num_to_label": 40, "devset_size": 10, "optimizer_val_size": 6, "test_size": 24}
-    settings = dict(teacher={"gate_size": 24}, finetune={"training": {"max_steps": 2}},
-                    evaluation={"latency_queries": 3}, serving={"sample_queries": 4}, tracking={"enabled": False})
-    profile = write_tiny_task(tmp_path / "data", data=sizes, **settings)
-
-    # Run 1: nothing deployed before, so the gate deploys the first student and records it.
-    cfg = pipeline.run(str(profile))
-    report = load_report(cfg)
+    sizes, settings = TINY_RUN_SIZES, TINY_RUN_SETTINGS
+    profile, cfg, report = tiny_task_run.profile, tiny_task_run.cfg, tiny_task_run.report
     assert report["serving"]["gate"]["deploy"] == "new"
     first = read_deployed(art / "serving" / "deployed.json")
     assert first is not None and first.config and first.missing() is None
@@ -313,7 +310,7 @@ def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(
     # student, served from its copies, and says so. (One more step: another adapter for sure, so the gate
     # compares two students rather than finding the same one.)
     settings = {**settings, "finetune": {"training": {"max_steps": 3}}}
-    profile = write_tiny_task(tmp_path / "data", data={**sizes, "extra_pool": str(pool)}, **settings)
+    profile = write_tiny_task(data_dir, data={**sizes, "extra_pool": str(pool)}, **settings)
     cfg = pipeline.run(str(profile))
     report = load_report(cfg)
     assert report["data"]["extra_pool"]["added"] == len(new) and report["data"]["to_label"] == 40 + len(new)
@@ -329,7 +326,7 @@ def test_served_queries_become_a_pool_and_a_rerun_deploys_only_a_better_student(
     assert "kept the deployed" in " ".join(rows) and "does not beat" in " ".join(rows.values())
 
     # Run 3, the gate off: the same stages are current; serving deploys this run's student and records it.
-    profile = write_tiny_task(tmp_path / "data", data={**sizes, "extra_pool": str(pool)},
+    profile = write_tiny_task(data_dir, data={**sizes, "extra_pool": str(pool)},
                               **{**settings, "serving": {"sample_queries": 4, "deploy_gate": "off"}})
     cfg = pipeline.run(str(profile))
     s = load_report(cfg)["serving"]

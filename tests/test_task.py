@@ -396,34 +396,32 @@ def test_missing_task_file_and_old_data_keys_that_disagree(tmp_path) -> None:
 # --- the whole pipeline on the tiny task --------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tmp_path, monkeypatch) -> None:
-    """The real served models, Ray job and Serve, on a task the test wrote: one file
-    (`topics.yaml`, extends local_ci) and one CSV. Minutes on 2 cores."""
-    from distill import pipeline
-    from distill.report import load_report
+# The tiny task's pipeline run (tests/conftest.py's `tiny_task_run`, shared with test_deploy_gate.py's loop):
+# smaller than local_ci where the sizes only cost time. Every stage still runs on served models, and
+# test_pipeline.py covers local_ci's sizes (and tracking, test_tracking.py).
+TINY_RUN_SIZES = {"num_to_label": 40, "devset_size": 10, "optimizer_val_size": 6, "test_size": 24}
+TINY_RUN_SETTINGS = dict(teacher={"gate_size": 24}, finetune={"training": {"max_steps": 2}},
+                         evaluation={"latency_queries": 3}, serving={"sample_queries": 4},
+                         tracking={"enabled": False})
 
-    art = tmp_path / "artifacts"
-    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(art))
-    monkeypatch.setenv("DISTILL_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("BANKING77_DIR", raising=False)  # nothing of banking77 is needed, or read
-    # Smaller than local_ci where the sizes only cost time: every stage still runs on served models, and
-    # test_pipeline.py covers local_ci's sizes (and tracking, test_tracking.py).
-    sizes = {"num_to_label": 40, "devset_size": 10, "optimizer_val_size": 6, "test_size": 24}
-    profile = write_tiny_task(tmp_path / "data", data=sizes, teacher={"gate_size": 24},
-                              finetune={"training": {"max_steps": 2}}, evaluation={"latency_queries": 3},
-                              serving={"sample_queries": 4}, tracking={"enabled": False})
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_the_tiny_task_from_one_yaml_file(tiny_task_run) -> None:
+    """The real served models, Ray job and Serve, on a task the test wrote: one file
+    (`topics.yaml`, extends local_ci) and one CSV. Minutes on 2 cores (the run is conftest's `tiny_task_run`;
+    its artifacts are read here as the run left them)."""
+    art, run = tiny_task_run.snapshot, tiny_task_run
     names = [t.lower() for t in TOPICS]
 
-    cfg = pipeline.run(str(profile))
-    assert cfg.name == "topics" and cfg.artifacts == art
-    report = load_report(cfg)
+    cfg = run.cfg
+    assert cfg.name == "topics" and cfg.artifacts == run.artifacts
+    report = run.report
     for block in ("data", "baselines", "teacher", "curation", "finetune", "eval", "serving", "run", "latency", "cost"):
         assert block in report, sorted(report)
     d = report["data"]
     assert d["labels"] == names and d["label_counts"] == dict.fromkeys(names, 45)
     assert (d["train"], d["test"], d["test_used"], d["gold"], d["to_label"]) == (270, 90, 24, 100, 40)
-    assert d["source"] == f"csv:{tmp_path / 'data'}"
+    assert d["source"] == f"csv:{run.data_dir}"
     t = report["teacher"]
     assert t["accuracy_gold"] >= cfg.teacher.min_accuracy_gold and t["labeled"] == 40 and t["valid_rate"] == 1.0
     labels = [json.loads(x) for x in (art / "teacher" / "labels.jsonl").read_text().splitlines()]
