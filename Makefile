@@ -52,19 +52,21 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 demo: setup
 	$(PY) -m distill notebook --profile $(PROFILE)
 
-# PYTHONFAULTHANDLER: a crash in a C extension after the last test (at interpreter exit, where pytest's own
-# fault handler is off) still prints every thread's Python stack. --durations: CI's log says where its
-# time goes (the whole .ci/run is meant to stay under an hour).
-test: setup
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest --durations=30
+# The whole suite: the fast tests as `make test-fast` runs them (on both cores), then the slow ones in one
+# process (they share a session-scoped pipeline run and Serve's port). PYTHONFAULTHANDLER: a crash in a C
+# extension after the last test (at interpreter exit, where pytest's own fault handler is off) still prints
+# every thread's Python stack. --durations: CI's log says where its time goes (the whole .ci/run is meant
+# to stay under an hour).
+test: test-fast
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m slow --durations=30
 
 # The fast tests on pytest-xdist workers (default 2: the 2-core machine they are sized for; tests/conftest.py
 # gives each worker its share of the cores for torch). Each worker collects the whole suite and imports torch
 # & co. again. --dist worksteal: each worker starts on its half of the tests, in file order (a file's module
 # fixtures and the worker's memo of embeddings and fits serve the file's tests), and one that runs out takes
 # half of what the other has left; with whole files per worker (loadfile) the heavy files with few tests came
-# last and one worker finished up to 9 s before the other. Not `make test`: the slow tests share one
-# session-scoped pipeline run and Serve's port.
+# last and one worker finished up to 9 s before the other. The slow tests stay in one process (`make test`):
+# they share one session-scoped pipeline run and Serve's port.
 TEST_WORKERS ?= 2
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
