@@ -17,14 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from distill.config import LMConfig
 from distill.data.dataset import make_example, read_jsonl
 from distill.evaluation.calibration import calibrate_student, score_confidence
 from distill.lm import make_lm
 from distill.program import DeployParams
 from distill.serving.control import serving
+from distill_harness.llm_only import llm_only_serve_config
 
 
 def summarize(out: Path, artifacts: Path) -> dict:
@@ -92,16 +91,8 @@ def main() -> None:
         print(markdown(summarize(a.out, a.artifacts), a.out, a.artifacts))
         return
     params = DeployParams.load(a.artifacts / "deploy_params.json")
-    deploy = yaml.safe_load((a.artifacts / "deploy_dspy.yaml").read_text())
-    llm = next(app for app in deploy["applications"] if app["import_path"] == "distill.serving.llm:build_app")
-    llm["args"].pop("api_key_env", None)
-    llm["args"].pop("api_key_fallback_env", None)
-    config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": a.port},
-              "applications": [{**llm, "route_prefix": "/"}]}
-    a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "llm_only.yaml"
-    path.write_text(yaml.safe_dump(config))
-    api_base = f"http://127.0.0.1:{a.port}/v1"
+    api_base = llm_only_serve_config(a.artifacts, a.port, path)
     dev = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "curation" / "devset.jsonl")]
     test = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "data" / "test.jsonl")]
     gold = [make_example(r["text"], r["label"]) for r in read_jsonl(a.artifacts / "data" / "gold.jsonl")]
