@@ -121,11 +121,27 @@ def test_the_rule_catches_typed_results_and_every_allowed_phrase_is_in_use() -> 
     assert [p for p in ALLOWED if not _phrase(p).search(prose)] == []  # no stale exceptions
 
 
-def test_the_active_proxy_table_is_rendered_from_the_committed_json() -> None:
-    spec = importlib.util.spec_from_file_location("active_proxy", ROOT / "benchmarks" / "active_proxy.py")
+def _script(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    table = module.markdown(json.loads((ROOT / "docs" / "active_proxy.json").read_text()))
+    return module
+
+
+def test_the_active_proxy_table_is_rendered_from_the_committed_json() -> None:
+    report = json.loads((ROOT / "docs" / "active_proxy.json").read_text())
+    table = _script("benchmarks/active_proxy.py").markdown(report)
     command = "python benchmarks/active_proxy.py --from-json docs/active_proxy.json"
     assert blocks(ROOT / "docs" / "pipeline.md")[command] == table + "\n", f"regenerate it: {command}"
+
+
+def test_the_probe_tables_are_rendered_from_their_committed_json() -> None:
+    # The quick recipe's comparison (docs/finetune.md) and the calibration probe (docs/cascade.md): each block
+    # is its script's rendering of the JSON it names, so an edit to either side shows here.
+    for script, source, doc in (("benchmarks/probes/quick_recipe.py", "docs/finetune_quick_recipe.json",
+                                 "docs/finetune.md"),
+                                ("benchmarks/probes/calibration_holdout.py", "docs/calibration/holdout_local.json",
+                                 "docs/cascade.md")):
+        rendered = _script(script).markdown(json.loads((ROOT / source).read_text()), Path(source))
+        assert rendered in (ROOT / doc).read_text(), f"regenerate it: python {script} --from-json {source}"
