@@ -115,6 +115,25 @@ def test_threshold_reaches_the_teacher_with_the_least_fallback() -> None:
     assert c.fallback_share == 0 and c.accuracy == 1
 
 
+def test_on_true_labels_the_best_threshold_within_the_budget_goes_past_the_break_even_point() -> None:
+    """cascade.target: best (a calibration split's true labels): no stop where the cascade first reaches the
+    teacher; the most accurate threshold within the budget, ties to less fallback, the teacher's accuracy
+    recorded as the target it was compared with."""
+    conf = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    student = [1, 1, 1, 0, 1, 0, 0, 0]
+    teacher = [1, 1, 0, 1, 1, 1, 1, 0]  # 6/8: reached first at 0.6 (3/8 to the teacher), 7/8 at 0.8 (5/8)
+    c = choose_threshold(conf, student, teacher, max_fallback=1.0, most_accurate=True, on="calibration accuracy")
+    assert (c.threshold, c.accuracy, c.fallback_share, c.target, c.reached) == (0.8, 7 / 8, 5 / 8, 0.75, True)
+    assert c.rule().startswith("the best calibration accuracy within the budget (87.5%; the teacher's 75.0%)")
+    assert "of the calibration to the teacher" in c.rule()
+    # Within a 50% budget (0.6 sends 3/8; 0.7 sends 4/8: 5/8 right): the break-even point is also the best.
+    c = choose_threshold(conf, student, teacher, max_fallback=0.5, most_accurate=True)
+    assert (c.threshold, c.accuracy, c.fallback_share) == (0.6, 0.75, 3 / 8)
+    # Nothing within a 25% budget reaches the teacher: the most accurate there (0.4's answer to the teacher), not reached.
+    c = choose_threshold(conf, student, teacher, max_fallback=0.25, most_accurate=True)
+    assert (c.threshold, c.accuracy, c.fallback_share, c.reached) == (0.5, 5 / 8, 2 / 8, False)
+
+
 def test_answer_confidence_from_openai_logprobs() -> None:
     content = [{"token": "{", "logprob": 0.0}, {"token": "card", "logprob": np.log(0.5)},
                {"token": "_arrival", "logprob": np.log(0.8)}]
@@ -178,8 +197,13 @@ def test_gold_calibration_only_for_a_student_that_never_trained_on_gold() -> Non
     from distill.config import load_config
     from distill.errors import ConfigError
 
-    assert load_config("local_full").calibration_split == "gold"  # sft_source: teacher
-    assert load_config("local").calibration_split == "devset"  # sft_source: both
+    # a calibration split (data.num_calibration) wins; without one, gold when the student never trained on it
+    assert load_config("local_full").calibration_split == load_config("local").calibration_split == "calibration"
+    none = {"data": {"num_calibration": 0}}
+    assert load_config("local_full", overrides=none).calibration_split == "gold"  # sft_source: teacher
+    assert load_config("local", overrides=none).calibration_split == "devset"  # sft_source: both
+    with pytest.raises(ConfigError, match="calibrate_on: calibration needs data.num_calibration"):
+        load_config("local", overrides={**none, "cascade": {"calibrate_on": "calibration"}})
     with pytest.raises(ConfigError, match="calibrate_on: gold needs curation.sft_source: teacher"):
         load_config("local", overrides={"cascade": {"calibrate_on": "gold"}})
 
@@ -198,6 +222,9 @@ def test_auto_picks_a_shift_where_temperature_cannot_reach_and_nothing_where_non
     assert expected_calibration_error(cal.apply_many(p), shifted) < 0.03
     method, scores = choose_calibration(p, y)
     assert scores[method] > scores["none"] - 0.002, scores
+    # under ISOTONIC_MIN_N examples isotonic is no candidate: on a few hundred it overfits into flat steps
+    method, scores = choose_calibration(p[:300], shifted[:300])
+    assert "isotonic" not in scores and set(scores) == {"none", "temperature", "platt"} and method == "platt", scores
     # platt keeps the order of the confidences (a > 0), so a threshold picks the same answers
     slope, bias = fit_platt(p, shifted)
     assert slope > 0 and np.all(np.diff(Calibration(method="platt", slope=slope, bias=bias)

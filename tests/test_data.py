@@ -61,12 +61,38 @@ def test_counts_and_labels_match_the_original(with_banking77, full_cfg) -> None:
 
 def test_gold_and_unlabeled(with_banking77, full_cfg) -> None:
     data = prepare_data(full_cfg)
-    assert len(data.gold) == 100 and len(data.unlabeled) == 4071
+    assert len(data.gold) == 100 and len(data.calibration) == full_cfg.data.num_calibration == 300
+    assert len(data.unlabeled) == 4171 - 100 - 300
     assert all(ex.label in data.labels for ex in data.gold)
     assert all("label" not in ex for ex in data.unlabeled)
     assert all(set(ex.inputs().keys()) == {"text"} for ex in data.gold + data.unlabeled)
-    # gold and unlabeled partition the filtered training set
-    assert Counter(ex.text for ex in data.gold + data.unlabeled) == Counter(ex.text for ex in data.train)
+    # gold, the calibration split and unlabeled partition the filtered training set
+    assert Counter(ex.text for ex in data.gold + data.calibration + data.unlabeled) == \
+        Counter(ex.text for ex in data.train)
+    # the calibration split's labels are the dataset's own (hand labels)
+    truth = {ex.text: ex.label for ex in data.train}
+    assert all(ex.label == truth[ex.text] for ex in data.calibration)
+
+
+def test_the_calibration_split_leaves_gold_and_the_teachers_queries_as_they_were(with_banking77) -> None:
+    """The split is the shuffle's tail: gold and the queries the teacher labels are the ones a profile without
+    it gets, and none of them (nor the pool's remainder, where the cascade's unlabeled queries come from) is
+    a calibration query."""
+    with_split, without = prepare_data(load_config("local")), prepare_data(
+        load_config("local", overrides={"data": {"num_calibration": 0}}))
+    assert len(with_split.calibration) == 300 and not without.calibration
+    assert [ex.text for ex in with_split.gold] == [ex.text for ex in without.gold]
+    assert [ex.text for ex in with_split.to_label] == [ex.text for ex in without.to_label]
+    held = {ex.text for ex in with_split.calibration}
+    assert held == {ex.text for ex in without.unlabeled[-300:]}
+    assert not held & {ex.text for ex in with_split.gold + with_split.unlabeled}
+    assert with_split.summary()["calibration"] == 300 and "calibration" not in without.summary()
+
+
+def test_a_calibration_split_the_training_data_cannot_hold_is_a_clear_error(with_banking77) -> None:
+    cfg = load_config("local", overrides={"data": {"num_calibration": 4000}})
+    with pytest.raises(DataError, match=r"fewer than data.num_calibration \(4000\) \+ data.num_gold"):
+        prepare_data(cfg)
 
 
 GOLD_TEXTS = """

@@ -151,7 +151,7 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
         assert report["cost"]["student_best"]["prompt_tokens_per_query"] < full_tokens / 4
 
 
-def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -> None:
+def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(artifacts) -> None:
     import numpy as np
 
     from distill.evaluation.calibration import choose_threshold
@@ -164,42 +164,50 @@ def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -
     assert m["enabled"] and m["inputs"]["eval"] == report["eval"]["fingerprint"]
     r = m["result"]
     assert r["model"] == report["eval"]["best"]["model"]
-    dev, test = r["devset"], r["testset"]
-    assert (dev["n"], test["n"]) == (cfg.data.devset_size, cfg.data.test_size)
-    assert dev["fallback_share"] <= cfg.cascade.max_fallback and dev["teacher_accuracy"] == 1.0
-    # the teacher's answers are the ones its stage scored: the same test accuracy
+    dev, test, held = r["devset"], r["testset"], r["calibration_split"]
+    assert (dev["n"], test["n"], held["n"]) == (cfg.data.devset_size, cfg.data.test_size, cfg.data.num_calibration)
+    assert r["chosen_on"] == "calibration" and dev["teacher_accuracy"] == 1.0
+    # the teacher's answers are the ones its stage scored: the same test and calibration-split accuracies
     assert test["teacher_accuracy"] == report["teacher"]["accuracy_test"]
+    assert held["teacher_accuracy"] == report["teacher"]["accuracy_calibration"]
     rows = {split: [json.loads(x) for x in Path(r["predictions"][split]).read_text().splitlines()]
-            for split in ("devset", "testset")}
-    teacher_rows = [json.loads(x) for x in (artifacts / "teacher" / "test_predictions.jsonl").read_text().splitlines()]
-    assert [(x["text"], x["teacher"]) for x in rows["testset"]] == [(x["text"], x["predicted"]) for x in teacher_rows]
+            for split in ("devset", "testset", "calibration")}
+    for split, recorded in (("testset", "test_predictions"), ("calibration", "calibration_predictions")):
+        teacher_rows = [json.loads(x) for x in (artifacts / "teacher" / f"{recorded}.jsonl").read_text().splitlines()]
+        assert [(x["text"], x["teacher"]) for x in rows[split]] == [(x["text"], x["predicted"]) for x in teacher_rows]
     assert all(x["teacher"] == x["label"] for x in rows["devset"])  # the devset's labels are the teacher's
+    # the calibration split: the data stage's hand labels, none of them labeled by the teacher or in gold
+    split_file = [json.loads(x) for x in (artifacts / "data" / "calibration.jsonl").read_text().splitlines()]
+    assert [(x["text"], x["label"]) for x in rows["calibration"]] == [(x["text"], x["label"]) for x in split_file]
+    labeled = {x["text"] for x in map(json.loads, (artifacts / "teacher" / "labels.jsonl").read_text().splitlines())}
+    gold = {x["text"] for x in map(json.loads, (artifacts / "data" / "gold.jsonl").read_text().splitlines())}
+    assert not {x["text"] for x in rows["calibration"]} & (labeled | gold)
     assert sum(x["confidence"] is not None for x in rows["testset"]) >= test["n"] - test["no_confidence"] > 0
     assert all(0 < x["confidence"] <= 1 for split in rows.values() for x in split if x["confidence"] is not None)
     # every number is the share of its predictions: cascade = the student's answer above the threshold, else the teacher's
-    for split, scores in (("devset", dev), ("testset", test)):
+    for split, scores in (("devset", dev), ("testset", test), ("calibration", held)):
         xs = rows[split]
         assert all(x["answered_by"] == ("student" if x["calibrated"] >= r["threshold"] - 1e-6 else "teacher") for x in xs)
         assert round(sum(x["cascade"] == x["label"] for x in xs) / len(xs), 4) == scores["cascade_accuracy"]
         assert round(sum(x["student"] == x["label"] for x in xs) / len(xs), 4) == scores["student_accuracy"]
+        assert round(sum(x["teacher"] == x["label"] for x in xs) / len(xs), 4) == scores["teacher_accuracy"]
         assert round(sum(x["answered_by"] == "teacher" for x in xs) / len(xs), 4) == scores["fallback_share"]
-    # the threshold comes from the devset and the unlabeled queries beside it (never labeled by the teacher,
-    # their confidences only): the rule on their rows gives it back
-    d = rows["devset"]
+    # the threshold comes from the calibration split (true labels, the teacher's answers) and the unlabeled
+    # queries beside it (never labeled by the teacher, their confidences only): the rule on their rows gives it back
+    c = rows["calibration"]
     budget = [json.loads(x) for x in Path(r["predictions"]["budget"]).read_text().splitlines()]
-    labeled = {x["text"] for x in map(json.loads, (artifacts / "teacher" / "labels.jsonl").read_text().splitlines())}
-    assert 0 < len(budget) <= cfg.cascade.budget_queries and not labeled & {x["text"] for x in budget}
-    choice = choose_threshold([x["calibrated"] for x in d], [x["student"] == x["label"] for x in d], [True] * len(d),
-                              cfg.cascade.target_agreement, cfg.cascade.max_fallback,
-                              [x["calibrated"] for x in budget], cfg.cascade.budget_confidence)
+    assert 0 < len(budget) <= cfg.cascade.budget_queries and not (labeled | gold) & {x["text"] for x in budget}
+    choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
+                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback,
+                              [x["calibrated"] for x in budget], cfg.cascade.budget_confidence,
+                              most_accurate=cfg.cascade.target == "best", on="calibration accuracy")
     assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
-    assert r["budget_n"] == len(d) + len(budget) and (r["budget_bound"] <= cfg.cascade.max_fallback
-                                                      or dev["fallback_share"] == 0)
+    assert r["budget_n"] == len(c) + len(budget) and (r["budget_bound"] <= cfg.cascade.max_fallback
+                                                      or held["fallback_share"] == 0)
     assert CascadeParams.load(r["cascade_params"]).threshold == pytest.approx(r["threshold"], abs=1e-5)
-    # local_ci's student learns from the teacher alone: the calibration is fit on gold, by the method with the
-    # lowest cross-validated log loss there
+    # the calibration is fit on the same split, by the method with the lowest cross-validated log loss there
     cal = r["calibration"]
-    assert r["fit"]["split"] == "gold" and r["fit"]["n"] == cfg.data.num_gold == cal["n"]
+    assert r["fit"]["split"] == "calibration" and r["fit"]["n"] == cfg.data.num_calibration == cal["n"]
     assert cal["method"] == min(cal["cv_log_loss"], key=cal["cv_log_loss"].get) and np.isfinite(test["ece_calibrated"])
     assert sum(x["count"] for x in r["per_label"]) == test["n"]
     for name in ("reliability", "curve", "per_label"):
@@ -207,7 +215,8 @@ def test_cascade_is_chosen_on_the_devset_and_scored_on_the_test_set(artifacts) -
     cost = r["cost"]
     assert cost["seconds_p50"] >= cost["student"]["p50_s"] > 0 and "estimate" in cost["basis"]
     table = markdown(report)
-    assert "cascade on test (threshold chosen on the devset)" in table and "ECE on test" in table
+    assert "cascade on test (threshold chosen on the calibration split)" in table and "ECE on test" in table
+    assert "cascade on the calibration split" in table
 
 
 def test_served_classify_intent_is_the_cascade_and_says_who_answered(artifacts) -> None:

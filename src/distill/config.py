@@ -63,6 +63,12 @@ class DataConfig(_Strict):
     hub_revision: str | None = None
     top_n_labels: int | None = Field(None, ge=2)
     num_gold: int = Field(100, ge=1)
+    # Hand labels kept from the teacher (no vote support, no demonstrations) and from the student (no SFT):
+    # the cascade's calibration and threshold are fit on them (cascade.calibrate_on). Gold cannot serve, the
+    # student learns it directly or through the teacher's vote. Taken from the end of the seeded shuffle, so
+    # gold and the queries the teacher labels stay what they were without them.
+    num_calibration: int = Field(0, ge=0, description="Hand labels held out from teacher and student for the "
+                                                      "cascade's calibration and threshold; 0 = none.")
     num_to_label: int | None = Field(None, ge=1, description="Unlabeled queries the teacher labels; null = all.")
     devset_size: int = Field(1000, ge=1)
     optimizer_train_size: int | None = Field(None, ge=1, description="null = all that is left.")
@@ -347,14 +353,16 @@ class EvaluationConfig(_Strict):
 class CascadeConfig(_Strict):
     """The cascade (issue 31, docs/cascade.md): the deployed student answers when its calibrated confidence is
     at least a threshold, the teacher below it. The `cascade` stage fits the calibration and chooses the
-    threshold on the devset only; the test set is scored once, after.
+    threshold on dev data only; the test set is scored once, after.
 
-    The devset carries the teacher's labels, so "as accurate as the teacher on the devset" means "always ask
-    the teacher". The threshold is chosen within a budget instead: among the thresholds that send at most
-    `max_fallback` of the devset queries to the teacher, the one with the smallest fallback share whose
-    devset agreement with the teacher reaches `target_agreement`; when none within the budget reaches it,
-    the one with the highest agreement (ties: the smaller fallback share). Candidates are the devset's own
-    calibrated confidences."""
+    With a calibration split (`data.num_calibration`: hand labels neither model used) both are fit there,
+    against the truth, with the teacher's answers to those queries: `target` best (the most accurate
+    threshold within the budget) or teacher (the cheapest that reaches the teacher's accuracy there).
+    Without one, the threshold is chosen on the devset, whose labels are the teacher's, so "as accurate as
+    the teacher" would mean "always ask the teacher": among the thresholds that send at most `max_fallback`
+    of the queries to the teacher, the one with the smallest fallback share whose devset agreement with the
+    teacher reaches `target_agreement`; when none does, the one with the highest agreement (ties: the
+    smaller fallback share). Candidates are the split's own calibrated confidences."""
 
     enabled: bool = Field(True, description="False: the cascade stage measures nothing and serving deploys the "
                                             "student alone.")
@@ -363,13 +371,17 @@ class CascadeConfig(_Strict):
     calibration: Literal["auto", "temperature", "platt", "isotonic"] = Field(
         "auto", description="How the student's confidence is calibrated (auto: chosen by cross-validation).")
     # The devset's labels are the teacher's: a fit there learns how often the student agrees with the teacher,
-    # overconfident against the truth by about the teacher's own error. The gold labels are true, and unseen
-    # by a student finetuned on the teacher's labels alone; one that trained on them would look calibrated on
-    # its own training data. auto: gold when curation.sft_source is teacher, else the devset. The threshold is
-    # chosen on the devset either way (its target is agreement with the teacher there).
-    calibrate_on: Literal["auto", "devset", "gold"] = Field(
-        "auto", description="Fit the calibration on the devset or the gold labels (auto: gold when the student "
-                            "never trained on them).")
+    # overconfident against the truth by about the teacher's own error. The gold labels are true, but a
+    # student learns them: directly (sft_source both), or through the teacher's vote over them (teacher),
+    # which labels gold's neighbours; a fit there finds it more accurate than it is. Without a calibration
+    # split, auto: gold when curation.sft_source is teacher, else the devset; the threshold is then chosen
+    # on the devset (its target is agreement with the teacher there).
+    # calibration: data.num_calibration hand labels neither the teacher nor the student ever used; the
+    # threshold is then chosen there too, against the truth (`target`), with the teacher's answers to them.
+    calibrate_on: Literal["auto", "devset", "gold", "calibration"] = Field(
+        "auto", description="Fit the calibration on the devset, the gold labels or the calibration split "
+                            "(auto: calibration when data.num_calibration, else gold when the student never "
+                            "trained on them, else the devset).")
     max_fallback: float = Field(0.25, ge=0.0, le=1.0,
                                 description="At most this share of queries go to the teacher.")
     # The budget is a promise about traffic not seen yet: a share measured on 100 devset queries is good to
@@ -384,6 +396,12 @@ class CascadeConfig(_Strict):
     target_agreement: float = Field(
         1.0, ge=0.0, le=1.0, description="Stop at the smallest fallback share whose devset agreement with the "
                                          "teacher reaches this.")
+    # On the calibration split (true labels): best, the most accurate threshold within the budget (ties: less
+    # fallback); teacher, the smallest share whose accuracy there reaches the teacher's there. A threshold
+    # chosen at that break-even point lands on either side of the teacher on new queries, about equally often.
+    target: Literal["best", "teacher"] = Field(
+        "best", description="On the calibration split: the most accurate threshold within the budget, or the "
+                            "cheapest that reaches the teacher's accuracy there.")
 
 
 class ServingConfig(_Strict):
@@ -466,13 +484,17 @@ class Config(_Strict):
             raise ValueError(f"cascade.calibrate_on: gold needs curation.sft_source: teacher; with "
                              f"{self.curation.sft_source!r} the student trains on the gold labels, and a fit on "
                              f"its own training data makes it look calibrated (use devset or auto)")
+        if self.cascade.calibrate_on == "calibration" and not self.data.num_calibration:
+            raise ValueError("cascade.calibrate_on: calibration needs data.num_calibration hand labels (e.g. 300)")
         return self
 
     @property
-    def calibration_split(self) -> Literal["devset", "gold"]:
+    def calibration_split(self) -> Literal["devset", "gold", "calibration"]:
         """Where the cascade's calibration is fit: `cascade.calibrate_on`, with auto resolved."""
         if self.cascade.calibrate_on != "auto":
             return self.cascade.calibrate_on
+        if self.data.num_calibration:
+            return "calibration"
         return "gold" if self.curation.sft_source == "teacher" else "devset"
 
     @model_validator(mode="after")

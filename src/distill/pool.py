@@ -93,7 +93,9 @@ def pool_from_log(cfg: Config, log: Path, out: Path | None = None) -> tuple[Path
     def proba(texts: list[str]) -> np.ndarray:
         return PoolScorer(vote, embed(cfg.teacher.embedder, texts), refit=False).proba({})
 
-    pool, counts = build_pool(records, [ex.text for ex in data.full_test], [ex.text for ex in data.gold], proba,
+    # the calibration split's hand labels are held out like gold: counted with it
+    held = [ex.text for ex in data.gold + data.calibration]
+    pool, counts = build_pool(records, [ex.text for ex in data.full_test], held, proba,
                               cfg.data.active.signal)
     counts = counts.model_copy(update={"torn": torn})
     out = out or cfg.artifacts / "pool" / "pool.jsonl"
@@ -149,7 +151,7 @@ def merge_pool(data: TaskData, records: Sequence[PoolRecord], path: str, max_que
     the task's unlabeled queries and repeats (normalised text, as curation compares), then the first
     `max_queries` of those. The task's own splits are untouched."""
     test_keys = {normalize_text(ex.text) for ex in data.full_test}
-    gold_keys = {normalize_text(ex.text) for ex in data.gold}
+    gold_keys = {normalize_text(ex.text) for ex in data.gold + data.calibration}  # both held out
     seen = {normalize_text(ex.text) for ex in data.unlabeled}
     kept: list[str] = []
     counts = dict.fromkeys(("empty", "test_overlap", "gold_overlap", "duplicate"), 0)

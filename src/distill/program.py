@@ -190,15 +190,15 @@ class Calibration(BaseModel):
 
 class CascadeParams(BaseModel):
     """`cascade.json`: when the served student hands a query to the teacher -- its calibrated confidence
-    below `threshold`. Written where the threshold is chosen (on the devset,
+    below `threshold`. Written where the threshold is chosen (on the devset or the calibration split,
     `distill.evaluation.calibration.choose_threshold`), read by the cascade (`distill.serving.cascade`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     threshold: float = Field(..., ge=0, description="The student answers when its calibrated confidence is >= this.")
     calibration: Calibration = Calibration(method="none")
-    chosen_on: str = "devset"
-    target: float | None = None  # the devset accuracy the threshold had to reach (the teacher's, by default)
+    chosen_on: str = "devset"  # devset | calibration (data.num_calibration): what the devset_* fields describe
+    target: float | None = None  # the accuracy the threshold had to reach (the teacher's, by default)
     devset_accuracy: float | None = None  # the cascade's, at this threshold
     devset_fallback_share: float | None = None
 

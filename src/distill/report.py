@@ -164,19 +164,28 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{lat['student_best']['p50_s'] / teacher_lat['p50_s']:.2f}x"))
     if cr := (report.get("cascade") or {}).get("result"):
         ct, cd = cr["testset"], cr["devset"]
-        rows.append(("cascade on test (threshold chosen on the devset): cascade / student alone / teacher alone",
+        on = cr.get("chosen_on", "devset")
+        cc = cr.get("calibration_split") if on == "calibration" else None
+        where = "the calibration split" if cc else "the devset"
+        rows.append((f"cascade on test (threshold chosen on {where}): cascade / student alone / teacher alone",
                      f"{_pct(ct['cascade_accuracy'])} / {_pct(ct['student_accuracy'])} / "
                      f"{_pct(ct['teacher_accuracy'])} ({ct['n']} test queries)"))
-        rows.append(("cascade: share of queries the teacher answered, devset / test",
-                     f"{_pct(cd['fallback_share'])} / {_pct(ct['fallback_share'])}"))
+        if cc:
+            rows.append((f"cascade on the calibration split ({cc['n']} hand labels neither model saw; in-sample): "
+                         "cascade / student alone / teacher alone",
+                         f"{_pct(cc['cascade_accuracy'])} / {_pct(cc['student_accuracy'])} / "
+                         f"{_pct(cc['teacher_accuracy'])}"))
+        shares = (("calibration split", cc), ("devset", cd)) if cc else (("devset", cd),)
+        rows.append((f"cascade: share of queries the teacher answered, {' / '.join(n for n, _ in shares)} / test",
+                     " / ".join(_pct(x["fallback_share"]) for _, x in shares) + f" / {_pct(ct['fallback_share'])}"))
         method = cr["calibration"]["method"]
         conf = "raw confidence (no calibration did better)" if method == "none" else f"{method}-calibrated confidence"
         rows.append((f"cascade threshold on the {conf}, how chosen "
-                     f"(devset, {cd['n']} teacher labels)",
+                     + (f"(calibration split, {cc['n']} hand labels)" if cc else f"(devset, {cd['n']} teacher labels)"),
                      f"{cr['threshold']:.3f}: {cr['threshold_rule']}"))
         floor = ct.get("ece_noise_floor")
         fit = cr.get("fit") or {"split": "devset"}
-        fit_on = "the devset" if fit["split"] == "devset" else f"{fit['n']} gold labels"
+        fit_on = "the devset" if fit["split"] == "devset" else f"{fit['n']} {fit['split']} labels"
         rows.append((f"student confidence ECE on test: raw / calibrated (fit on {fit_on})"
                      + ("" if floor is None else " / a calibrated predictor's at this size (95th percentile)"),
                      f"{ct['ece_raw']:.3f} / {ct['ece_calibrated']:.3f}"

@@ -115,7 +115,7 @@ def evaluation_table(m: EvalManifest) -> Table:
 
 
 def cascade_table(r: CascadeResult) -> Table:
-    """The cascade at the threshold chosen on the devset, next to the student and the teacher alone."""
+    """The cascade at the threshold chosen on dev data, next to the student and the teacher alone."""
     d, t = r.devset, r.testset
 
     def ece(s: SplitScores) -> str:
@@ -127,6 +127,10 @@ def cascade_table(r: CascadeResult) -> Table:
             *([[f"gold ({f.n}, fits the calibration)", _pct(f.student_accuracy), "", "", "",
                 f"{f.ece_raw:.3f} -> {f.ece_calibrated:.3f} (in-sample)"]]
               if (f := r.fit) is not None and f.split == "gold" else []),
+            *([[f"calibration split ({c.n} hand labels: fit and threshold)", _pct(c.student_accuracy),
+                _pct(c.teacher_accuracy), _pct(c.cascade_accuracy), _pct(c.fallback_share),
+                f"{c.ece_raw:.3f} -> {c.ece_calibrated:.3f} (in-sample)"]]
+              if (c := r.calibration_split) is not None else []),
             [f"test set ({t.n}, scored only)", _pct(t.student_accuracy), _pct(t.teacher_accuracy),
              _pct(t.cascade_accuracy), _pct(t.fallback_share), ece(t)]]
     cost = (f"; per query, estimated from per-call p50s: {r.cost.seconds_p50:.3f} s and "

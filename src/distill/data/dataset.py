@@ -301,6 +301,8 @@ class TaskData:
     # queries, so the seeded head that curation takes the devset and optimizer valset from stays the same.
     extra: list[dspy.Example] = field(default_factory=list)
     extra_summary: dict[str, Any] | None = None  # what the merge kept and dropped (None: no extra_pool)
+    # data.num_calibration hand labels neither teacher nor student uses: the cascade's calibration split
+    calibration: list[dspy.Example] = field(default_factory=list)
 
     @property
     def pool(self) -> list[dspy.Example]:
@@ -330,6 +332,8 @@ class TaskData:
             "gold": len(self.gold),
             "unlabeled": len(self.unlabeled),
             "to_label": len(self.to_label),
+            # only with data.num_calibration, as below
+            **({"calibration": len(self.calibration)} if self.calibration else {}),
             # only with data.extra_pool: the pinned summaries of profiles without one stay as they were
             **({"extra_pool": self.extra_summary} if self.extra_summary is not None else {}),
         }
@@ -367,11 +371,12 @@ def check_sizes(cfg: Config, train: Sequence[dspy.Example]) -> None:
     # The curation stage splits the teacher's labels into devset + optimizer valset + at least one to train
     # on (how many more, optimizer_train_size, it checks itself: the teacher's valid labels decide).
     need = d.num_gold + d.devset_size + d.optimizer_val_size + 1
-    if len(train) < need:
+    if len(train) < need + d.num_calibration:
+        held = f"data.num_calibration ({d.num_calibration}) + " if d.num_calibration else ""
         raise DataError(
             f"{cfg.task.where('source')}: {len(train)} training examples of the {len(set(ex.label for ex in train))} "
-            f"labels in use, fewer than data.num_gold ({d.num_gold}) + data.devset_size ({d.devset_size}) + "
-            f"data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on = {need}; "
+            f"labels in use, fewer than {held}data.num_gold ({d.num_gold}) + data.devset_size ({d.devset_size}) + "
+            f"data.optimizer_val_size ({d.optimizer_val_size}) + 1 to train on = {need + d.num_calibration}; "
             f"lower those sizes in profile '{cfg.name}' or give more data")
     if d.num_to_label is not None and d.num_to_label < need - d.num_gold:
         raise DataError(
@@ -403,7 +408,11 @@ def prepare_data(cfg: Config) -> TaskData:
         train = [ex for ex in train if ex.text not in test_texts]
     check_no_test_texts_in_train(cfg, train, test, source)
     check_sizes(cfg, train)
-    gold, unlabeled = delete_labels(seeded_shuffle(train, cfg.seed), cfg.data.num_gold)
+    shuffled = seeded_shuffle(train, cfg.seed)
+    # The calibration split is the shuffle's tail: gold (its head) and the teacher's queries stay the same.
+    cut = len(shuffled) - cfg.data.num_calibration
+    calibration = [make_example(ex.text, ex.label) for ex in shuffled[cut:]]
+    gold, unlabeled = delete_labels(shuffled[:cut], cfg.data.num_gold)
     test_used = stratified_subset(test, cfg.data.test_size, cfg.seed) if cfg.data.test_size else test
     counts = Counter(ex.label for ex in train)
     return TaskData(
@@ -417,6 +426,7 @@ def prepare_data(cfg: Config) -> TaskData:
         source=source,
         label_counts={lab: counts[lab] for lab in labels},
         selection=cfg.data.selection,
+        calibration=calibration,
     )
 
 
@@ -445,7 +455,10 @@ def save_data(data: TaskData, directory: Path) -> dict[str, Path]:
         "unlabeled": directory / "unlabeled.jsonl",
         "test": directory / "test.jsonl",
     }
-    for name in ("gold", "test"):
-        write_jsonl(files[name], [dict(ex.items()) for ex in getattr(data, name)])
+    if data.calibration:
+        files["calibration"] = directory / "calibration.jsonl"
+    for name in ("gold", "test", "calibration"):
+        if name in files:
+            write_jsonl(files[name], [dict(ex.items()) for ex in getattr(data, name)])
     write_jsonl(files["unlabeled"], [dict(ex.items()) for ex in data.pool])
     return files

@@ -132,6 +132,7 @@ def fit_platt(confidence: Sequence[float], correct: Sequence[bool]) -> tuple[flo
 
 
 FITTED_METHODS: tuple[CalibrationMethod, ...] = ("none", "temperature", "platt", "isotonic")
+ISOTONIC_MIN_N = 1000  # choose_calibration: isotonic is a candidate from this many examples on
 
 
 def log_loss(confidence: Sequence[float], correct: Sequence[bool]) -> float:
@@ -143,7 +144,12 @@ def log_loss(confidence: Sequence[float], correct: Sequence[bool]) -> float:
 def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], folds: int = 10,
                        seed: int = 0) -> tuple[CalibrationMethod, dict[str, float]]:
     """The method (of `FITTED_METHODS`) with the lowest mean held-out log loss over `folds` shuffled folds of
-    (confidence, correct), and every method's. Ties go to the simpler one (the order of FITTED_METHODS)."""
+    (confidence, correct), and every method's. Ties go to the simpler one (the order of FITTED_METHODS).
+
+    Isotonic regression is a candidate from `ISOTONIC_MIN_N` examples on: below, it overfits (Niculescu-Mizil
+    & Caruana, "Predicting good probabilities with supervised learning", ICML 2005, found it worse than
+    Platt's under about a thousand), and its flat steps give many answers one confidence, which a threshold
+    cannot tell apart -- on a few dozen it maps whole ranges to 0 or 1."""
     from sklearn.model_selection import KFold
 
     p, y = _arrays(confidence, correct)
@@ -151,7 +157,7 @@ def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], fol
         return "none", {}
     splits = list(KFold(n_splits=min(folds, len(p) // 2), shuffle=True, random_state=seed).split(p))
     scores: dict[str, float] = {}
-    for method in FITTED_METHODS:
+    for method in [m for m in FITTED_METHODS if m != "isotonic" or len(p) >= ISOTONIC_MIN_N]:
         losses = []
         for train, held in splits:
             if method != "none" and len(np.unique(y[train])) < 2:
@@ -160,7 +166,7 @@ def choose_calibration(confidence: Sequence[float], correct: Sequence[bool], fol
             cal = fit_calibration(p[train], y[train], method)
             losses.append(log_loss(cal.apply_many(p[held]), y[held]))
         scores[method] = round(float(np.mean(losses)), 6)
-    best = min(FITTED_METHODS, key=lambda m: (scores[m], FITTED_METHODS.index(m)))
+    best = min(scores, key=lambda m: (scores[m], FITTED_METHODS.index(m)))
     return best, scores
 
 
@@ -217,16 +223,25 @@ class ThresholdChoice:
     budget_bound: float | None = None
     budget_confidence: float | None = None
 
+    # what it was chosen on, in words ("devset agreement": with the teacher's labels; "calibration-split
+    # accuracy": with true labels), and whether the target was the most accurate point within the budget
+    on: str = "devset agreement"
+    most_accurate: bool = False
+
     def rule(self) -> str:
         """How it was chosen, in words (for the report: short, it is a table cell)."""
+        split = self.on.split(" ")[0]
         if self.budget_confidence is None:
-            budget = f"at most {self.max_fallback:.0%} of the devset to the teacher"
+            budget = f"at most {self.max_fallback:.0%} of the {split} to the teacher"
         else:
             budget = (f"at most {self.max_fallback:.0%} to the teacher with {self.budget_confidence:.0%} confidence "
                       f"({self.budget_share:.1%} of {self.budget_n} queries, bound {self.budget_bound:.1%})")
+        if self.most_accurate:
+            return (f"the best {self.on} within the budget ({self.accuracy:.1%}; the teacher's {self.target:.1%}), "
+                    f"ties to less fallback; {budget}")
         if self.reached:
-            return f"the smallest fallback share reaching {self.target:.1%} devset agreement; {budget}"
-        return (f"the best devset agreement ({self.accuracy:.1%}; {self.target:.1%} not reached), "
+            return f"the smallest fallback share reaching {self.target:.1%} {self.on}; {budget}"
+        return (f"the best {self.on} ({self.accuracy:.1%}; {self.target:.1%} not reached), "
                 f"ties to less fallback; {budget}")
 
 
@@ -253,7 +268,8 @@ def fallback_curve(confidence: Sequence[float], student_correct: Sequence[bool],
 
 def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool], teacher_correct: Sequence[bool],
                      target: float | None = None, max_fallback: float = 1.0,
-                     budget_sample: Sequence[float] = (), budget_confidence: float | None = None) -> ThresholdChoice:
+                     budget_sample: Sequence[float] = (), budget_confidence: float | None = None,
+                     most_accurate: bool = False, on: str = "devset agreement") -> ThresholdChoice:
     """The threshold with the smallest fallback share whose cascade accuracy on the devset reaches `target`
     (default: the teacher's own devset accuracy), among those sending at most `max_fallback` of the queries
     to the teacher; if none does, the most accurate of those (ties: the smaller fallback share). Candidates
@@ -263,7 +279,11 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
     The budget is a promise about traffic the cascade has not seen. With `budget_confidence`, the fallback
     share is measured on the devset plus `budget_sample` (the confidences of unlabeled queries: a share
     needs no labels) and its one-sided upper bound at that confidence (`share_upper_bound`) must stay within
-    `max_fallback`: a devset of 100 puts its share within about 7 points, not 1."""
+    `max_fallback`: a devset of 100 puts its share within about 7 points, not 1.
+
+    `most_accurate`: no early stop at the target, the most accurate threshold within the budget (ties: the
+    smaller share); the target is then only recorded (`reached`: whether that threshold reaches it). `on`
+    names the split and what its accuracy is, for `ThresholdChoice.rule`."""
     if not 0.0 <= max_fallback <= 1.0:
         raise ValueError(f"max_fallback must be a share in [0, 1], not {max_fallback}")
     p, _ = _arrays(confidence, student_correct)
@@ -280,8 +300,9 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
         choice = ThresholdChoice(point.threshold, point.accuracy, point.fallback_share, goal,
                                  point.accuracy >= goal - 1e-12, max_fallback,
                                  *((round(share, 6), len(pool), round(bound, 6), budget_confidence)
-                                   if budget_confidence is not None else ()))
-        if choice.reached:
+                                   if budget_confidence is not None else ()),
+                                 on=on, most_accurate=most_accurate)
+        if choice.reached and not most_accurate:
             return choice
         if best is None or point.accuracy > best.accuracy:
             best = choice
@@ -326,6 +347,9 @@ class CalibrationReport(BaseModel):
     # what the fit saw: "devset" (the teacher's labels: agreement) or "gold" (true labels the student never
     # trained on); its ECE before and after is in-sample
     fit_on: str = "devset"
+    # the split the threshold was chosen on, which the devset_* fields describe: devset (agreement with the
+    # teacher) or calibration (hand labels held out from teacher and student, the teacher's answers to them)
+    chosen_on: str = "devset"
     n_fit: int | None = None
     accuracy_fit: float | None = None
     ece_fit_before: float | None = None
@@ -380,7 +404,8 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
                       title: str = "", max_fallback: float = 1.0,
                       fit: tuple[Sequence[float], Sequence[bool]] | None = None,
                       fit_on: str = "devset", budget_sample: Sequence[float] = (),
-                      budget_confidence: float | None = None) -> tuple[CalibrationReport, CascadeParams]:
+                      budget_confidence: float | None = None, chosen_on: str = "devset",
+                      most_accurate: bool = False) -> tuple[CalibrationReport, CascadeParams]:
     """Fit the calibration on `fit` (default: `dev`) and choose the threshold on `dev` (confidence, correct);
     score both on `test`. `fit_on` names the fit's data in the report (e.g. "gold": true labels the student
     never trained on, where the devset holds the teacher's).
@@ -390,20 +415,24 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
     teacher on every devset query; `max_fallback` caps the share sent to the teacher, checked as
     `choose_threshold` says with `budget_sample` (raw confidences of unlabeled queries, calibrated here) and
     `budget_confidence`. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
+
+    `chosen_on` names `dev` when it is not the devset: "calibration", hand labels with the teacher's answers
+    in `teacher_dev_correct`; the report's devset fields then describe that split.
     """
     (dev_p, dev_y), (test_p, test_y) = _arrays(*dev), _arrays(*test)
     fit_p, fit_y = (dev_p, dev_y) if fit is None else _arrays(*fit)
     cal = fit_calibration(fit_p, fit_y, method)
     dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
     teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
+    on = "devset agreement" if chosen_on == "devset" else f"{chosen_on} accuracy"
     choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback, cal.apply_many(budget_sample),
-                              budget_confidence)
+                              budget_confidence, most_accurate=most_accurate, on=on)
     kept = test_c >= choice.threshold
     plot = plot_reliability({"test, raw": test_p, f"test, {cal.method} (fit on {fit_on})": test_c}, test_y,
                             out_dir / "reliability.png",
                             title or f"Student confidence on the test set ({len(test_p)} queries)")
     report = CalibrationReport(
-        method=cal.method, fit_on=fit_on, n_fit=len(fit_p), accuracy_fit=float(fit_y.mean()),
+        method=cal.method, fit_on=fit_on, chosen_on=chosen_on, n_fit=len(fit_p), accuracy_fit=float(fit_y.mean()),
         ece_fit_before=float(cal.ece_before or 0), ece_fit_after=float(cal.ece_after or 0),
         n_devset=len(dev_p), n_testset=len(test_p), accuracy_devset=float(dev_y.mean()),
         accuracy_testset=float(test_y.mean()), ece_devset_before=expected_calibration_error(dev_p, dev_y),
@@ -417,7 +446,7 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
         budget_share=choice.budget_share, budget_n=choice.budget_n, budget_bound=choice.budget_bound,
         budget_confidence=choice.budget_confidence, testset_fallback_share=float(1 - kept.mean()),
         testset_student_accuracy_kept=float(test_y[kept].mean()) if kept.any() else None, plot=str(plot))
-    params = CascadeParams(threshold=choice.threshold, calibration=cal, target=choice.target,
+    params = CascadeParams(threshold=choice.threshold, calibration=cal, chosen_on=chosen_on, target=choice.target,
                            devset_accuracy=choice.accuracy, devset_fallback_share=choice.fallback_share)
     params.save(out_dir / "cascade.json")
     (out_dir / "calibration.json").write_text(report.model_dump_json(indent=2))

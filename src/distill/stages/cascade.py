@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict
 from distill.config import Config
 from distill.data.dataset import TaskData, make_example, read_jsonl, write_jsonl
 from distill.errors import DistillError
-from distill.evaluation.calibration import calibrate_student, ece_noise_floor, fallback_curve
+from distill.evaluation.calibration import (
+    calibrate_student,
+    ece_noise_floor,
+    expected_calibration_error,
+    fallback_curve,
+)
 from distill.evaluation.cascade_report import (
     CallCost,
     CostEstimate,
@@ -70,7 +75,9 @@ class CalibrationFit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    split: str  # devset (the teacher's labels) | gold (true labels the student never trained on)
+    # devset (the teacher's labels) | gold (true labels the student never trained on) | calibration (hand
+    # labels neither teacher nor student used: data.num_calibration)
+    split: str
     n: int
     student_accuracy: float
     ece_raw: float
@@ -87,6 +94,9 @@ class CascadeResult(BaseModel):
     fit: CalibrationFit | None = None  # None: written before the fit's split was recorded (the devset)
     threshold: float  # on the calibrated confidence: the student answers at >= this
     threshold_rule: str  # how it was chosen, in words
+    # the split it was chosen on: devset (agreement with the teacher) | calibration (true labels, the
+    # teacher's answers to them; scored in `calibration_split`)
+    chosen_on: str = "devset"
     threshold_reached: bool  # the target agreement was reached within the budget
     max_fallback: float
     # the fallback share the budget was checked on (devset + unlabeled queries), how many, its upper bound
@@ -96,6 +106,7 @@ class CascadeResult(BaseModel):
     budget_confidence: float | None = None
     target_agreement: float
     devset: SplitScores
+    calibration_split: SplitScores | None = None  # data.num_calibration: in-sample for fit and threshold
     testset: SplitScores
     cost: CostEstimate | None  # teacher as deployed (vote + LLM)
     cost_llm_path: CostEstimate | None = None  # vote_llm: every fallback through the teacher's LLM (upper bound)
@@ -119,7 +130,7 @@ def _cost(calls: CallStats | None) -> CallCost | None:
 
 class CascadeStage(Stage[CascadeManifest]):
     name = "cascade"
-    title = "cascade: the student's confidence, calibrated; the teacher below the threshold chosen on the devset"
+    title = "cascade: the student's confidence, calibrated; the teacher below a threshold chosen on dev data"
     manifest_type = CascadeManifest
     upstream = ("teacher", "curation", "finetune", "eval")
 
@@ -166,17 +177,22 @@ class CascadeStage(Stage[CascadeManifest]):
         if (r := m.result) is None:
             return "cascade.enabled is false"
         t = r.testset
-        return (f"threshold {r.threshold:.3f} (chosen on the devset: {r.devset.fallback_share:.0%} to the teacher); "
+        chosen = r.calibration_split if r.chosen_on == "calibration" and r.calibration_split else r.devset
+        return (f"threshold {r.threshold:.3f} (chosen on the {r.chosen_on}: {chosen.fallback_share:.0%} to the teacher); "
                 f"test: cascade {t.cascade_accuracy:.1%}, student {t.student_accuracy:.1%}, teacher "
                 f"{t.teacher_accuracy:.1%}, {t.fallback_share:.0%} to the teacher")
 
+    def teacher_answers(self, path: Path, examples: list[Any], what: str) -> list[str | None]:
+        """The teacher's answer to each query of `examples`, in order, as the teacher stage recorded it."""
+        rows = read_jsonl(path) if path.is_file() else []
+        if [r["text"] for r in rows] != [ex.text for ex in examples]:
+            raise DistillError(f"{path} does not hold the teacher's answers to this run's {what} queries: run the "
+                               f"teacher stage again")
+        return [r["predicted"] for r in rows]
+
     def teacher_test_answers(self) -> list[str | None]:
         """The teacher's answer to each test query, in the test set's order (recorded by the teacher stage)."""
-        rows = read_jsonl(self.teacher.test_predictions_path) if self.teacher.test_predictions_path.is_file() else []
-        if [r["text"] for r in rows] != [ex.text for ex in self.data.test]:
-            raise DistillError(f"{self.teacher.test_predictions_path} does not hold the teacher's answers to this "
-                               f"run's test queries: run the teacher stage again")
-        return [r["predicted"] for r in rows]
+        return self.teacher_answers(self.teacher.test_predictions_path, self.data.test, "test")
 
     def budget_queries(self) -> list[Any]:
         """Up to `cascade.budget_queries` unlabeled queries the teacher never labeled (the pool's seeded order),
@@ -198,8 +214,11 @@ class CascadeStage(Stage[CascadeManifest]):
         params = DeployParams.load(self.evaluation.deploy_params_path)
         dev, test = self.evaluation.curation.splits()["devset"], data.test
         fit_on = cfg.calibration_split
-        splits = {"devset": dev, "testset": test, **({"gold": data.gold} if fit_on == "gold" else {})}
+        held = {"gold": data.gold, "calibration": data.calibration}.get(fit_on)
+        splits = {"devset": dev, "testset": test, **({fit_on: held} if held is not None else {})}
         teacher_test = self.teacher_test_answers()
+        teacher_cal = (self.teacher_answers(self.teacher.calibration_predictions_path, data.calibration,
+                                            "calibration-split") if fit_on == "calibration" else None)
         program = params.load_program()
         st, threads, max_errors = cfg.models.student, cfg.evaluation.threads, cfg.evaluation.max_errors
         # As the evaluation stage serves and caches the student: the same endpoint, the same caches.
@@ -224,23 +243,29 @@ class CascadeStage(Stage[CascadeManifest]):
         fit_scores = (conf[fit_on], s_ok[fit_on])
         for d in (conf, gold, student):  # gold only fits the calibration: no teacher answers or cascade there
             d.pop("gold", None)
-        teacher = {"devset": gold["devset"], "testset": teacher_test}  # the devset's labels are the teacher's
+        teacher = {"devset": gold["devset"], "testset": teacher_test,  # the devset's labels are the teacher's
+                   **({"calibration": teacher_cal} if teacher_cal is not None else {})}
         t_ok = {k: np.array([a == g for a, g in zip(teacher[k], gold[k])]) for k in gold}
 
-        # Fit on the devset or gold, choose on the devset; the test set only passes through (scored).
+        # Fit on the devset, gold or the calibration split; choose on the calibration split when there is one
+        # (true labels: the target is the teacher's accuracy there), else on the devset (agreement with the
+        # teacher). The test set only passes through (scored).
+        on = "calibration" if fit_on == "calibration" else "devset"
         report, cascade = calibrate_student(
-            (conf["devset"], s_ok["devset"]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
-            target=c.target_agreement, max_fallback=c.max_fallback, fit=fit_scores, fit_on=fit_on,
-            budget_sample=budget_sample, budget_confidence=c.budget_confidence,
+            (conf[on], s_ok[on]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
+            teacher_dev_correct=t_ok[on] if on == "calibration" else None,
+            target=c.target_agreement if on == "devset" else None, max_fallback=c.max_fallback, fit=fit_scores,
+            fit_on=fit_on, budget_sample=budget_sample, budget_confidence=c.budget_confidence, chosen_on=on,
+            most_accurate=on == "calibration" and c.target == "best",
             title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on "
-                  f"{'the devset' if fit_on == 'devset' else f'{len(fit_scores[0])} gold labels'})")
+                  f"{'the devset' if fit_on == 'devset' else f'{len(fit_scores[0])} {fit_on} labels'})")
         cal = cascade.calibration
         calibrated = {k: np.array(cal.apply_many(conf[k])) for k in conf}
         kept = {k: calibrated[k] >= cascade.threshold for k in conf}
 
-        # ECE before and after, as calibrate_student measured it on the same confidences.
-        ece = {"devset": (report.ece_devset_before, report.ece_devset_after),
-               "testset": (report.ece_testset_before, report.ece_testset_after)}
+        # ECE before and after (on the test set, as calibrate_student measured it on the same confidences)
+        ece = {k: (expected_calibration_error(conf[k], s_ok[k]), expected_calibration_error(calibrated[k], s_ok[k]))
+               for k in conf}
 
         def split(k: str) -> SplitScores:
             raw, after = (round(float(x), 4) for x in ece[k])
@@ -260,7 +285,7 @@ class CascadeStage(Stage[CascadeManifest]):
                 {"text": ex.text, "label": g, "student": s, "confidence": scored[k][i].get("confidence"),
                  "calibrated": round(float(calibrated[k][i]), 6), "teacher": t,
                  "answered_by": "student" if kept[k][i] else "teacher", "cascade": s if kept[k][i] else t}
-                for i, (ex, g, s, t) in enumerate(zip(dev if k == "devset" else test, gold[k], student[k], teacher[k]))])
+                for i, (ex, g, s, t) in enumerate(zip(splits[k], gold[k], student[k], teacher[k]))])
         # the unlabeled queries the budget was also checked on: their confidences, nothing to score
         predictions["budget"] = str(out / "predictions" / "budget.jsonl")
         write_jsonl(Path(predictions["budget"]), [
@@ -291,19 +316,22 @@ class CascadeStage(Stage[CascadeManifest]):
                                                 ece_raw=round(report.ece_fit_before or 0, 4),
                                                 ece_calibrated=round(report.ece_fit_after or 0, 4)),
             threshold=round(cascade.threshold, 6), threshold_rule=report.threshold_rule,
-            threshold_reached=report.threshold_reached, max_fallback=c.max_fallback,
+            threshold_reached=report.threshold_reached, chosen_on=on, max_fallback=c.max_fallback,
             budget_share=report.budget_share, budget_n=report.budget_n, budget_bound=report.budget_bound,
             budget_confidence=report.budget_confidence,
             target_agreement=c.target_agreement, devset=scores["devset"], testset=t, cost=costs.get("teacher"),
+            calibration_split=scores.get("calibration"),
             cost_llm_path=costs.get("llm"), per_label=per_label, plots=plots,
             cascade_params=str(self.cascade_params_path), predictions=predictions)
-        d = scores["devset"]
+        d = scores[on]
         how = (f"{cal.method}, chosen by 10-fold cross-validated log loss: " + ", ".join(
             f"{k} {v:.4f}" for k, v in cal.cv_log_loss.items())) if cal.cv_log_loss else cal.method
         print(f"calibration ({how}) fit on {fit_on} ({report.n_fit} queries, student accuracy "
               f"{report.accuracy_fit:.1%}): ECE {report.ece_fit_before:.3f} -> {report.ece_fit_after:.3f} in-sample")
-        print(f"threshold {result.threshold:.3f} on the {cal.method}-calibrated confidence, chosen on the devset: "
-              f"{d.fallback_share:.0%} of {d.n} devset queries to the teacher, agreement {d.cascade_accuracy:.1%} "
+        measure = "agreement" if on == "devset" else f"accuracy {d.cascade_accuracy:.1%}, teacher alone"
+        print(f"threshold {result.threshold:.3f} on the {cal.method}-calibrated confidence, chosen on the {on}: "
+              f"{d.fallback_share:.0%} of {d.n} {on} queries to the teacher, {measure} "
+              f"{(d.cascade_accuracy if on == 'devset' else d.teacher_accuracy):.1%} "
               f"(student alone {d.student_accuracy:.1%}); {report.threshold_rule}")
         print(f"test set ({t.n}): cascade {t.cascade_accuracy:.1%}, student alone {t.student_accuracy:.1%}, teacher "
               f"alone {t.teacher_accuracy:.1%}; {t.fallback_share:.0%} to the teacher; ECE {t.ece_raw:.3f} raw, "

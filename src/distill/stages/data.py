@@ -19,6 +19,7 @@ class DataManifest(Manifest):
     labels: list[str]
     label_counts: dict[str, int]
     gold: int
+    calibration: int = 0  # data.num_calibration: hand labels only the cascade's calibration reads
     unlabeled: int
     to_label: int
     extra_pool: PoolMerge | None = None  # data.extra_pool: the served queries added, and those left out
@@ -30,9 +31,10 @@ def data_fingerprint(data: TaskData) -> str:
     # data.extra_pool's queries are in `to_label` (random) or `pool` (active): they change it when there are
     # any, and a profile without one keeps its fingerprint.
     pool = ([ex.text for ex in data.pool],) if data.selection == "active" else ()
+    calibration = ([(ex.text, ex.label) for ex in data.calibration],) if data.calibration else ()
     return fingerprint(
         data.labels, [(ex.text, ex.label) for ex in data.gold], [ex.text for ex in data.to_label],
-        [(ex.text, ex.label) for ex in data.test], [ex.text for ex in data.full_test], *pool,
+        [(ex.text, ex.label) for ex in data.test], [ex.text for ex in data.full_test], *pool, *calibration,
     )
 
 
@@ -56,11 +58,13 @@ class DataStage(Stage[DataManifest]):
         return self._fp
 
     def outputs(self, manifest: DataManifest) -> list[Path]:
-        return [self.dir / f"{name}.jsonl" for name in ("gold", "unlabeled", "test")]
+        return [self.dir / f"{name}.jsonl"
+                for name in ("gold", "unlabeled", "test", *(("calibration",) if manifest.calibration else ()))]
 
     def describe(self, m: DataManifest) -> str:
+        held = f"calibration {m.calibration}, " if m.calibration else ""
         return (f"{m.source}: train {m.train}, test {m.test} (using {m.test_used}), {len(m.labels)} labels, "
-                f"gold {m.gold}, unlabeled {m.unlabeled} (teacher labels {m.to_label})"
+                f"gold {m.gold}, {held}unlabeled {m.unlabeled} (teacher labels {m.to_label})"
                 + (f", {m.extra_pool.added} served queries added (data.extra_pool)" if m.extra_pool else ""))
 
     def run(self) -> DataManifest:

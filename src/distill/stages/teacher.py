@@ -71,6 +71,9 @@ class TeacherManifest(Manifest):
     # data.selection: active -- each round's picks (selection.jsonl has every query's round and score).
     selection: str = "random"
     active_rounds: list[RoundSummary] | None = None
+    # data.num_calibration: the teacher on the held-out hand labels (the cascade chooses its threshold there)
+    accuracy_calibration: float | None = None
+    n_calibration: int = 0
 
 
 class TeacherStage(Stage[TeacherManifest]):
@@ -114,8 +117,14 @@ class TeacherStage(Stage[TeacherManifest]):
         """The teacher's answer to every test query (the cascade stage's fallback answers)."""
         return self.dir / "test_predictions.jsonl"
 
+    @property
+    def calibration_predictions_path(self) -> Path:
+        """The teacher's answer to every query of the calibration split (data.num_calibration), as for test."""
+        return self.dir / "calibration_predictions.jsonl"
+
     def outputs(self, manifest: TeacherManifest) -> list[Path]:
-        return [self.labels_path, self.test_predictions_path]
+        return [self.labels_path, self.test_predictions_path,
+                *([self.calibration_predictions_path] if manifest.n_calibration else [])]
 
     def describe(self, m: TeacherManifest) -> str:
         return (f"{m.labeled} labels in {self.labels_path}; accuracy gold {m.accuracy_gold:.1%}, "
@@ -145,6 +154,11 @@ class TeacherStage(Stage[TeacherManifest]):
             recorder.write(self.test_predictions_path, data.test)
             print(f"teacher accuracy on {test.n} test queries: {test.accuracy:.1%} (valid {test.valid_rate:.1%})"
                   + (f", the LLM answered {test.llm_share:.0%} of them" if test.llm_share is not None else ""))
+            held = None
+            if data.calibration:  # scored as test is: the cascade's threshold is chosen on these answers
+                held = score_teacher(recorder, lm, data.calibration, data.labels, cfg.teacher.threads)
+                recorder.write(self.calibration_predictions_path, data.calibration)
+                print(f"teacher accuracy on the {held.n} calibration-split queries: {held.accuracy:.1%}")
             vote_summary = self.vote_summary(teacher) if isinstance(teacher, HybridTeacher) else None
             active = self.label_active(teacher, lm, index, vote) if cfg.data.selection == "active" else None
             if active is not None:
@@ -176,6 +190,7 @@ class TeacherStage(Stage[TeacherManifest]):
             llm_share_gold=gate.llm_share, llm_share_test=test.llm_share, vote=vote_summary, calls_llm=calls_llm,
             vote_confidence=teacher.vote_confidence if isinstance(teacher, HybridTeacher) else None, routing=routing,
             selection=cfg.data.selection, active_rounds=active.rounds if active else None,
+            accuracy_calibration=round(held.accuracy, 4) if held else None, n_calibration=held.n if held else 0,
         )
 
     def routing(self, lm: dspy.LM, index: GoldIndex | None, vote: LabelVote | None,
