@@ -228,8 +228,9 @@ class CascadeStage(Stage[CascadeManifest]):
             scored = {name: evaluate(program, lm, examples, data.labels, threads, max_errors,
                                      name=f"{name}, deployed student with its confidence",
                                      prompt=params.program.prompt, labeled=name != "budget").predictions
-                      for name, examples in {**splits, "budget": self.budget_queries()}.items()}
-        budget_rows = scored.pop("budget")
+                      for name, examples in {**splits, "budget": self.budget_queries()}.items()
+                      if examples}  # no unlabeled queries (budget_queries 0, or the whole pool labeled)
+        budget_rows = scored.pop("budget", [])
         budget_sample = [p.get("confidence") or 0.0 for p in budget_rows]  # no confidence: to the teacher
         missing = {name: sum(p.get("confidence") is None for p in preds) for name, preds in scored.items()}
         if all(missing[name] == len(scored[name]) for name in scored):
