@@ -219,6 +219,32 @@ def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(a
     assert "cascade on the calibration split" in table
 
 
+def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_split(artifacts, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """`local` (budget_queries 0) and `local_full` (every pool query labeled): nothing beside the calibration
+    split to measure the fallback share on, and the stage chooses on the split alone. Run on a copy of the
+    artifacts, so the run above stays as it was; the student's answers come from the DSPy caches copied
+    with them."""
+    import shutil
+
+    from distill.data.dataset import read_jsonl
+    from distill.evaluation.calibration import choose_threshold
+
+    copy = tmp_path / "local_ci"
+    shutil.copytree(artifacts, copy)
+    monkeypatch.setenv("DISTILL_ARTIFACTS_DIR", str(copy))
+    cfg = load_config("local_ci", overrides={"cascade": {"budget_queries": 0}})
+    data = pipeline.data_stage(cfg)
+    r = pipeline.cascade_stage(cfg, data).result
+    assert r is not None and r.chosen_on == "calibration" and r.budget_n == cfg.data.num_calibration
+    assert read_jsonl(Path(r.predictions["budget"])) == []
+    c = read_jsonl(Path(r.predictions["calibration"]))
+    choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
+                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback, [],
+                              cfg.cascade.budget_confidence, most_accurate=True, on="calibration accuracy")
+    assert choice.threshold == pytest.approx(r.threshold, abs=1e-5) and choice.rule() == r.threshold_rule
+
+
 def test_served_classify_intent_is_the_cascade_and_says_who_answered(artifacts) -> None:
     """The serving stage deployed the cascade (the cascade stage chose a threshold): every served answer
     carries `answered_by` and the student's calibrated `confidence`, the teacher answered exactly those below
