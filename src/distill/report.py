@@ -171,7 +171,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{_pct(ct['cascade_accuracy'])} / {_pct(ct['student_accuracy'])} / "
                      f"{_pct(ct['teacher_accuracy'])} ({ct['n']} test queries)"))
         if cc:
-            rows.append((f"cascade on the calibration split ({cc['n']} hand labels neither model saw; in-sample): "
+            rows.append((f"cascade on the calibration split ({cc['n']} hand labels neither model learned from; in-sample): "
                          "cascade / student alone / teacher alone",
                          f"{_pct(cc['cascade_accuracy'])} / {_pct(cc['student_accuracy'])} / "
                          f"{_pct(cc['teacher_accuracy'])}"))
