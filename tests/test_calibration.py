@@ -125,7 +125,7 @@ def test_on_true_labels_the_best_threshold_within_the_budget_goes_past_the_break
     c = choose_threshold(conf, student, teacher, max_fallback=1.0, most_accurate=True, on="calibration accuracy")
     assert (c.threshold, c.accuracy, c.fallback_share, c.target, c.reached) == (0.8, 7 / 8, 5 / 8, 0.75, True)
     assert c.rule().startswith("the best calibration accuracy within the budget (87.5%; the teacher's 75.0%)")
-    assert "of the calibration to the teacher" in c.rule()
+    assert "of the calibration split to the teacher" in c.rule()
     # Within a 50% budget (0.6 sends 3/8; 0.7 sends 4/8: 5/8 right): the break-even point is also the best.
     c = choose_threshold(conf, student, teacher, max_fallback=0.5, most_accurate=True)
     assert (c.threshold, c.accuracy, c.fallback_share) == (0.6, 0.75, 3 / 8)

@@ -15,6 +15,7 @@ from distill.data.dataset import (
     delete_labels,
     load_csv_split,
     normalize_label,
+    normalize_text,
     prepare_data,
     seeded_shuffle,
     split_devset_and_optimizer_sets,
@@ -61,14 +62,20 @@ def test_counts_and_labels_match_the_original(with_banking77, full_cfg) -> None:
 
 def test_gold_and_unlabeled(with_banking77, full_cfg) -> None:
     data = prepare_data(full_cfg)
-    assert len(data.gold) == 100 and len(data.calibration) == full_cfg.data.num_calibration == 300
+    # the shuffle's last 300 are the calibration split, less the two that curation's normalisation makes
+    # the same as a pool query (local_full's teacher labels the whole pool)
+    assert len(data.gold) == 100 and len(data.calibration) == full_cfg.data.num_calibration - 2 == 298
     assert len(data.unlabeled) == 4171 - 100 - 300
     assert all(ex.label in data.labels for ex in data.gold)
     assert all("label" not in ex for ex in data.unlabeled)
     assert all(set(ex.inputs().keys()) == {"text"} for ex in data.gold + data.unlabeled)
-    # gold, the calibration split and unlabeled partition the filtered training set
-    assert Counter(ex.text for ex in data.gold + data.calibration + data.unlabeled) == \
+    # gold, the calibration split and unlabeled come from the filtered training set, disjoint, the split
+    # disjoint from the others and from test even after normalisation
+    assert not Counter(ex.text for ex in data.gold + data.calibration + data.unlabeled) - \
         Counter(ex.text for ex in data.train)
+    assert len(data.gold) + 300 + len(data.unlabeled) == len(data.train)
+    others = {normalize_text(ex.text) for ex in data.gold + data.unlabeled + data.test}
+    assert not others & {normalize_text(ex.text) for ex in data.calibration}
     # the calibration split's labels are the dataset's own (hand labels)
     truth = {ex.text: ex.label for ex in data.train}
     assert all(ex.label == truth[ex.text] for ex in data.calibration)

@@ -486,6 +486,10 @@ class Config(_Strict):
                              f"its own training data makes it look calibrated (use devset or auto)")
         if self.cascade.calibrate_on == "calibration" and not self.data.num_calibration:
             raise ValueError("cascade.calibrate_on: calibration needs data.num_calibration hand labels (e.g. 300)")
+        if self.data.num_calibration and self.cascade.calibrate_on in ("devset", "gold"):
+            raise ValueError(f"data.num_calibration ({self.data.num_calibration}) hand labels would be scored and never "
+                             f"used with cascade.calibrate_on: {self.cascade.calibrate_on}; set it to 0, or calibrate_on "
+                             f"to calibration (or auto)")
         return self
 
     @property

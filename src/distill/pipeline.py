@@ -133,7 +133,7 @@ def evaluation_stage(cfg: Config, data: TaskData) -> EvalManifest:
 
 
 def cascade_stage(cfg: Config, data: TaskData) -> CascadeManifest:
-    """The deployed student's confidence calibrated and its threshold chosen on the devset (the teacher answers
+    """The deployed student's confidence calibrated and its threshold chosen on dev data (the teacher answers
     below it); the cascade, the student and the teacher alone scored on the test set, plots, per-label table."""
     return stage(cfg, "cascade", data)  # type: ignore[return-value]
 

@@ -21,11 +21,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from distill.config import Config
-from distill.data.dataset import TaskData, make_example, prepare_data, write_jsonl
+from distill.data.dataset import TaskData, make_example, normalize_text, prepare_data, write_jsonl
 from distill.data.selection import Signal, uncertainty
 from distill.errors import ConfigError, DistillError
 from distill.serving.request_log import RequestRecord, read_request_log
-from distill.student.curation import normalize_text
 
 
 class PoolRecord(BaseModel):

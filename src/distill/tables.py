@@ -41,12 +41,14 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], cap
 def data_table(data: TaskData, examples: int = 3) -> Table:
     """The splits every later section starts from, and a few gold examples."""
     rows: list[list[Any]] = [
-        ["gold: hand-labeled, the only labels the pipeline may use", len(data.gold)],
+        ["gold: hand-labeled, the only labels the models learn from", len(data.gold)],
+        *([["calibration split: hand-labeled, only the cascade's calibration and threshold",
+            len(data.calibration)]] if data.calibration else []),
         ["unlabeled pool", len(data.unlabeled)], ["  of which the teacher labels", len(data.to_label)],
         ["test queries scored (of the test set's)", f"{len(data.test)} of {data.full_test_size}"],
     ]
     if data.extra_summary is not None:  # data.extra_pool: random selection labels them all, active may pick them
-        rows.insert(3, [f"  served queries added ({data.extra_summary['path']})", len(data.extra)])
+        rows.insert(len(rows) - 1, [f"  served queries added ({data.extra_summary['path']})", len(data.extra)])
     rows += [[f"  e.g. {ex.text!r}", ex.label] for ex in data.gold[:examples]]
     return table(f"The {len(data.labels)} labels in use ({data.source})", ["", ""], rows, header=False)
 

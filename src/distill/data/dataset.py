@@ -13,6 +13,8 @@ import io
 import json
 import os
 import random
+import re
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,13 @@ DATA_DIR_ENV = "DISTILL_DATA_DIR"
 def normalize_label(label: str) -> str:
     """`Refund_not_showing_up` -> `refund_not_showing_up`, `reverted_card_payment?` -> `reverted_card_payment`."""
     return str(label).strip().lower().rstrip("?").strip().replace(" ", "_")
+
+
+def normalize_text(text: str) -> str:
+    """Case, accents, punctuation and spacing removed: 'Where is my card?!' == 'where is my  card'."""
+    t = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    t = re.sub(r"[^a-z0-9]+", " ", t)
+    return " ".join(t.split())
 
 
 def make_example(text: str, label: str | None = None) -> dspy.Example:
@@ -411,8 +420,14 @@ def prepare_data(cfg: Config) -> TaskData:
     shuffled = seeded_shuffle(train, cfg.seed)
     # The calibration split is the shuffle's tail: gold (its head) and the teacher's queries stay the same.
     cut = len(shuffled) - cfg.data.num_calibration
-    calibration = [make_example(ex.text, ex.label) for ex in shuffled[cut:]]
     gold, unlabeled = delete_labels(shuffled[:cut], cfg.data.num_gold)
+    # Held out means held out as curation compares texts: a query that is the same after normalize_text as
+    # one the models may learn from (gold, what the teacher may label: num_to_label of the pool, all of it
+    # for active selection) or are scored on (test) is left out of the split.
+    d = cfg.data
+    may_label = unlabeled if d.selection == "active" or d.num_to_label is None else unlabeled[: d.num_to_label]
+    seen = {normalize_text(ex.text) for ex in [*gold, *may_label, *test]}
+    calibration = [make_example(ex.text, ex.label) for ex in shuffled[cut:] if normalize_text(ex.text) not in seen]
     test_used = stratified_subset(test, cfg.data.test_size, cfg.seed) if cfg.data.test_size else test
     counts = Counter(ex.label for ex in train)
     return TaskData(

@@ -230,7 +230,7 @@ class ThresholdChoice:
 
     def rule(self) -> str:
         """How it was chosen, in words (for the report: short, it is a table cell)."""
-        split = self.on.split(" ")[0]
+        split = {"calibration": "calibration split"}.get(s := self.on.split(" ")[0], s)
         if self.budget_confidence is None:
             budget = f"at most {self.max_fallback:.0%} of the {split} to the teacher"
         else:

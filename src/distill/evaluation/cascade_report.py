@@ -81,10 +81,11 @@ def plot_per_label(rows: Sequence[LabelRow], path: str | Path, title: str) -> Pa
 
 
 def plot_fallback_curve(curve: Sequence[Any], chosen: tuple[float, float], path: str | Path, title: str,
-                        student: float, teacher: float, budget: float | None = None) -> Path:
+                        student: float, teacher: float, budget: float | None = None,
+                        chosen_on: str = "the devset") -> Path:
     """The cascade's test accuracy against the share of test queries sent to the teacher, over every
-    threshold (`distill.evaluation.calibration.fallback_curve` points), with the threshold chosen on the
-    devset marked at `chosen` (fallback share, accuracy on test); student and teacher alone as lines."""
+    threshold (`distill.evaluation.calibration.fallback_curve` points), with the threshold chosen on
+    `chosen_on` marked at `chosen` (fallback share, accuracy on test); student and teacher alone as lines."""
     from distill.evaluation.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -94,9 +95,9 @@ def plot_fallback_curve(curve: Sequence[Any], chosen: tuple[float, float], path:
     ax.axhline(100 * student, color="dimgray", linestyle=":", linewidth=1, label=f"student alone ({student:.1%})")
     if budget is not None:
         ax.axvline(100 * budget, color="tab:red", alpha=0.4, linewidth=1,
-                   label=f"devset budget (max_fallback {budget:.0%})")
+                   label=f"budget (max_fallback {budget:.0%})")
     ax.plot([100 * chosen[0]], [100 * chosen[1]], marker="*", markersize=14, color="tab:red", linestyle="none",
-            label=f"chosen on the devset: {chosen[0]:.0%} fallback, {chosen[1]:.1%}")
+            label=f"chosen on {chosen_on}: {chosen[0]:.0%} fallback, {chosen[1]:.1%}")
     ax.set_xlim(-2, 102)
     ax.set_xlabel("queries answered by the teacher (% of the test set)")
     ax.set_ylabel("accuracy on the test set (%)")

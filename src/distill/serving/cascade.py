@@ -1,5 +1,5 @@
 """The cascade (issue 31): `/classify_intent` asks the student; when its calibrated confidence is below the
-threshold chosen on the devset, it asks the teacher program, deployed as its own Serve application (or any
+threshold chosen on dev data, it asks the teacher program, deployed as its own Serve application (or any
 service answering `POST {"query": ...}` with `{"label": ...}`), and says who answered.
 
 The student's ingress, worker and error handling are the program application's (`distill.serving.app`);
@@ -39,7 +39,7 @@ logger = logging.getLogger("ray.serve")
 class CascadeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cascade_params: str = Field(..., description="cascade.json: threshold and calibration, chosen on the devset.")
+    cascade_params: str = Field(..., description="cascade.json: threshold and calibration, chosen on dev data.")
     teacher_url: str = Field(..., description="The teacher program's classify URL, e.g. http://127.0.0.1:8000/teacher.")
     teacher_key_env: str | None = Field(None, description="Variable holding the teacher app's key (sent when set).")
     teacher_key_fallback_env: str | None = Field(
@@ -56,7 +56,7 @@ class CascadeAppArgs(ProgramAppArgs):
 
 class CascadeResponse(ClassifyResponse):
     answered_by: Literal["student", "teacher"]
-    # `confidence` is the student's, calibrated on the devset; `student_label` what the student answered.
+    # `confidence` is the student's, calibrated (cascade.json); `student_label` what the student answered.
     student_label: str
     threshold: float
     fallback_error: str | None = None  # the teacher was asked and failed: the answer is the student's

@@ -1,6 +1,7 @@
 """The cascade stage (issue 31): the deployed student answers with a confidence; below a threshold the teacher
-answers. The threshold is chosen on the devset, the calibration fit there or on the gold labels when the
-student never trained on them (`cascade:` in the profile says how); the test set is then scored once: the
+answers. The calibration and the threshold are fit on the calibration split (`data.num_calibration` hand
+labels neither model learns from), else the threshold on the devset and the calibration there or on gold
+(`cascade:` in the profile says how); the test set is then scored once: the
 cascade against the student and the teacher alone, the fallback share, ECE, the accuracy-vs-fallback curve
 over every threshold, a cost estimate, and a per-label table.
 
@@ -52,8 +53,8 @@ from distill.stages.teacher import TeacherStage
 
 
 class SplitScores(BaseModel):
-    """One split at the threshold chosen on the devset. On the devset "accuracy" is agreement with the
-    teacher's labels (the teacher's own is 1 by construction); on the test set, with the gold labels."""
+    """One split at the chosen threshold. On the devset "accuracy" is agreement with the teacher's labels
+    (the teacher's own is 1 by construction); on the calibration split and the test set, with true labels."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,7 +64,7 @@ class SplitScores(BaseModel):
     cascade_accuracy: float
     fallback_share: float  # answered by the teacher
     ece_raw: float  # the student's confidence
-    ece_calibrated: float  # after the calibration fit on the devset
+    ece_calibrated: float  # after the calibration (fit on `CascadeResult.fit.split`)
     # the ECE a perfectly calibrated predictor exceeds 5% of the time on these calibrated confidences
     # (calibration.ece_noise_floor): below it, this split is too small to tell the fit from calibrated
     ece_noise_floor: float | None = None
@@ -294,14 +295,15 @@ class CascadeStage(Stage[CascadeManifest]):
              "calibrated": round(q, 6)} for p, q in zip(budget_rows, cal.apply_many(budget_sample))])
         t = scores["testset"]
         curve = fallback_curve(calibrated["testset"], s_ok["testset"], t_ok["testset"])
+        where = "the calibration split" if on == "calibration" else "the devset"
         per_label = per_label_report(gold["testset"], [a or "" for a in teacher_test],
                                      [a or "" for a in student["testset"]], [not k for k in kept["testset"]])
         plots = {
             "reliability": report.plot,
             "curve": str(plot_fallback_curve(
                 curve, (t.fallback_share, t.cascade_accuracy), out / "fallback_curve.png",
-                f"Cascade on the test set ({t.n} queries) at every threshold;\nthe marked one was chosen on the devset",
-                t.student_accuracy, t.teacher_accuracy, budget=c.max_fallback)),
+                f"Cascade on the test set ({t.n} queries) at every threshold;\nthe marked one was chosen on {where}",
+                t.student_accuracy, t.teacher_accuracy, budget=c.max_fallback, chosen_on=where)),
             "per_label": str(plot_per_label(
                 per_label, out / "per_label.png",
                 f"Per label, test set, worst cascade accuracy first (threshold {cascade.threshold:.3f})")),

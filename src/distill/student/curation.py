@@ -11,8 +11,6 @@ adapter. (DSPy's JSONAdapter.format_finetune_data is not implemented in 3.4.)
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +20,11 @@ import dspy
 from rich.console import Console
 from rich.table import Table
 
-from distill.data.dataset import write_jsonl
+from distill.data.dataset import normalize_text, write_jsonl
 from distill.errors import DataError
 from distill.program import IntentClassificationModule
 
 console = Console()
-
-
-def normalize_text(text: str) -> str:
-    """Case, accents, punctuation and spacing removed: 'Where is my card?!' == 'where is my  card'."""
-    t = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    t = re.sub(r"[^a-z0-9]+", " ", t)
-    return " ".join(t.split())
 
 
 @dataclass
