@@ -421,16 +421,9 @@ def prepare_data(cfg: Config) -> TaskData:
     # The calibration split is the shuffle's tail: gold (its head) and the teacher's queries stay the same.
     cut = len(shuffled) - cfg.data.num_calibration
     gold, unlabeled = delete_labels(shuffled[:cut], cfg.data.num_gold)
-    # Held out means held out as curation compares texts: a query that is the same after normalize_text as
-    # one the models may learn from (gold, what the teacher may label: num_to_label of the pool, all of it
-    # for active selection) or are scored on (test) is left out of the split.
-    d = cfg.data
-    may_label = unlabeled if d.selection == "active" or d.num_to_label is None else unlabeled[: d.num_to_label]
-    seen = {normalize_text(ex.text) for ex in [*gold, *may_label, *test]}
-    calibration = [make_example(ex.text, ex.label) for ex in shuffled[cut:] if normalize_text(ex.text) not in seen]
     test_used = stratified_subset(test, cfg.data.test_size, cfg.seed) if cfg.data.test_size else test
     counts = Counter(ex.label for ex in train)
-    return TaskData(
+    data = TaskData(
         labels=labels,
         train=train,
         test=test_used,
@@ -441,8 +434,13 @@ def prepare_data(cfg: Config) -> TaskData:
         source=source,
         label_counts={lab: counts[lab] for lab in labels},
         selection=cfg.data.selection,
-        calibration=calibration,
     )
+    # Held out means held out as curation compares texts: a tail query that is the same after normalize_text
+    # as one the models may learn from (gold, what the teacher may be asked to label: `pool`) or are scored
+    # on (test) is left out of the split.
+    seen = {normalize_text(ex.text) for ex in [*data.gold, *data.pool, *test]}
+    data.calibration = [make_example(ex.text, ex.label) for ex in shuffled[cut:] if normalize_text(ex.text) not in seen]
+    return data
 
 
 # --- persistence ----------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ class CascadeStage(Stage[CascadeManifest]):
         calibrated = {k: np.array(cal.apply_many(conf[k])) for k in conf}
         kept = {k: calibrated[k] >= cascade.threshold for k in conf}
 
-        # ECE before and after (on the test set, as calibrate_student measured it on the same confidences)
+        # ECE before and after calibration, per split (the test set's equals calibrate_student's report)
         ece = {k: (expected_calibration_error(conf[k], s_ok[k]), expected_calibration_error(calibrated[k], s_ok[k]))
                for k in conf}
 
@@ -331,10 +331,10 @@ class CascadeStage(Stage[CascadeManifest]):
             f"{k} {v:.4f}" for k, v in cal.cv_log_loss.items())) if cal.cv_log_loss else cal.method
         print(f"calibration ({how}) fit on {fit_on} ({report.n_fit} queries, student accuracy "
               f"{report.accuracy_fit:.1%}): ECE {report.ece_fit_before:.3f} -> {report.ece_fit_after:.3f} in-sample")
-        measure = "agreement" if on == "devset" else f"accuracy {d.cascade_accuracy:.1%}, teacher alone"
+        measure = (f"agreement {d.cascade_accuracy:.1%}" if on == "devset" else
+                   f"accuracy {d.cascade_accuracy:.1%}, teacher alone {d.teacher_accuracy:.1%}")
         print(f"threshold {result.threshold:.3f} on the {cal.method}-calibrated confidence, chosen on the {on}: "
               f"{d.fallback_share:.0%} of {d.n} {on} queries to the teacher, {measure} "
-              f"{(d.cascade_accuracy if on == 'devset' else d.teacher_accuracy):.1%} "
               f"(student alone {d.student_accuracy:.1%}); {report.threshold_rule}")
         print(f"test set ({t.n}): cascade {t.cascade_accuracy:.1%}, student alone {t.student_accuracy:.1%}, teacher "
               f"alone {t.teacher_accuracy:.1%}; {t.fallback_share:.0%} to the teacher; ECE {t.ece_raw:.3f} raw, "
