@@ -192,18 +192,20 @@ def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(a
         assert round(sum(x["student"] == x["label"] for x in xs) / len(xs), 4) == scores["student_accuracy"]
         assert round(sum(x["teacher"] == x["label"] for x in xs) / len(xs), 4) == scores["teacher_accuracy"]
         assert round(sum(x["answered_by"] == "teacher" for x in xs) / len(xs), 4) == scores["fallback_share"]
-    # the threshold comes from the calibration split (true labels, the teacher's answers) and the unlabeled
-    # queries beside it (never labeled by the teacher, their confidences only): the rule on their rows gives it back
+    # the threshold comes from the calibration split (true labels, the teacher's answers); the budget's share
+    # is also measured on the devset and the unlabeled queries beside them (never labeled by the teacher), their
+    # confidences only: the rule on their rows gives it back
     c = rows["calibration"]
     budget = [json.loads(x) for x in Path(r["predictions"]["budget"]).read_text().splitlines()]
     assert 0 < len(budget) <= cfg.cascade.budget_queries and not (labeled | gold) & {x["text"] for x in budget}
+    shares = [x["calibrated"] for x in rows["devset"] + budget]
     choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
                               [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback,
-                              [x["calibrated"] for x in budget], cfg.cascade.budget_confidence,
+                              shares, cfg.cascade.budget_confidence,
                               most_accurate=cfg.cascade.target == "best", on="calibration accuracy")
     assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
-    assert r["budget_n"] == len(c) + len(budget) and (r["budget_bound"] <= cfg.cascade.max_fallback
-                                                      or held["fallback_share"] == 0)
+    assert r["budget_n"] == len(c) + len(rows["devset"]) + len(budget) and (
+        r["budget_bound"] <= cfg.cascade.max_fallback or held["fallback_share"] == 0)
     assert CascadeParams.load(r["cascade_params"]).threshold == pytest.approx(r["threshold"], abs=1e-5)
     # the calibration is fit on the same split, by the method with the lowest cross-validated log loss there
     cal = r["calibration"]
@@ -219,10 +221,10 @@ def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(a
     assert "cascade on the calibration split" in table
 
 
-def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_split(artifacts, tmp_path,
-                                                                                     monkeypatch) -> None:
-    """`local` (budget_queries 0) and `local_full` (every pool query labeled): nothing beside the calibration
-    split to measure the fallback share on, and the stage chooses on the split alone. Run on a copy of the
+def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_split_and_devset(
+        artifacts, tmp_path, monkeypatch) -> None:
+    """`local` (budget_queries 0) and `local_full` (every pool query labeled): no unlabeled queries beside the
+    calibration split and the devset to measure the fallback share on. Run on a copy of the
     artifacts, so the run above stays as it was; the student's answers come from the DSPy caches copied
     with them."""
     import shutil
@@ -236,11 +238,12 @@ def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_spl
     cfg = load_config("local_ci", overrides={"cascade": {"budget_queries": 0}})
     data = pipeline.data_stage(cfg)
     r = pipeline.cascade_stage(cfg, data).result
-    assert r is not None and r.chosen_on == "calibration" and r.budget_n == cfg.data.num_calibration
-    assert read_jsonl(Path(r.predictions["budget"])) == []
-    c = read_jsonl(Path(r.predictions["calibration"]))
+    assert r is not None and read_jsonl(Path(r.predictions["budget"])) == []
+    c, dev = read_jsonl(Path(r.predictions["calibration"])), read_jsonl(Path(r.predictions["devset"]))
+    assert r.chosen_on == "calibration" and r.budget_n == cfg.data.num_calibration + len(dev) > len(c)
     choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
-                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback, [],
+                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback,
+                              [x["calibrated"] for x in dev],
                               cfg.cascade.budget_confidence, most_accurate=True, on="calibration accuracy")
     assert choice.threshold == pytest.approx(r.threshold, abs=1e-5) and choice.rule() == r.threshold_rule
 

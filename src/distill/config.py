@@ -385,9 +385,10 @@ class CascadeConfig(_Strict):
     max_fallback: float = Field(0.25, ge=0.0, le=1.0,
                                 description="At most this share of queries go to the teacher.")
     # The budget is a promise about traffic not seen yet: a share measured on 100 devset queries is good to
-    # about 7 points. It is measured on the devset plus up to budget_queries unlabeled queries the teacher
-    # never labeled (a share needs no labels), and its one-sided upper bound at budget_confidence must stay
-    # within max_fallback. null: the devset's share itself, as measured.
+    # about 7 points. It is measured on the split the threshold is chosen on (with a calibration split, the
+    # devset too) plus up to budget_queries unlabeled queries the teacher never labeled (a share needs no
+    # labels), and its one-sided upper bound at budget_confidence must stay within max_fallback. null: the
+    # chosen-on split's share itself, as measured.
     budget_confidence: float | None = Field(
         0.95, gt=0.0, lt=1.0, description="Confidence that the fallback share stays within max_fallback.")
     budget_queries: int = Field(

@@ -216,7 +216,7 @@ class ThresholdChoice:
     target: float  # the accuracy it had to reach
     reached: bool  # False: no threshold within the budget reaches the target; the most accurate one is chosen
     max_fallback: float = 1.0  # the budget: at most this share of queries may go to the teacher
-    # the share measured on the devset and any unlabeled queries beside it (budget_sample), how many, and
+    # the share measured on the split chosen on and the queries beside it (budget_sample), how many, and
     # its upper bound at budget_confidence: what has to stay within max_fallback
     budget_share: float | None = None
     budget_n: int | None = None
@@ -277,8 +277,8 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
     the lowest sends nothing to the teacher, so there is always one within the budget.
 
     The budget is a promise about traffic the cascade has not seen. With `budget_confidence`, the fallback
-    share is measured on the devset plus `budget_sample` (the confidences of unlabeled queries: a share
-    needs no labels) and its one-sided upper bound at that confidence (`share_upper_bound`) must stay within
+    share is measured on the devset plus `budget_sample` (the confidences of more queries, whose labels are
+    not read: a share needs none) and its one-sided upper bound at that confidence (`share_upper_bound`) must stay within
     `max_fallback`: a devset of 100 puts its share within about 7 points, not 1.
 
     `most_accurate`: no early stop at the target, the most accurate threshold within the budget (ties: the
@@ -413,7 +413,7 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
     `teacher_dev_correct` defaults to all True: on a devset labeled by the teacher (the pipeline's synthetic
     devset) the teacher is right by construction, so the default target asks the cascade to agree with the
     teacher on every devset query; `max_fallback` caps the share sent to the teacher, checked as
-    `choose_threshold` says with `budget_sample` (raw confidences of unlabeled queries, calibrated here) and
+    `choose_threshold` says with `budget_sample` (raw confidences of more queries, calibrated here) and
     `budget_confidence`. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
 
     `chosen_on` names `dev` when it is not the devset: "calibration", hand labels with the teacher's answers

@@ -251,13 +251,16 @@ class CascadeStage(Stage[CascadeManifest]):
 
         # Fit on the devset, gold or the calibration split; choose on the calibration split when there is one
         # (true labels: the target is the teacher's accuracy there), else on the devset (agreement with the
-        # teacher). The test set only passes through (scored).
+        # teacher). The test set only passes through (scored). A share needs no labels, so the budget's is
+        # measured on the devset's confidences too: 300 split queries alone put it within about 4 points,
+        # and the most accurate threshold within the bound stops where that draw runs low.
         on = "calibration" if fit_on == "calibration" else "devset"
         report, cascade = calibrate_student(
             (conf[on], s_ok[on]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
             teacher_dev_correct=t_ok[on] if on == "calibration" else None,
             target=c.target_agreement if on == "devset" else None, max_fallback=c.max_fallback, fit=fit_scores,
-            fit_on=fit_on, budget_sample=budget_sample, budget_confidence=c.budget_confidence, chosen_on=on,
+            fit_on=fit_on, budget_sample=[*conf["devset"], *budget_sample] if on == "calibration" else budget_sample,
+            budget_confidence=c.budget_confidence, chosen_on=on,
             most_accurate=on == "calibration" and c.target == "best",
             title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on "
                   f"{'the devset' if fit_on == 'devset' else f'{len(fit_scores[0])} {fit_on} labels'})")
