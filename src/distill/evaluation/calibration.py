@@ -20,6 +20,7 @@ what makes the threshold (and the reported confidence) mean what it says.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +331,7 @@ def plot_reliability(curves: Mapping[str, Sequence[float]], correct: Sequence[bo
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)  # the stage's titles outrun a 5.5-inch figure
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
