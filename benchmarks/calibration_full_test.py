@@ -95,7 +95,7 @@ def markdown(r: dict, out: Path) -> str:
     if "cascade_accuracy" in r:
         rows.append(("cascade / student alone / teacher alone", f"{r['cascade_accuracy']:.1%} / "
                      f"{r['student_accuracy']:.1%} / {r['teacher_accuracy']:.1%}"))
-    return "\n".join([f"<!-- generated: python benchmarks/calibration_full_test.py --markdown {out} -->",
+    return "\n".join([f"<!-- generated: python benchmarks/calibration_full_test.py --from-json {out} -->",
                       "| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "<!-- end generated -->"])
 
 
@@ -107,10 +107,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8032)
     ap.add_argument("--teacher-answers", type=Path,
                     help="a teacher stage's test_predictions.jsonl over every test query (the same teacher)")
-    ap.add_argument("--markdown", type=Path, help="print the Markdown of a JSON this wrote; nothing scored")
+    ap.add_argument("--from-json", type=Path, help="print the Markdown of a JSON this wrote; nothing scored")
     a = ap.parse_args()
-    if a.markdown:
-        print(markdown(json.loads(a.markdown.read_text()), a.markdown))
+    if a.from_json:
+        print(markdown(json.loads(a.from_json.read_text()), a.from_json))
         return
     artifacts = a.artifacts or load_config(a.profile).artifacts  # DISTILL_ARTIFACTS_DIR wins, as in a run
     result = measure(a.profile, artifacts.resolve(), a.port, a.teacher_answers)
