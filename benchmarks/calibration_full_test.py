@@ -48,7 +48,7 @@ def measure(profile: str, artifacts: Path, port: int, teacher_answers: Path | No
     path.unlink()
     # the run's own test queries: the same answers, or this is not the run's student
     drift = [abs(c - recorded[ex.text]) for ex, c in zip(test, conf) if recorded.get(ex.text) is not None]
-    if len(drift) != len(recorded) or max(drift) > 1e-3:
+    if len(drift) != len(recorded) or max(drift, default=0.0) > 1e-3:
         raise DistillError(f"{artifacts}: {len(drift)} of the run's {len(recorded)} test queries found, largest "
                            f"confidence gap {max(drift, default=0):.4f}: not the run's student")
     calibrated = cascade.calibration.apply_many(conf)
@@ -64,7 +64,7 @@ def measure(profile: str, artifacts: Path, port: int, teacher_answers: Path | No
         "ece_chance": round(ece_noise_floor(calibrated), 4),
         "fallback_share": round(float(1 - kept.mean()), 4),
         "student_accuracy_kept": round(float(np.asarray(correct)[kept].mean()), 4) if kept.any() else None,
-        "max_confidence_gap_run_test": round(max(drift), 6),
+        "max_confidence_gap_run_test": round(max(drift, default=0.0), 6),
         **cascade_scores,
     }
 

@@ -278,8 +278,8 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
     the lowest sends nothing to the teacher, so there is always one within the budget.
 
     The budget is a promise about traffic the cascade has not seen. With `budget_confidence`, the fallback
-    share is measured on the devset plus `budget_sample` (the confidences of more queries, whose labels are
-    not read: a share needs none) and its one-sided upper bound at that confidence (`share_upper_bound`)
+    share is measured on `confidence` plus `budget_sample` (the confidences of more queries, whose labels
+    are not read: a share needs none) and its one-sided upper bound at that confidence (`share_upper_bound`)
     must stay within `max_fallback`: a devset of 100 puts its share within about 7 points, not 1.
 
     `most_accurate`: no early stop at the target, the most accurate threshold within the budget (ties: the

@@ -252,8 +252,8 @@ class CascadeStage(Stage[CascadeManifest]):
         # Fit on the devset, gold or the calibration split; choose on the calibration split when there is one
         # (true labels: the target is the teacher's accuracy there), else on the devset (agreement with the
         # teacher). The test set only passes through (scored). A share needs no labels, so the budget's is
-        # measured on the devset's confidences too: 300 split queries alone put it within about 4 points,
-        # and the most accurate threshold within the bound stops where that draw runs low.
+        # measured on the devset's confidences too: a few hundred split queries alone leave it a few points
+        # loose, and the most accurate threshold within the bound stops where that draw runs low.
         on = "calibration" if fit_on == "calibration" else "devset"
         report, cascade = calibrate_student(
             (conf[on], s_ok[on]), (conf["testset"], s_ok["testset"]), self.dir, c.calibration,
