@@ -15,8 +15,10 @@ from distill.evaluation.calibration import (
     choose_threshold,
     ece_noise_floor,
     expected_calibration_error,
+    expected_threshold,
     fit_calibration,
     fit_platt,
+    fit_teacher_given_student,
     fit_temperature,
     plot_reliability,
     reliability_bins,
@@ -132,6 +134,49 @@ def test_on_true_labels_the_best_threshold_within_the_budget_goes_past_the_break
     # Nothing within a 25% budget reaches the teacher: the most accurate there (0.4's answer to the teacher), not reached.
     c = choose_threshold(conf, student, teacher, max_fallback=0.25, most_accurate=True)
     assert (c.threshold, c.accuracy, c.fallback_share, c.reached) == (0.5, 5 / 8, 2 / 8, False)
+
+
+def cascade_population(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A calibrated student (right with its confidence q) and a teacher right with 0.85 where the student is
+    unsure, less where it is sure (sigmoid(-0.3 * logit(q) + 1.9)): the best cascade hands over every query
+    with q below where the two cross, about 0.8."""
+    rng = np.random.default_rng(seed)
+    q = expit(rng.normal(1.5, 1.5, n))
+    return q, rng.random(n) < q, rng.random(n) < expit(-0.3 * logit(q) + 1.9)
+
+
+def test_the_teacher_fit_recovers_how_its_accuracy_moves_with_the_students_confidence() -> None:
+    q, _, t = cascade_population(20_000, seed=11)
+    a, b = fit_teacher_given_student(q, t)
+    assert a == pytest.approx(-0.3, abs=0.05) and b == pytest.approx(1.9, abs=0.1)
+    # A teacher right on every query: its chance is 1 whatever the student says.
+    a, b = fit_teacher_given_student(q[:200], np.ones(200, dtype=bool))
+    assert expit(a * logit(q[:200]) + b).min() > 0.99
+
+
+def test_the_expected_accuracy_threshold_hands_over_where_the_teacher_is_likelier_right() -> None:
+    """Unbounded, it stops near the crossing point; within a budget, at the budget; on a new draw of the same
+    population its choice is at least as accurate on average as the 0/1 curve's best, which chases noise."""
+    q, s, t = cascade_population(20_000, seed=12)
+    crossing = float(expit((1.9) / 1.3))  # logit(q) = -0.3 * logit(q) + 1.9
+    c = expected_threshold(q, s, t)
+    assert c.threshold == pytest.approx(crossing, abs=0.03) and c.expected_accuracy is not None
+    c = expected_threshold(q, s, t, max_fallback=0.2, budget_confidence=0.95)
+    assert c.budget_bound is not None and c.budget_bound <= 0.2 and c.budget_bound > 0.19
+    assert c.rule().startswith("the highest expected accuracy within the budget")
+    gains = []
+    for seed in range(30):  # choose on 300, score on 20,000 fresh queries
+        q1, s1, t1 = cascade_population(300, seed=100 + seed)
+        q2, s2, t2 = cascade_population(20_000, seed=200 + seed)
+
+        def held(threshold: float) -> float:
+            return float(np.where(q2 >= threshold, s2, t2).mean())
+        e = expected_threshold(q1, s1, t1, max_fallback=0.3, budget_confidence=0.95).threshold
+        b = choose_threshold(q1, s1, t1, max_fallback=0.3, budget_confidence=0.95, most_accurate=True).threshold
+        gains.append(held(e) - held(b))
+    assert np.mean(gains) > 0
+    with pytest.raises(ValueError, match="max_fallback"):
+        expected_threshold(q, s, t, max_fallback=1.5)
 
 
 def test_answer_confidence_from_openai_logprobs() -> None:

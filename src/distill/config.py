@@ -400,9 +400,12 @@ class CascadeConfig(_Strict):
     # On the calibration split (true labels): best, the most accurate threshold within the budget (ties: less
     # fallback); teacher, the smallest share whose accuracy there reaches the teacher's there. A threshold
     # chosen at that break-even point lands on either side of the teacher on new queries, about equally often.
-    target: Literal["best", "teacher"] = Field(
-        "best", description="On the calibration split: the most accurate threshold within the budget, or the "
-                            "cheapest that reaches the teacher's accuracy there.")
+    # expected: the highest expected accuracy within the budget, the student right with its calibrated
+    # confidence and the teacher with a fit of its correctness on that confidence (no 0/1 curve to chase).
+    target: Literal["best", "teacher", "expected"] = Field(
+        "best", description="On the calibration split: the most accurate threshold within the budget, the "
+                            "cheapest that reaches the teacher's accuracy there, or the highest expected accuracy "
+                            "within the budget.")
 
 
 class ServingConfig(_Strict):

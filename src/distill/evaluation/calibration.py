@@ -228,6 +228,8 @@ class ThresholdChoice:
     # accuracy": with true labels), and whether the target was the most accurate point within the budget
     on: str = "devset agreement"
     most_accurate: bool = False
+    # expected_threshold: the cascade's expected accuracy it maximised, over the split and the budget's queries
+    expected_accuracy: float | None = None
 
     def rule(self) -> str:
         """How it was chosen, in words (for the report: short, it is a table cell)."""
@@ -237,6 +239,10 @@ class ThresholdChoice:
         else:
             budget = (f"at most {self.max_fallback:.0%} to the teacher with {self.budget_confidence:.0%} confidence "
                       f"({self.budget_share:.1%} of {self.budget_n} queries, bound {self.budget_bound:.1%})")
+        if self.expected_accuracy is not None:
+            return (f"the highest expected accuracy within the budget ({self.expected_accuracy:.1%}, from the "
+                    f"calibrated confidence and the teacher's fit on it; {self.on} {self.accuracy:.1%}, the "
+                    f"teacher's {self.target:.1%}), ties to less fallback; {budget}")
         if self.most_accurate:
             return (f"the best {self.on} within the budget ({self.accuracy:.1%}; the teacher's {self.target:.1%}), "
                     f"ties to less fallback; {budget}")
@@ -309,6 +315,63 @@ def choose_threshold(confidence: Sequence[float], student_correct: Sequence[bool
             best = choice
     assert best is not None
     return best
+
+
+def fit_teacher_given_student(confidence: Sequence[float], teacher_correct: Sequence[bool]) -> tuple[float, float]:
+    """(a, b): the teacher is right with probability sigmoid(a * logit(q) + b), q the student's calibrated
+    confidence, by maximum likelihood. The teacher tends to be surer where the student is, but not always,
+    so the slope may take either sign; a teacher right (or wrong) on every query gives a = 0 and b at the
+    bound, its share."""
+    q, t = _arrays(confidence, teacher_correct)
+    z = logit(np.clip(q, EPS, 1 - EPS))
+
+    def nll(ab: np.ndarray) -> float:
+        return _nll(expit(ab[0] * z + ab[1]), t)
+
+    res = minimize(nll, np.array([0.0, float(logit(np.clip(t.mean(), 0.01, 0.99)))]), method="L-BFGS-B",
+                   bounds=[(-20.0, 20.0), (-20.0, 20.0)])
+    return float(res.x[0]), float(res.x[1])
+
+
+def expected_threshold(confidence: Sequence[float], student_correct: Sequence[bool],
+                       teacher_correct: Sequence[bool], max_fallback: float = 1.0,
+                       budget_sample: Sequence[float] = (), budget_confidence: float | None = None,
+                       on: str = "calibration-split accuracy") -> ThresholdChoice:
+    """The threshold with the highest *expected* cascade accuracy within the budget, ties to less fallback.
+
+    `choose_threshold(most_accurate=True)` maximises the split's 0/1 curve, whose top on a few hundred
+    queries is partly which queries happened to be right. Here a query the student keeps counts its
+    calibrated confidence (`confidence` must be calibrated), and one it hands over counts the teacher's
+    chance of being right at that student confidence (`fit_teacher_given_student`, fit on the split). Neither
+    reads a label at scoring time, so the expectation runs over the split and `budget_sample` together, and
+    the budget is checked on the same queries as in `choose_threshold`. The reported accuracy and fallback
+    share are the split's own, measured (the teacher's accuracy there is the recorded target)."""
+    if not 0.0 <= max_fallback <= 1.0:
+        raise ValueError(f"max_fallback must be a share in [0, 1], not {max_fallback}")
+    q, s = _arrays(confidence, student_correct)
+    _, t = _arrays(confidence, teacher_correct)
+    pool = np.concatenate([q, np.asarray(budget_sample, dtype=np.float64)])
+    a, b = fit_teacher_given_student(q, t)
+    teacher_p = expit(a * logit(np.clip(pool, EPS, 1 - EPS)) + b)
+    best: tuple[float, float] | None = None  # (expected accuracy, threshold)
+    for c in np.unique(np.append(pool, np.nextafter(pool.max(), np.inf))):
+        share = float((pool < c).mean())
+        bound = share_upper_bound(share, len(pool), budget_confidence)
+        if (bound if budget_confidence is not None else share) > max_fallback + 1e-12 and best is not None:
+            break  # ascending: every later threshold sends more
+        value = float(np.where(pool >= c, pool, teacher_p).mean())
+        if best is None or value > best[0] + 1e-12:
+            best = (value, float(c))
+    assert best is not None
+    value, threshold = best
+    share = float((pool < threshold).mean())
+    kept = q >= threshold
+    accuracy = float(np.where(kept, s, t).mean())
+    return ThresholdChoice(threshold, accuracy, float(1 - kept.mean()), float(t.mean()), accuracy >= t.mean() - 1e-12,
+                           max_fallback,
+                           *((round(share, 6), len(pool), round(share_upper_bound(share, len(pool), budget_confidence), 6),
+                              budget_confidence) if budget_confidence is not None else ()),
+                           on=on, most_accurate=True, expected_accuracy=round(value, 6))
 
 
 def plot_reliability(curves: Mapping[str, Sequence[float]], correct: Sequence[bool], path: str | Path, title: str,
@@ -406,7 +469,7 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
                       fit: tuple[Sequence[float], Sequence[bool]] | None = None,
                       fit_on: str = "devset", budget_sample: Sequence[float] = (),
                       budget_confidence: float | None = None, chosen_on: str = "devset",
-                      most_accurate: bool = False) -> tuple[CalibrationReport, CascadeParams]:
+                      most_accurate: bool = False, expected: bool = False) -> tuple[CalibrationReport, CascadeParams]:
     """Fit the calibration on `fit` (default: `dev`) and choose the threshold on `dev` (confidence, correct);
     score both on `test`. `fit_on` names the fit's data in the report (e.g. "gold": true labels the student
     never trained on, where the devset holds the teacher's).
@@ -418,7 +481,8 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
     `budget_confidence`. Writes cascade.json, calibration.json and reliability.png to `out_dir`.
 
     `chosen_on` names `dev` when it is not the devset: "calibration", hand labels with the teacher's answers
-    in `teacher_dev_correct`; the report's devset fields then describe that split.
+    in `teacher_dev_correct`; the report's devset fields then describe that split. `expected`: the threshold
+    is `expected_threshold`'s (it needs the teacher's true correctness, so not on the devset).
     """
     (dev_p, dev_y), (test_p, test_y) = _arrays(*dev), _arrays(*test)
     fit_p, fit_y = (dev_p, dev_y) if fit is None else _arrays(*fit)
@@ -426,8 +490,12 @@ def calibrate_student(dev: tuple[Sequence[float], Sequence[bool]], test: tuple[S
     dev_c, test_c = np.array(cal.apply_many(dev_p)), np.array(cal.apply_many(test_p))
     teacher = np.ones_like(dev_y) if teacher_dev_correct is None else np.asarray(teacher_dev_correct, dtype=float)
     on = "devset agreement" if chosen_on == "devset" else f"{chosen_on} accuracy"
-    choice = choose_threshold(dev_c, dev_y, teacher, target, max_fallback, cal.apply_many(budget_sample),
-                              budget_confidence, most_accurate=most_accurate, on=on)
+    if expected and teacher_dev_correct is None:
+        raise ValueError("the expected-accuracy threshold needs the teacher's correctness on true labels")
+    choice = (expected_threshold(dev_c, dev_y, teacher, max_fallback, cal.apply_many(budget_sample),
+                                 budget_confidence, on=on) if expected else
+              choose_threshold(dev_c, dev_y, teacher, target, max_fallback, cal.apply_many(budget_sample),
+                               budget_confidence, most_accurate=most_accurate, on=on))
     kept = test_c >= choice.threshold
     plot = plot_reliability({"test, raw": test_p, f"test, {cal.method} (fit on {fit_on})": test_c}, test_y,
                             out_dir / "reliability.png",

@@ -262,6 +262,7 @@ class CascadeStage(Stage[CascadeManifest]):
             fit_on=fit_on, budget_sample=[*conf["devset"], *budget_sample] if on == "calibration" else budget_sample,
             budget_confidence=c.budget_confidence, chosen_on=on,
             most_accurate=on == "calibration" and c.target == "best",
+            expected=on == "calibration" and c.target == "expected",
             title=f"Deployed student's confidence, test set ({len(test)} queries; calibration fit on "
                   f"{'the devset' if fit_on == 'devset' else f'{len(fit_scores[0])} {fit_on} labels'})")
         cal = cascade.calibration

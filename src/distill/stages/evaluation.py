@@ -115,7 +115,10 @@ class EvaluationStage(Stage[EvalManifest]):
         return fingerprint(self.inputs(), prompt_fingerprint(cfg, self.data.labels), [ex.text for ex in self.data.test],
                            cfg.evaluation.model_dump(exclude={"threads", "max_errors"}),
                            endpoint_fingerprint(cfg, cfg.models.student), cfg.program.model_dump(), cfg.seed,
-                           code_version("distill.evaluation", "distill.program", "distill.lm"))
+                           # the modules that score and chart the variants, not the cascade's calibration beside them
+                           code_version("distill.evaluation.variants", "distill.evaluation.latency",
+                                        "distill.evaluation.plots", "distill.stages.evaluation", "distill.program",
+                                        "distill.lm"))
 
     def outputs(self, m: EvalManifest) -> list[Path]:
         return [self.deploy_params_path, Path(m.best.program_path), *(Path(p) for p in m.plots.values())]
