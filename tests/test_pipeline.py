@@ -154,7 +154,7 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
 def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(artifacts) -> None:
     import numpy as np
 
-    from distill.evaluation.calibration import choose_threshold
+    from distill.evaluation.calibration import choose_threshold, expected_threshold
     from distill.program import CascadeParams
     from distill.report import markdown
 
@@ -199,10 +199,12 @@ def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(a
     budget = [json.loads(x) for x in Path(r["predictions"]["budget"]).read_text().splitlines()]
     assert 0 < len(budget) <= cfg.cascade.budget_queries and not (labeled | gold) & {x["text"] for x in budget}
     shares = [x["calibrated"] for x in rows["devset"] + budget]
-    choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
-                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback,
-                              shares, cfg.cascade.budget_confidence,
-                              most_accurate=cfg.cascade.target == "best", on="calibration accuracy")
+    split = ([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
+             [x["teacher"] == x["label"] for x in c])
+    choice = (expected_threshold(*split, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
+                                 on="calibration accuracy") if cfg.cascade.target == "expected" else
+              choose_threshold(*split, None, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
+                               most_accurate=cfg.cascade.target == "best", on="calibration accuracy"))
     assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
     assert r["budget_n"] == len(c) + len(rows["devset"]) + len(budget) and (
         r["budget_bound"] <= cfg.cascade.max_fallback or held["fallback_share"] == 0)
@@ -230,7 +232,7 @@ def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_spl
     import shutil
 
     from distill.data.dataset import read_jsonl
-    from distill.evaluation.calibration import choose_threshold
+    from distill.evaluation.calibration import choose_threshold, expected_threshold
 
     copy = tmp_path / "local_ci"
     shutil.copytree(artifacts, copy)
@@ -241,10 +243,13 @@ def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_spl
     assert r is not None and read_jsonl(Path(r.predictions["budget"])) == []
     c, dev = read_jsonl(Path(r.predictions["calibration"])), read_jsonl(Path(r.predictions["devset"]))
     assert r.chosen_on == "calibration" and r.budget_n == len(c) + len(dev) > len(c)  # the devset counted
-    choice = choose_threshold([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
-                              [x["teacher"] == x["label"] for x in c], None, cfg.cascade.max_fallback,
-                              [x["calibrated"] for x in dev],
-                              cfg.cascade.budget_confidence, most_accurate=True, on="calibration accuracy")
+    split = ([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
+             [x["teacher"] == x["label"] for x in c])
+    shares, target = [x["calibrated"] for x in dev], cfg.cascade.target
+    choice = (expected_threshold(*split, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
+                                 on="calibration accuracy") if target == "expected" else
+              choose_threshold(*split, None, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
+                               most_accurate=target == "best", on="calibration accuracy"))
     assert choice.threshold == pytest.approx(r.threshold, abs=1e-5) and choice.rule() == r.threshold_rule
 
 

@@ -40,7 +40,7 @@ def choose(rule: str, q: np.ndarray, s_ok: np.ndarray, t_ok: np.ndarray, pool: n
            confidence: float) -> float:
     """The threshold `rule` picks on one half: `q` its calibrated confidences, `pool` the devset's."""
     if rule == "expected":
-        return expected_threshold(q, t_ok, max_fallback=max_fallback, budget_sample=pool,
+        return expected_threshold(q, s_ok, t_ok, max_fallback=max_fallback, budget_sample=pool,
                                   budget_confidence=confidence).threshold
     return choose_threshold(q, s_ok, t_ok, max_fallback=max_fallback, budget_sample=pool,
                             budget_confidence=confidence, most_accurate=rule == "best",

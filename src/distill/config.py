@@ -403,7 +403,7 @@ class CascadeConfig(_Strict):
     # expected: the highest expected accuracy within the budget, the student right with its calibrated
     # confidence and the teacher with a fit of its correctness on that confidence (no 0/1 curve to chase).
     target: Literal["best", "teacher", "expected"] = Field(
-        "best", description="On the calibration split: the most accurate threshold within the budget, the "
+        "expected", description="On the calibration split: the most accurate threshold within the budget, the "
                             "cheapest that reaches the teacher's accuracy there, or the highest expected accuracy "
                             "within the budget.")
 
