@@ -88,7 +88,7 @@ def measure(artifacts: Path, repeats: int, max_fallback: float, confidence: floa
 
 def markdown(doc: dict, source: Path) -> str:
     rows = [f"<!-- generated: python benchmarks/probes/threshold_rules.py --from-json {source} -->",
-            "| rule | cascade minus teacher, held-out half (points ± SE) | share to the teacher | halves over budget |",
+            "| rule | cascade minus teacher, held-out half (points ± SE) | share to the teacher | held-out halves over the budget |",
             "|---|---|---|---|"]
     for rule in RULES:
         r = doc["rules"][rule]
@@ -101,7 +101,10 @@ def markdown(doc: dict, source: Path) -> str:
     rows += ["", f"`{doc['artifacts']}`: {doc['n_calibration']} calibration-split queries (student "
              f"{doc['student_accuracy']:.1%}, teacher {doc['teacher_accuracy']:.1%}), {doc['repeats']} random "
              f"halves, budget {doc['max_fallback']:.0%} at {doc['budget_confidence']:.0%} confidence with the "
-             f"{doc['n_devset']} devset confidences. Measured at commit `{doc['commit'][:12]}`.",
+             f"{doc['n_devset']} devset confidences. ± is over the random halves of this one split, not a "
+             "sampling error of the population; a held-out half's share is measured on its own "
+             f"{doc['n_calibration'] - doc['n_calibration'] // 2} queries. "
+             f"Measured at commit `{doc['commit'][:12]}`.",
              "<!-- end generated -->"]
     return "\n".join(rows)
 
