@@ -137,14 +137,17 @@ def test_the_active_proxy_table_is_rendered_from_the_committed_json() -> None:
 
 
 def test_the_probe_tables_are_rendered_from_their_committed_json() -> None:
-    # The quick recipe's comparison (docs/finetune.md), the calibration probe and the quick run on the whole
-    # test set (docs/cascade.md): each block is its script's rendering of the JSON it names, so an edit to
+    # The quick recipe's comparison (docs/finetune.md), the calibration probe, the quick run on the whole
+    # test set and the threshold rules' comparison (docs/cascade.md): each block is its script's rendering of the JSON it names, so an edit to
     # either side shows here.
     for script, source, doc in (("benchmarks/probes/quick_recipe.py", "docs/finetune_quick_recipe.json",
                                  "docs/finetune.md"),
                                 ("benchmarks/probes/calibration_holdout.py", "docs/calibration/holdout_local.json",
                                  "docs/cascade.md"),
                                 ("benchmarks/calibration_full_test.py", "docs/calibration/full_test_local.json",
-                                 "docs/cascade.md")):
+                                 "docs/cascade.md"),
+                                *(("benchmarks/probes/threshold_rules.py",
+                                   f"docs/calibration/threshold_rules_{profile}.json", "docs/cascade.md")
+                                  for profile in ("local", "local_next25"))):
         rendered = _script(script).markdown(json.loads((ROOT / source).read_text()), Path(source))
         assert rendered in (ROOT / doc).read_text(), f"regenerate it: python {script} --from-json {source}"
