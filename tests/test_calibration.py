@@ -137,8 +137,8 @@ def test_on_true_labels_the_best_threshold_within_the_budget_goes_past_the_break
 
 
 def cascade_population(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A calibrated student (right with its confidence q) and a teacher right with 0.85 where the student is
-    unsure, less where it is sure (sigmoid(-0.3 * logit(q) + 1.9)): the best cascade hands over every query
+    """A calibrated student (right with its confidence q) and a teacher right about 87% of the time where the
+    student is unsure (q = 0.5), less where it is sure (sigmoid(-0.3 * logit(q) + 1.9)): the best cascade hands over every query
     with q below where the two cross, about 0.8."""
     rng = np.random.default_rng(seed)
     q = expit(rng.normal(1.5, 1.5, n))

@@ -138,8 +138,8 @@ def test_the_active_proxy_table_is_rendered_from_the_committed_json() -> None:
 
 def test_the_probe_tables_are_rendered_from_their_committed_json() -> None:
     # The quick recipe's comparison (docs/finetune.md), the calibration probe, the quick run on the whole
-    # test set and the threshold rules' comparison (docs/cascade.md): each block is its script's rendering of the JSON it names, so an edit to
-    # either side shows here.
+    # test set and the threshold rules' comparison (docs/cascade.md): each block is its script's rendering
+    # of the JSON it names, so an edit to either side shows here.
     for script, source, doc in (("benchmarks/probes/quick_recipe.py", "docs/finetune_quick_recipe.json",
                                  "docs/finetune.md"),
                                 ("benchmarks/probes/calibration_holdout.py", "docs/calibration/holdout_local.json",

@@ -1,13 +1,13 @@
 """Which rule should choose the cascade's threshold? Measured on the calibration split alone, never the test set.
 
 The cascade stage fits the calibration and chooses the threshold on the calibration split (hand labels
-neither model learned from, and the teacher's answers to them). Its rule, `target: best`, takes the most
+neither model learned from, and the teacher's answers to them). Its rule was `target: best`, the most
 accurate point of the split's 0/1 curve within the budget: on a few hundred queries that curve is jagged,
-and its maximum is partly noise. This probe splits the calibration split in two halves, many times over:
+and its maximum is partly noise; this probe is how `expected` (docs/cascade.md) was compared with it. This probe splits the calibration split in two halves, many times over:
 each rule chooses on one half (calibration fit there too, `auto`; the budget's share on that half plus the
 devset's confidences, as the stage does), and the cascade is scored on the other half. The rules:
 
-* `best`: the stage's rule (`choose_threshold(most_accurate=True)`).
+* `best`: the most accurate point within the budget (`choose_threshold(most_accurate=True)`).
 * `teacher`: the smallest fallback share reaching the teacher's accuracy on the half, else the most
   accurate point (`most_accurate=False`).
 * `expected`: the threshold with the highest *expected* accuracy within the budget, from models instead of
@@ -16,7 +16,7 @@ devset's confidences, as the stage does), and the cascade is scored on the other
   choice does not chase single queries.
 
     .venv/bin/python benchmarks/probes/threshold_rules.py --artifacts artifacts/local \
-        --out docs/calibration/threshold_rules_local.json
+        --out docs/calibration/threshold_rules_local.json     # likewise local_next25, local_full
     .venv/bin/python benchmarks/probes/threshold_rules.py --from-json docs/calibration/threshold_rules_local.json
 
 Reads `<artifacts>/cascade/predictions/{calibration,devset}.jsonl`; no LLM, no test queries.
@@ -112,7 +112,7 @@ def markdown(doc: dict, source: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path)
-    ap.add_argument("--repeats", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--max-fallback", type=float, default=0.25)
     ap.add_argument("--budget-confidence", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
