@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nbformat
 import pytest
 import yaml
 
 from distill import pipeline
-from distill.config import load_config
+from distill.config import Config, load_config
 from distill.report import load_report
 from distill_harness.curve import measure_point, profile_rows
 from distill_harness.learning_curve import plot_curve, read_curve, write_curve
+
+if TYPE_CHECKING:
+    from distill.evaluation.calibration import ThresholdChoice
 
 # The main job on real served models, a real Ray job and the notebook: minutes on 2 cores.
 pytestmark = pytest.mark.slow
@@ -45,6 +49,20 @@ def assert_quiet(nb: nbformat.NotebookNode, max_lines: int) -> None:
     noise = [line for line in lines if RAY_NOISE.search(line)]
     assert not noise, noise[:20]
     assert len(lines) <= max_lines, f"{len(lines)} output lines (at most {max_lines}):\n" + "\n".join(lines[-80:])
+
+
+def replay_threshold(cfg: Config, split: list[dict], shares: list[float]) -> ThresholdChoice:
+    """The threshold rule `cfg.cascade.target` names, run again on the calibration split's recorded rows and
+    the budget's other calibrated confidences: what the cascade stage must have chosen."""
+    from distill.evaluation.calibration import choose_threshold, expected_threshold
+
+    rows = ([x["calibrated"] for x in split], [x["student"] == x["label"] for x in split],
+            [x["teacher"] == x["label"] for x in split])
+    c = cfg.cascade
+    if c.target == "expected":
+        return expected_threshold(*rows, c.max_fallback, shares, c.budget_confidence, on="calibration accuracy")
+    return choose_threshold(*rows, None, c.max_fallback, shares, c.budget_confidence,
+                            most_accurate=c.target == "best", on="calibration accuracy")
 
 
 @pytest.fixture
@@ -154,7 +172,6 @@ def test_evaluation_fills_the_report_and_writes_deploy_params(artifacts) -> None
 def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(artifacts) -> None:
     import numpy as np
 
-    from distill.evaluation.calibration import choose_threshold, expected_threshold
     from distill.program import CascadeParams
     from distill.report import markdown
 
@@ -199,12 +216,7 @@ def test_cascade_is_chosen_on_the_calibration_split_and_scored_on_the_test_set(a
     budget = [json.loads(x) for x in Path(r["predictions"]["budget"]).read_text().splitlines()]
     assert 0 < len(budget) <= cfg.cascade.budget_queries and not (labeled | gold) & {x["text"] for x in budget}
     shares = [x["calibrated"] for x in rows["devset"] + budget]
-    split = ([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
-             [x["teacher"] == x["label"] for x in c])
-    choice = (expected_threshold(*split, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
-                                 on="calibration accuracy") if cfg.cascade.target == "expected" else
-              choose_threshold(*split, None, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
-                               most_accurate=cfg.cascade.target == "best", on="calibration accuracy"))
+    choice = replay_threshold(cfg, c, shares)
     assert choice.threshold == pytest.approx(r["threshold"], abs=1e-5) and choice.rule() == r["threshold_rule"]
     assert r["budget_n"] == len(c) + len(rows["devset"]) + len(budget) and (
         r["budget_bound"] <= cfg.cascade.max_fallback or held["fallback_share"] == 0)
@@ -232,7 +244,6 @@ def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_spl
     import shutil
 
     from distill.data.dataset import read_jsonl
-    from distill.evaluation.calibration import choose_threshold, expected_threshold
 
     copy = tmp_path / "local_ci"
     shutil.copytree(artifacts, copy)
@@ -243,13 +254,7 @@ def test_with_no_unlabeled_queries_the_budget_is_measured_on_the_calibration_spl
     assert r is not None and read_jsonl(Path(r.predictions["budget"])) == []
     c, dev = read_jsonl(Path(r.predictions["calibration"])), read_jsonl(Path(r.predictions["devset"]))
     assert r.chosen_on == "calibration" and r.budget_n == len(c) + len(dev) > len(c)  # the devset counted
-    split = ([x["calibrated"] for x in c], [x["student"] == x["label"] for x in c],
-             [x["teacher"] == x["label"] for x in c])
-    shares, target = [x["calibrated"] for x in dev], cfg.cascade.target
-    choice = (expected_threshold(*split, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
-                                 on="calibration accuracy") if target == "expected" else
-              choose_threshold(*split, None, cfg.cascade.max_fallback, shares, cfg.cascade.budget_confidence,
-                               most_accurate=target == "best", on="calibration accuracy"))
+    choice = replay_threshold(cfg, c, [x["calibrated"] for x in dev])
     assert choice.threshold == pytest.approx(r.threshold, abs=1e-5) and choice.rule() == r.threshold_rule
 
 
